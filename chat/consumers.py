@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+import logging
+from urllib.parse import parse_qs
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+
+from chat import protocol, realtime, selectors, services
+
+logger = logging.getLogger(__name__)
+
+# Close codes (RFC 6455 and the 4000-4999 range for this application).
+CLOSE_TRY_AGAIN_LATER = 1013
+CLOSE_BAD_REQUEST = 4400
+
+
+class RoomConsumer(AsyncWebsocketConsumer):
+    """One socket in one room: replays what the client missed, then relays the room live."""
+
+    room = None
+    closing = False
+    # Live events at or below this seq were already sent by the resume replay.
+    replayed_through = 0
+
+    async def connect(self) -> None:
+        user = self.scope["user"]
+        slug = self.scope["url_route"]["kwargs"]["slug"]
+        # Closing before accept() refuses the handshake: the client gets no frames.
+        if not user.is_authenticated:
+            await self.close()
+            return
+        self.room = await database_sync_to_async(selectors.room_get_open)(slug=slug)
+        if self.room is None:
+            await self.close()
+            return
+        self.group = realtime.room_group(self.room)
+        # Join before querying: events published meanwhile wait in this
+        # consumer's queue (dispatch is sequential) until the replay is sent.
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        await self.accept()
+
+        try:
+            after = _after_seq(self.scope)
+        except ValueError:
+            await self.send(protocol.error_frame("invalid_after", '"after" must be a whole number of 0 or more.'))
+            await self.close(code=CLOSE_BAD_REQUEST)
+            return
+        if after is None:
+            last_seq = await database_sync_to_async(selectors.room_last_seq)(room=self.room)
+        else:
+            resume = await database_sync_to_async(selectors.message_resume)(
+                room=self.room, after_seq=after, limit=settings.CHAT_RESUME_LIMIT
+            )
+            if resume.next_seq is not None:
+                await self.send(protocol.gap_frame(after, resume.next_seq))
+            for message in resume.messages:
+                await self.send(protocol.message_frame(message))
+            last_seq = resume.last_seq
+        self.replayed_through = last_seq
+        await self.send(protocol.ready_frame(last_seq))
+
+    async def disconnect(self, code: int) -> None:
+        if self.room is not None:
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        try:
+            command = protocol.parse_client_frame(text_data, bytes_data)
+        except protocol.FrameError as error:
+            await self.send(protocol.error_frame(error.code, error.detail, error.nonce))
+            return
+        if isinstance(command, protocol.SendCommand):
+            await self.send_message(command)
+        else:
+            messages, has_more = await database_sync_to_async(selectors.message_list)(
+                room=self.room, before_seq=command.before, limit=command.limit
+            )
+            await self.send(protocol.history_frame(messages, has_more))
+
+    async def send_message(self, command: protocol.SendCommand) -> None:
+        try:
+            message, created = await database_sync_to_async(services.message_create)(
+                room=self.room, author=self.scope["user"], body=command.body, nonce=command.nonce
+            )
+        except services.ChatError as error:
+            await self.send(protocol.error_frame(error.code, error.detail, command.nonce))
+            return
+        except Exception:
+            logger.exception("Saving a message in room %s failed", self.room.slug)
+            await self.send(protocol.error_frame("not_saved", "The message was not saved; send it again.", command.nonce))
+            return
+        if not created:
+            # A retry: the original was broadcast already, so answer only this socket.
+            await self.send(protocol.message_frame(message))
+
+    async def chat_message(self, event: dict) -> None:
+        """Forward a published message (already encoded) to this socket."""
+        if self.closing or event["seq"] <= self.replayed_through:
+            return
+        if realtime.backlog(self.channel_layer, self.channel_name) > settings.CHAT_SOCKET_MAX_BACKLOG:
+            # Too far behind to catch up live; the client resumes from the database.
+            self.closing = True
+            await self.close(code=CLOSE_TRY_AGAIN_LATER)
+            return
+        await self.send(event["frame"])
+
+
+def _after_seq(scope: dict) -> int | None:
+    """Return the ?after= seq the client resumes from, None when absent; ValueError when malformed."""
+    values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("after")
+    if not values:
+        return None
+    value = values[-1]
+    if not (value.isascii() and value.isdigit()) or len(value) > 18:
+        raise ValueError(value)
+    return int(value)

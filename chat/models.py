@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+from django.conf import settings
+from django.core.validators import RegexValidator
+from django.db import models
+from django.db.models import Q
+
+SLUG_PATTERN = r"^[a-z0-9-]{1,64}$"
+
+slug_validator = RegexValidator(
+    SLUG_PATTERN,
+    "Use 1 to 64 lowercase letters, digits or hyphens.",
+    code="invalid_slug",
+)
+
+
+class Room(models.Model):
+    # The URL name; the channel-layer group uses the primary key instead,
+    # so renaming a slug never strands an open socket.
+    slug = models.CharField(max_length=64, unique=True, validators=[slug_validator])
+    name = models.CharField(max_length=100)
+    topic = models.CharField(max_length=200, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    # Archived rooms keep their history but accept no sockets and no messages.
+    is_archived = models.BooleanField(default=False)
+    # The seq of the newest message. Incremented in the transaction that saves
+    # each message, which is what keeps the per-room sequence gapless.
+    last_seq = models.PositiveBigIntegerField(default=0)
+    last_message_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["slug"]
+
+    def __str__(self) -> str:
+        return self.slug
+
+
+class Message(models.Model):
+    room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="messages")
+    author = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="messages")
+    body = models.TextField()
+    created_at = models.DateTimeField(auto_now_add=True)
+    edited_at = models.DateTimeField(null=True, blank=True)
+    # Soft delete: the row keeps its seq so the sequence stays gapless.
+    deleted_at = models.DateTimeField(null=True, blank=True)
+    # 1, 2, 3 … within the room; what clients resume from.
+    seq = models.PositiveBigIntegerField()
+    # Chosen by the client so that a retried send is recognised, not repeated.
+    nonce = models.CharField(max_length=64, null=True, blank=True)
+
+    class Meta:
+        ordering = ["room", "seq"]
+        constraints = [
+            models.UniqueConstraint(fields=["room", "seq"], name="message_unique_room_seq"),
+            models.UniqueConstraint(
+                fields=["author", "nonce"], condition=Q(nonce__isnull=False), name="message_unique_author_nonce"
+            ),
+        ]
+        # The (room, seq) unique constraint is the index every read uses.
+
+    def __str__(self) -> str:
+        return f"{self.room_id}#{self.seq}"

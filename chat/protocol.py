@@ -1,0 +1,119 @@
+"""WebSocket protocol v1: the frames both sides exchange (see docs/protocol.md).
+
+Frame building lives here so the consumer, the pages and the API encode
+messages one way only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+
+from chat.models import Message
+
+HISTORY_MAX_LIMIT = 100
+
+
+def message_payload(message: Message) -> dict[str, Any]:
+    """Return the message object every path serves."""
+    return {
+        "id": message.pk,
+        "seq": message.seq,
+        "room": message.room.slug,
+        "author": message.author.get_username(),
+        "body": message.body,
+        "created_at": _iso(message.created_at),
+        "edited_at": _iso(message.edited_at),
+        "nonce": message.nonce,
+    }
+
+
+def _iso(moment) -> str | None:
+    # ISO 8601 in UTC with a Z, which every browser's Date() parses.
+    return None if moment is None else moment.isoformat().replace("+00:00", "Z")
+
+
+def encode(frame: dict[str, Any]) -> str:
+    return json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
+
+
+def message_frame(message: Message) -> str:
+    return encode({"type": "message", "message": message_payload(message)})
+
+
+def error_frame(code: str, detail: str, nonce: Any = None) -> str:
+    return encode({"type": "error", "code": code, "detail": detail, "nonce": nonce})
+
+
+def history_frame(messages: list[Message], has_more: bool) -> str:
+    return encode({"type": "history", "messages": [message_payload(m) for m in messages], "has_more": has_more})
+
+
+def ready_frame(last_seq: int) -> str:
+    return encode({"type": "ready", "last_seq": last_seq})
+
+
+def gap_frame(after: int, next_seq: int) -> str:
+    return encode({"type": "gap", "after": after, "next_seq": next_seq})
+
+
+class FrameError(Exception):
+    """A client frame the server cannot act on."""
+
+    def __init__(self, code: str, detail: str, nonce: Any = None) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+        self.nonce = nonce
+
+
+@dataclass(frozen=True)
+class SendCommand:
+    body: Any
+    nonce: Any
+
+
+@dataclass(frozen=True)
+class HistoryCommand:
+    before: int
+    limit: int
+
+
+def parse_client_frame(text_data: str | None, bytes_data: bytes | None) -> SendCommand | HistoryCommand:
+    """Decode and check one client frame, raising FrameError with what to fix."""
+    if text_data is None:
+        raise FrameError("binary_frame", "Send JSON in text frames; binary frames are not supported.")
+    if len(text_data.encode("utf-8")) > settings.CHAT_FRAME_MAX_BYTES:
+        raise FrameError("frame_too_large", f"Frames can be at most {settings.CHAT_FRAME_MAX_BYTES} bytes.")
+    try:
+        frame = json.loads(text_data)
+    except ValueError:
+        raise FrameError("invalid_json", "The frame is not valid JSON.") from None
+    if not isinstance(frame, dict):
+        raise FrameError("invalid_frame", 'A frame must be a JSON object with a "type".')
+    nonce = frame.get("nonce")
+    kind = frame.get("type")
+    if kind == "send":
+        if "body" not in frame:
+            raise FrameError("missing_body", 'A "send" frame needs a "body".', nonce)
+        return SendCommand(body=frame["body"], nonce=nonce)
+    if kind == "history":
+        return HistoryCommand(
+            before=_positive_int(frame, "before", nonce),
+            limit=_int_in_range(frame, "limit", 1, HISTORY_MAX_LIMIT, nonce),
+        )
+    raise FrameError("unknown_type", f"Unknown frame type {kind!r}; use \"send\" or \"history\".", nonce)
+
+
+def _positive_int(frame: dict, field: str, nonce: Any) -> int:
+    return _int_in_range(frame, field, 1, 2**63 - 1, nonce)
+
+
+def _int_in_range(frame: dict, field: str, low: int, high: int, nonce: Any) -> int:
+    value = frame.get(field)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise FrameError("invalid_frame", f'"{field}" must be a whole number from {low} to {high}.', nonce)
+    return value

@@ -1,0 +1,45 @@
+"""Publishing: the one module that sends to the channel layer.
+
+A message is published once, after its transaction commits, as a
+pre-encoded frame, so each server process forwards the same text to every
+socket in the room instead of encoding it again per socket.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+
+from chat import protocol
+from chat.models import Message, Room
+
+logger = logging.getLogger(__name__)
+
+MESSAGE_EVENT = "chat.message"
+
+
+def room_group(room: Room | int) -> str:
+    """Return the channel-layer group of a room (by pk, so slug renames are harmless)."""
+    return f"room.{room if isinstance(room, int) else room.pk}"
+
+
+def message_event(message: Message) -> dict:
+    return {"type": MESSAGE_EVENT, "seq": message.seq, "frame": protocol.message_frame(message)}
+
+
+def publish_message(message: Message) -> None:
+    """Send a committed message to every socket in its room, on every server process."""
+    async_to_sync(get_channel_layer().group_send)(room_group(message.room_id), message_event(message))
+
+
+def backlog(channel_layer, channel_name: str) -> int:
+    """Return how many events wait for this consumer in this process's layer.
+
+    The pub/sub and in-memory layers keep a queue per channel; other layers
+    report 0 and are not bounded here.
+    """
+    layer = channel_layer._get_layer() if hasattr(channel_layer, "_get_layer") else channel_layer
+    queue = getattr(layer, "channels", {}).get(channel_name)
+    return queue.qsize() if queue is not None else 0

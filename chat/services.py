@@ -1,0 +1,96 @@
+"""Write operations: every path (WebSocket, pages, API, commands) calls these."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+from django.utils.text import slugify
+
+from chat import realtime
+from chat.models import Message, Room
+
+NONCE_MAX_LENGTH = 64
+
+
+class ChatError(Exception):
+    """A request the site refuses; `code` is the machine-readable reason."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+def clean_body(body: object) -> str:
+    """Return the body to store, or raise ChatError saying what is wrong with it."""
+    if not isinstance(body, str):
+        raise ChatError("invalid_body", "body must be a string.")
+    if not body.strip():
+        raise ChatError("empty_body", "A message needs some text.")
+    limit = settings.CHAT_MESSAGE_MAX_LENGTH
+    if len(body) > limit:
+        raise ChatError("body_too_long", f"A message can be at most {limit} characters; this one has {len(body)}.")
+    return body
+
+
+def clean_nonce(nonce: object) -> str | None:
+    if nonce is None or nonce == "":
+        return None
+    if not isinstance(nonce, str) or len(nonce) > NONCE_MAX_LENGTH:
+        raise ChatError("invalid_nonce", f"nonce must be a string of at most {NONCE_MAX_LENGTH} characters.")
+    return nonce
+
+
+def room_create(*, slug: str = "", name: str, topic: str = "", created_by: AbstractBaseUser | None) -> Room:
+    """Create a room; the slug defaults to the name, slugified."""
+    room = Room(slug=slug or slugify(name)[:64], name=name, topic=topic, created_by=created_by)
+    room.full_clean()
+    room.save()
+    return room
+
+
+def message_create(
+    *, room: Room, author: AbstractBaseUser, body: object, nonce: object = None
+) -> tuple[Message, bool]:
+    """Save a message with the room's next seq, then publish it once committed.
+
+    Returns (message, created). A nonce the author already used returns the
+    original message with created=False: a retried send changes nothing.
+    """
+    body = clean_body(body)
+    nonce = clean_nonce(nonce)
+    if nonce is not None and (existing := _message_for_nonce(room=room, author=author, nonce=nonce)):
+        return existing, False
+    try:
+        with transaction.atomic():
+            now = timezone.now()
+            # The UPDATE takes the room's row lock (PostgreSQL) or the write
+            # lock (SQLite) first, so concurrent senders queue here and each
+            # reads back a seq nobody else has.
+            updated = Room.objects.filter(pk=room.pk, is_archived=False).update(
+                last_seq=F("last_seq") + 1, last_message_at=now
+            )
+            if not updated:
+                raise ChatError("room_archived", "This room is archived and read-only.")
+            seq = Room.objects.values_list("last_seq", flat=True).get(pk=room.pk)
+            message = Message.objects.create(room=room, author=author, body=body, seq=seq, nonce=nonce)
+            transaction.on_commit(lambda: realtime.publish_message(message))
+    except IntegrityError:
+        # A concurrent send with the same nonce won the race; its row is the answer.
+        if nonce is not None and (existing := _message_for_nonce(room=room, author=author, nonce=nonce)):
+            return existing, False
+        raise
+    room.last_seq = seq
+    room.last_message_at = now
+    return message, True
+
+
+def _message_for_nonce(*, room: Room, author: AbstractBaseUser, nonce: str) -> Message | None:
+    message = Message.objects.select_related("room", "author").filter(author=author, nonce=nonce).first()
+    if message is not None and message.room_id != room.pk:
+        raise ChatError("invalid_nonce", "This nonce was already used for a message in another room.")
+    return message

@@ -1,0 +1,290 @@
+// The room page's live client: WebSocket protocol v1 (docs/protocol.md).
+//
+// It holds messages keyed by seq, so whatever order frames arrive in, the
+// page shows each message once and in seq order. It resumes from the last
+// seq it holds without a hole, and asks for any hole it notices.
+(function () {
+  "use strict";
+
+  const config = JSON.parse(document.getElementById("chat-config").textContent);
+  const list = document.getElementById("messages");
+  const pane = document.getElementById("messages-pane");
+  const stateLabel = document.getElementById("connection-state");
+  const form = document.getElementById("composer");
+  const input = document.getElementById("message-input");
+  const hint = document.getElementById("composer-hint");
+  const loadOlder = document.getElementById("load-older");
+
+  const GAP_GRACE_MS = 1000; // frames from two publishers may cross; wait before asking
+  const HISTORY_LIMIT = 100;
+
+  const bySeq = new Map(); // seq -> <li>
+  const pending = new Map(); // nonce -> {body, element}
+  let lastContiguous = config.lastSeq; // every seq in (first shown, lastContiguous] is held
+  let socket = null;
+  let live = false;
+  let attempt = 0;
+  let gapTimer = null;
+  const historyRequests = []; // "older" | "gap", answered in order
+
+  for (const item of list.querySelectorAll("li.message")) {
+    bySeq.set(Number(item.dataset.seq), item);
+    localiseTime(item.querySelector("time"));
+  }
+
+  // ---- connection ----------------------------------------------------------
+
+  function setState(state, text) {
+    stateLabel.dataset.state = state;
+    stateLabel.textContent = text;
+    document.body.dataset.connection = state;
+  }
+
+  function connect() {
+    const scheme = location.protocol === "https:" ? "wss" : "ws";
+    const url = `${scheme}://${location.host}/ws/rooms/${encodeURIComponent(config.room)}/?after=${lastContiguous}`;
+    setState(attempt === 0 ? "connecting" : "reconnecting", attempt === 0 ? "Connecting…" : "Reconnecting…");
+    live = false;
+    historyRequests.length = 0;
+    socket = new WebSocket(url);
+    socket.addEventListener("message", (event) => handleFrame(JSON.parse(event.data)));
+    socket.addEventListener("close", onClose);
+  }
+
+  function onClose(event) {
+    live = false;
+    socket = null;
+    attempt += 1;
+    // Exponential backoff with jitter, capped, so a restarted server is not stampeded.
+    const delay = Math.min(15000, 500 * 2 ** Math.min(attempt - 1, 5)) * (0.75 + Math.random() / 2);
+    const seconds = Math.max(1, Math.round(delay / 1000));
+    const why = event.code === 1013 ? "Catching up" : "Connection lost";
+    setState("reconnecting", `${why} — reconnecting in ${seconds} s…`);
+    updateComposer();
+    setTimeout(connect, delay);
+  }
+
+  function send(frame) {
+    if (socket && socket.readyState === WebSocket.OPEN) {
+      socket.send(JSON.stringify(frame));
+      return true;
+    }
+    return false;
+  }
+
+  // ---- frames from the server ----------------------------------------------
+
+  function handleFrame(frame) {
+    switch (frame.type) {
+      case "message":
+        addMessage(frame.message);
+        break;
+      case "history":
+        onHistory(frame);
+        break;
+      case "gap":
+        onGap(frame);
+        break;
+      case "ready":
+        onReady(frame);
+        break;
+      case "error":
+        onError(frame);
+        break;
+    }
+  }
+
+  function onReady(frame) {
+    live = true;
+    attempt = 0;
+    setState("live", "Live");
+    // Sends that were never acknowledged go again with the same nonce; the
+    // server stores each nonce once, so a retry cannot duplicate a message.
+    for (const [nonce, item] of pending) {
+      send({ type: "send", body: item.body, nonce: nonce });
+      markPending(item, "Sending…");
+    }
+    updateComposer();
+    checkGap();
+  }
+
+  function onGap(frame) {
+    // The server skipped the oldest missed messages; start the view afresh
+    // from next_seq and let "Load older" fetch the rest on demand.
+    for (const item of bySeq.values()) item.remove();
+    bySeq.clear();
+    lastContiguous = frame.next_seq - 1;
+    loadOlder.hidden = false;
+  }
+
+  function onHistory(frame) {
+    const kind = historyRequests.shift();
+    for (const message of frame.messages) addMessage(message);
+    if (kind === "older") {
+      loadOlder.disabled = false;
+      loadOlder.hidden = !frame.has_more;
+    }
+  }
+
+  function onError(frame) {
+    const item = frame.nonce != null ? pending.get(frame.nonce) : null;
+    if (item) {
+      pending.delete(frame.nonce);
+      item.element.classList.add("failed");
+      markPending(item, `Not sent: ${frame.detail}`);
+      item.element.addEventListener("click", () => item.element.remove(), { once: true });
+    } else {
+      hint.textContent = frame.detail;
+    }
+  }
+
+  // ---- the message list ----------------------------------------------------
+
+  function addMessage(message) {
+    const acknowledged = message.nonce != null && pending.get(message.nonce);
+    if (acknowledged && message.author === config.username) {
+      acknowledged.element.remove();
+      pending.delete(message.nonce);
+    }
+    if (bySeq.has(message.seq)) return; // a resend or a replay overlap: already shown
+    const item = renderMessage(message);
+    insertInOrder(item, message.seq);
+    bySeq.set(message.seq, item);
+    const empty = document.getElementById("no-messages");
+    if (empty) empty.remove();
+    while (bySeq.has(lastContiguous + 1)) lastContiguous += 1;
+    if (message.seq > lastContiguous) scheduleGapCheck();
+  }
+
+  function renderMessage(message) {
+    // Built with textContent only: a message body is never parsed as HTML.
+    const item = document.createElement("li");
+    item.className = "message";
+    item.dataset.seq = String(message.seq);
+    item.dataset.id = String(message.id);
+    const head = document.createElement("div");
+    head.className = "message-head";
+    const author = document.createElement("span");
+    author.className = "author";
+    author.textContent = message.author;
+    const time = document.createElement("time");
+    time.dateTime = message.created_at;
+    localiseTime(time);
+    head.append(author, " ", time);
+    const body = document.createElement("div");
+    body.className = "body";
+    body.textContent = message.body;
+    item.append(head, body);
+    return item;
+  }
+
+  function insertInOrder(item, seq) {
+    const stick = isAtBottom();
+    let next = null;
+    const newest = bySeq.size ? Math.max(lastContiguous, ...bySeq.keys()) : 0;
+    for (const [otherSeq, other] of seq > newest ? [] : bySeq) {
+      if (otherSeq > seq && (next === null || otherSeq < Number(next.dataset.seq))) next = other;
+    }
+    const firstPending = list.querySelector("li.pending");
+    list.insertBefore(item, next || firstPending);
+    if (stick) scrollToBottom();
+  }
+
+  function scheduleGapCheck() {
+    if (gapTimer === null) gapTimer = setTimeout(() => { gapTimer = null; checkGap(); }, GAP_GRACE_MS);
+  }
+
+  function checkGap() {
+    const above = [...bySeq.keys()].filter((seq) => seq > lastContiguous);
+    if (above.length === 0 || !live) return;
+    const before = Math.min(...above);
+    historyRequests.push("gap");
+    send({ type: "history", before: before, limit: Math.min(HISTORY_LIMIT, before - lastContiguous - 1) });
+    scheduleGapCheck(); // checks again once the answer has had time to arrive
+  }
+
+  loadOlder.addEventListener("click", () => {
+    const first = Math.min(...bySeq.keys(), lastContiguous + 1);
+    if (first <= 1 || !live) return;
+    loadOlder.disabled = true;
+    const height = pane.scrollHeight;
+    historyRequests.push("older");
+    send({ type: "history", before: first, limit: 50 });
+    // Keep the reader's place once older messages land above.
+    requestAnimationFrame(() => requestAnimationFrame(() => { pane.scrollTop += pane.scrollHeight - height; }));
+  });
+
+  // ---- composing ------------------------------------------------------------
+
+  function newNonce() {
+    if (window.crypto && crypto.randomUUID) return crypto.randomUUID();
+    return `${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}`;
+  }
+
+  function markPending(item, text) {
+    item.element.querySelector(".status").textContent = text;
+  }
+
+  function submit() {
+    const body = input.value;
+    if (!body.trim()) return;
+    if (body.length > config.maxLength) {
+      hint.textContent = `Messages can be at most ${config.maxLength} characters.`;
+      return;
+    }
+    const nonce = newNonce();
+    const element = renderMessage({ seq: 0, id: "", author: config.username, body: body, created_at: new Date().toISOString() });
+    element.classList.add("pending");
+    delete element.dataset.seq;
+    const status = document.createElement("span");
+    status.className = "status";
+    element.querySelector(".message-head").append(" ", status);
+    list.append(element);
+    scrollToBottom();
+    const item = { body: body, element: element };
+    pending.set(nonce, item);
+    markPending(item, send({ type: "send", body: body, nonce: nonce }) ? "Sending…" : "Waiting for connection…");
+    input.value = "";
+    updateComposer();
+  }
+
+  function updateComposer() {
+    const remaining = config.maxLength - input.value.length;
+    if (!live) {
+      hint.textContent = "Offline: messages you send now go out when the connection is back.";
+    } else if (remaining < 200) {
+      hint.textContent = `${remaining} characters left`;
+    } else {
+      hint.textContent = "";
+    }
+  }
+
+  form.addEventListener("submit", (event) => { event.preventDefault(); submit(); });
+  input.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      submit();
+    }
+  });
+  input.addEventListener("input", updateComposer);
+
+  // ---- helpers ----------------------------------------------------------------
+
+  function localiseTime(time) {
+    if (!time) return;
+    const moment = new Date(time.dateTime);
+    time.textContent = moment.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+    time.title = moment.toLocaleString();
+  }
+
+  function isAtBottom() {
+    return pane.scrollHeight - pane.scrollTop - pane.clientHeight < 40;
+  }
+
+  function scrollToBottom() {
+    pane.scrollTop = pane.scrollHeight;
+  }
+
+  scrollToBottom();
+  connect();
+})();
