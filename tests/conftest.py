@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+from channels.db import database_sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.conf import settings
+from django.test import Client
+
+from chat import services
+from chat.models import Room
+from chatsite.asgi import application
+
+# A prefix of its own keeps this run's pub/sub traffic apart from a site, or
+# another test run, using the same Redis.
+TEST_LAYER_PREFIX = f"test-{uuid.uuid4().hex[:12]}"
+if "CONFIG" in settings.CHANNEL_LAYERS["default"] and "hosts" in settings.CHANNEL_LAYERS["default"]["CONFIG"]:
+    settings.CHANNEL_LAYERS["default"]["CONFIG"]["prefix"] = TEST_LAYER_PREFIX
+
+ORIGIN = "http://localhost"
+
+
+@pytest.fixture
+def user(django_user_model):
+    return django_user_model.objects.create_user("alice", password="pw-alice-123")
+
+
+@pytest.fixture
+def other_user(django_user_model):
+    return django_user_model.objects.create_user("bob", password="pw-bob-123")
+
+
+@pytest.fixture
+def room(user) -> Room:
+    return services.room_create(slug="general", name="General", topic="Anything goes", created_by=user)
+
+
+@pytest.fixture
+def other_room(user) -> Room:
+    return services.room_create(slug="random", name="Random", created_by=user)
+
+
+def session_cookie(user) -> str:
+    client = Client()
+    client.force_login(user)
+    return client.cookies[settings.SESSION_COOKIE_NAME].value
+
+
+@pytest.fixture
+async def ws_connect() -> AsyncIterator[Callable]:
+    """Open sockets through the full ASGI stack (origin check, auth, routing); closed at teardown."""
+    opened: list[WebsocketCommunicator] = []
+
+    async def connect(
+        user=None, room: Room | str = "general", *, after: int | str | None = None, origin: str | None = ORIGIN
+    ) -> tuple[WebsocketCommunicator, bool]:
+        slug = room if isinstance(room, str) else room.slug
+        path = f"/ws/rooms/{slug}/" + (f"?after={after}" if after is not None else "")
+        headers = []
+        if origin is not None:
+            headers.append((b"origin", origin.encode()))
+        if user is not None:
+            cookie = await database_sync_to_async(session_cookie)(user)
+            headers.append((b"cookie", f"{settings.SESSION_COOKIE_NAME}={cookie}".encode()))
+        communicator = WebsocketCommunicator(application, path, headers=headers)
+        connected, _ = await communicator.connect(timeout=5)
+        opened.append(communicator)
+        return communicator, connected
+
+    yield connect
+    for communicator in opened:
+        await communicator.disconnect()
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    # Django removes the SQLite test database but not its WAL side files.
+    test_name = settings.DATABASES["default"].get("TEST", {}).get("NAME")
+    if test_name and settings.DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+        for suffix in ("-wal", "-shm"):
+            Path(test_name + suffix).unlink(missing_ok=True)

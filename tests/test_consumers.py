@@ -1,0 +1,360 @@
+"""The WebSocket protocol through the full ASGI stack, on the real Redis pub/sub layer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from channels.db import database_sync_to_async
+from django.conf import settings
+
+from chat import consumers, realtime, selectors, services
+from chat.models import Message, Room
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+async def receive(communicator, timeout: float = 3) -> dict:
+    return json.loads(await communicator.receive_from(timeout=timeout))
+
+
+async def receive_until_ready(communicator) -> tuple[list[dict], dict]:
+    """Return the frames before the "ready" frame, and the ready frame."""
+    frames = []
+    while (frame := await receive(communicator))["type"] != "ready":
+        frames.append(frame)
+    return frames, frame
+
+
+async def joined(ws_connect, user, room, **kwargs):
+    communicator, connected = await ws_connect(user, room, **kwargs)
+    assert connected
+    await receive_until_ready(communicator)
+    return communicator
+
+
+async def send(communicator, **frame) -> None:
+    await communicator.send_to(text_data=json.dumps(frame))
+
+
+async def post(room, author, body: str, nonce: str | None = None) -> Message:
+    message, _ = await database_sync_to_async(services.message_create)(room=room, author=author, body=body, nonce=nonce)
+    return message
+
+
+def test_tests_use_the_redis_pubsub_layer():
+    backend = settings.CHANNEL_LAYERS["default"]["BACKEND"]
+    assert backend == "channels_redis.pubsub.RedisPubSubChannelLayer"
+    assert settings.CHANNEL_LAYERS["default"]["CONFIG"]["prefix"].startswith("test-")
+
+
+async def test_both_sockets_in_a_room_receive_and_another_room_does_not(ws_connect, user, other_user, room, other_room):
+    alice = await joined(ws_connect, user, room, after=0)
+    bob = await joined(ws_connect, other_user, room, after=0)
+    outsider = await joined(ws_connect, other_user, other_room, after=0)
+
+    await send(alice, type="send", body="hello room", nonce="n-1")
+
+    for communicator in (alice, bob):
+        frame = await receive(communicator)
+        assert frame["type"] == "message"
+        assert frame["message"]["body"] == "hello room"
+        assert frame["message"]["seq"] == 1
+        assert frame["message"]["author"] == "alice"
+        assert frame["message"]["room"] == "general"
+        assert frame["message"]["nonce"] == "n-1"
+    assert await outsider.receive_nothing(timeout=0.5)
+
+
+async def test_sender_gets_its_own_message_back_exactly_once(ws_connect, user, room):
+    alice = await joined(ws_connect, user, room)
+    await send(alice, type="send", body="echo", nonce="n-echo")
+    frame = await receive(alice)
+    assert frame["message"]["body"] == "echo"
+    assert await alice.receive_nothing(timeout=0.5)
+
+
+async def test_message_is_in_the_database_before_any_socket_sees_it(ws_connect, user, other_user, room):
+    bob = await joined(ws_connect, other_user, room)
+    alice = await joined(ws_connect, user, room)
+    seen_in_db: list[bool] = []
+    original_send = consumers.RoomConsumer.send
+
+    async def checking_send(self, text_data=None, bytes_data=None, close=False):
+        frame = json.loads(text_data)
+        if frame["type"] == "message":
+            exists = await database_sync_to_async(Message.objects.filter(pk=frame["message"]["id"]).exists)()
+            seen_in_db.append(exists)
+        await original_send(self, text_data, bytes_data, close)
+
+    consumers.RoomConsumer.send = checking_send
+    try:
+        await send(alice, type="send", body="persisted first")
+        await receive(alice)
+        await receive(bob)
+    finally:
+        consumers.RoomConsumer.send = original_send
+    assert seen_in_db == [True, True]
+
+
+async def test_message_frame_carries_the_shared_message_object(ws_connect, user, room):
+    alice = await joined(ws_connect, user, room)
+    await send(alice, type="send", body="shape")
+    frame = await receive(alice)
+    stored = await database_sync_to_async(Message.objects.select_related("room", "author").get)()
+    assert frame == {"type": "message", "message": await database_sync_to_async(message_payload_of)(stored)}
+    assert frame["message"]["created_at"].endswith("Z")
+    assert set(frame["message"]) == {"id", "seq", "room", "author", "body", "created_at", "edited_at", "nonce"}
+
+
+def message_payload_of(message):
+    from chat.protocol import message_payload
+
+    return message_payload(message)
+
+
+async def test_anonymous_handshake_is_refused(ws_connect, room):
+    _, connected = await ws_connect(None, room)
+    assert not connected
+
+
+async def test_foreign_origin_handshake_is_refused(ws_connect, user, room):
+    _, connected = await ws_connect(user, room, origin="http://evil.example")
+    assert not connected
+
+
+async def test_missing_origin_handshake_is_refused(ws_connect, user, room):
+    _, connected = await ws_connect(user, room, origin=None)
+    assert not connected
+
+
+async def test_unknown_room_handshake_is_refused(ws_connect, user):
+    _, connected = await ws_connect(user, "no-such-room")
+    assert not connected
+
+
+async def test_archived_room_handshake_is_refused(ws_connect, user, room):
+    await database_sync_to_async(Room.objects.filter(pk=room.pk).update)(is_archived=True)
+    _, connected = await ws_connect(user, room)
+    assert not connected
+
+
+BAD_FRAMES = [
+    pytest.param({"text_data": "not json"}, "invalid_json", id="not-json"),
+    pytest.param({"text_data": "[1, 2]"}, "invalid_frame", id="not-an-object"),
+    pytest.param({"text_data": json.dumps({"type": "dance"})}, "unknown_type", id="unknown-type"),
+    pytest.param({"text_data": json.dumps({"body": "no type"})}, "unknown_type", id="missing-type"),
+    pytest.param({"text_data": json.dumps({"type": "send"})}, "missing_body", id="missing-body"),
+    pytest.param({"text_data": json.dumps({"type": "send", "body": ""})}, "empty_body", id="empty-body"),
+    pytest.param({"text_data": json.dumps({"type": "send", "body": "  \n "})}, "empty_body", id="blank-body"),
+    pytest.param({"text_data": json.dumps({"type": "send", "body": 5})}, "invalid_body", id="body-not-text"),
+    pytest.param({"text_data": json.dumps({"type": "send", "body": "x" * 4001})}, "body_too_long", id="body-4001"),
+    pytest.param(
+        {"text_data": json.dumps({"type": "send", "body": "x", "pad": "y" * 65536})}, "frame_too_large", id="frame-64k"
+    ),
+    pytest.param({"text_data": json.dumps({"type": "send", "body": "x", "nonce": 7})}, "invalid_nonce", id="bad-nonce"),
+    pytest.param({"bytes_data": b"\x00\x01binary"}, "binary_frame", id="binary"),
+    pytest.param({"text_data": json.dumps({"type": "history", "before": "9", "limit": 5})}, "invalid_frame", id="history-str"),
+    pytest.param({"text_data": json.dumps({"type": "history", "before": 9, "limit": 101})}, "invalid_frame", id="limit-101"),
+    pytest.param({"text_data": json.dumps({"type": "history", "before": 9, "limit": 0})}, "invalid_frame", id="limit-0"),
+    pytest.param({"text_data": json.dumps({"type": "history", "limit": 5})}, "invalid_frame", id="history-no-before"),
+    pytest.param({"text_data": json.dumps({"type": "history", "before": True, "limit": 5})}, "invalid_frame", id="bool"),
+]
+
+
+@pytest.mark.parametrize(("frame", "code"), BAD_FRAMES)
+async def test_bad_frame_gets_an_error_frame_saves_nothing_and_socket_keeps_working(ws_connect, user, room, frame, code):
+    alice = await joined(ws_connect, user, room)
+    await alice.send_to(**frame)
+
+    error = await receive(alice)
+    assert error["type"] == "error"
+    assert error["code"] == code
+    assert error["detail"]
+    assert await database_sync_to_async(Message.objects.count)() == 0
+
+    await send(alice, type="send", body="still here")
+    follow_up = await receive(alice)
+    assert follow_up["type"] == "message" and follow_up["message"]["body"] == "still here"
+    assert follow_up["message"]["seq"] == 1  # the rejected frame used no seq
+
+
+async def test_error_frame_echoes_the_nonce_of_the_rejected_send(ws_connect, user, room):
+    alice = await joined(ws_connect, user, room)
+    await send(alice, type="send", body="", nonce="client-7")
+    error = await receive(alice)
+    assert (error["code"], error["nonce"]) == ("empty_body", "client-7")
+
+
+async def test_send_in_a_room_archived_after_connect_is_refused(ws_connect, user, room):
+    alice = await joined(ws_connect, user, room)
+    await database_sync_to_async(Room.objects.filter(pk=room.pk).update)(is_archived=True)
+    await send(alice, type="send", body="too late", nonce="late")
+    error = await receive(alice)
+    assert (error["type"], error["code"], error["nonce"]) == ("error", "room_archived", "late")
+    assert await database_sync_to_async(Message.objects.count)() == 0
+
+
+async def test_failed_save_is_not_broadcast_and_sender_gets_an_error(ws_connect, user, other_user, room, monkeypatch):
+    bob = await joined(ws_connect, other_user, room)
+    alice = await joined(ws_connect, user, room)
+
+    def broken_create(**kwargs):
+        raise RuntimeError("database went away")
+
+    monkeypatch.setattr(services, "message_create", broken_create)
+    await send(alice, type="send", body="lost?", nonce="n-broken")
+    error = await receive(alice)
+    assert (error["type"], error["code"], error["nonce"]) == ("error", "not_saved", "n-broken")
+    assert await bob.receive_nothing(timeout=0.5)
+
+
+async def test_retried_nonce_answers_the_sender_with_the_original_and_stores_one_row(ws_connect, user, other_user, room):
+    bob = await joined(ws_connect, other_user, room)
+    alice = await joined(ws_connect, user, room)
+    await send(alice, type="send", body="only once", nonce="retry-me")
+    original = await receive(alice)
+    await receive(bob)
+
+    await send(alice, type="send", body="only once", nonce="retry-me")
+    retried = await receive(alice)
+
+    assert retried == original
+    assert await bob.receive_nothing(timeout=0.5)  # the retry is not broadcast again
+    assert await database_sync_to_async(Message.objects.count)() == 1
+
+
+async def test_resume_after_seq_returns_only_missed_messages_then_ready(ws_connect, user, other_user, room):
+    for n in range(1, 6):
+        await post(room, user, f"message {n}")
+
+    bob, connected = await ws_connect(other_user, room, after=2)
+    assert connected
+    replayed, ready = await receive_until_ready(bob)
+
+    assert [frame["message"]["seq"] for frame in replayed] == [3, 4, 5]
+    assert [frame["message"]["body"] for frame in replayed] == ["message 3", "message 4", "message 5"]
+    assert ready == {"type": "ready", "last_seq": 5}
+
+    await post(room, user, "live")
+    live = await receive(bob)
+    assert live["message"]["seq"] == 6
+    assert await bob.receive_nothing(timeout=0.5)
+
+
+async def test_connect_without_after_sends_only_ready_with_the_rooms_last_seq(ws_connect, user, room):
+    await post(room, user, "before")
+    alice, _ = await ws_connect(user, room)
+    replayed, ready = await receive_until_ready(alice)
+    assert replayed == []
+    assert ready["last_seq"] == 1
+
+
+async def test_resume_of_more_than_the_limit_sends_newest_with_a_gap_frame(ws_connect, user, room, settings):
+    settings.CHAT_RESUME_LIMIT = 3
+    for n in range(1, 8):
+        await post(room, user, f"m{n}")
+
+    alice, _ = await ws_connect(user, room, after=1)
+    replayed, ready = await receive_until_ready(alice)
+
+    assert replayed[0] == {"type": "gap", "after": 1, "next_seq": 5}
+    assert [frame["message"]["seq"] for frame in replayed[1:]] == [5, 6, 7]
+    assert ready["last_seq"] == 7
+
+
+async def test_malformed_after_gets_an_error_and_the_socket_closes(ws_connect, user, room):
+    alice, connected = await ws_connect(user, room, after="abc")
+    assert connected
+    error = await receive(alice)
+    assert (error["type"], error["code"]) == ("error", "invalid_after")
+    closing = await alice.receive_output(timeout=2)
+    assert closing == {"type": "websocket.close", "code": consumers.CLOSE_BAD_REQUEST}
+
+
+async def test_messages_committed_during_resume_are_delivered_exactly_once(ws_connect, user, other_user, room, monkeypatch):
+    """Messages committed around the catch-up query are neither lost nor doubled."""
+    for n in range(1, 4):
+        await post(room, user, f"old {n}")
+    original_resume = selectors.message_resume
+
+    def resume_while_someone_posts(**kwargs):
+        # seq 4 commits (and is published) after the socket joined the group
+        # but before the query, so it is in both the query and the stream;
+        # seq 5 commits after the query, so only the stream has it.
+        services.message_create(room=room, author=user, body="before the query")
+        resume = original_resume(**kwargs)
+        services.message_create(room=room, author=user, body="after the query")
+        return resume
+
+    monkeypatch.setattr(selectors, "message_resume", resume_while_someone_posts)
+    bob, _ = await ws_connect(other_user, room, after=1)
+    replayed, ready = await receive_until_ready(bob)
+    monkeypatch.setattr(selectors, "message_resume", original_resume)
+
+    assert [frame["message"]["seq"] for frame in replayed] == [2, 3, 4]
+    assert ready["last_seq"] == 4
+    assert (await receive(bob))["message"]["body"] == "after the query"
+    await post(room, user, "later")
+    assert (await receive(bob))["message"]["seq"] == 6
+    assert await bob.receive_nothing(timeout=0.5)
+
+
+async def test_history_pages_backwards_in_seq_order(ws_connect, user, room):
+    for n in range(1, 8):
+        await post(room, user, f"m{n}")
+    alice = await joined(ws_connect, user, room)
+
+    await send(alice, type="history", before=8, limit=3)
+    newest = await receive(alice)
+    assert newest["type"] == "history"
+    assert [m["seq"] for m in newest["messages"]] == [5, 6, 7]
+    assert newest["has_more"] is True
+
+    await send(alice, type="history", before=2, limit=3)
+    oldest = await receive(alice)
+    assert [m["seq"] for m in oldest["messages"]] == [1]
+    assert oldest["has_more"] is False
+
+
+async def test_history_only_reads_the_sockets_own_room(ws_connect, user, room, other_room):
+    await post(other_room, user, "elsewhere")
+    alice = await joined(ws_connect, user, room)
+    await send(alice, type="history", before=100, limit=10)
+    assert (await receive(alice))["messages"] == []
+
+
+async def test_socket_that_falls_too_far_behind_is_closed_with_1013(ws_connect, user, room, settings, monkeypatch):
+    settings.CHAT_SOCKET_MAX_BACKLOG = 5
+    alice = await joined(ws_connect, user, room)
+    original_send = consumers.RoomConsumer.send
+
+    async def slow_send(self, text_data=None, bytes_data=None, close=False):
+        await asyncio.sleep(0.05)
+        await original_send(self, text_data, bytes_data, close)
+
+    monkeypatch.setattr(consumers.RoomConsumer, "send", slow_send)
+    layer = realtime.get_channel_layer()
+    for seq in range(1, 41):
+        await layer.group_send(
+            realtime.room_group(room), {"type": realtime.MESSAGE_EVENT, "seq": seq, "frame": json.dumps({"seq": seq})}
+        )
+
+    outputs = []
+    while True:
+        output = await alice.receive_output(timeout=5)
+        outputs.append(output)
+        if output["type"] == "websocket.close":
+            break
+    assert outputs[-1]["code"] == consumers.CLOSE_TRY_AGAIN_LATER
+    assert len(outputs) - 1 < 40  # it did not wait to deliver everything
+
+
+async def test_idle_socket_still_receives_after_longer_than_redis_socket_timeout(ws_connect, user, other_user, room):
+    """redis-py 8 with default settings killed idle pub/sub readers after 5 s."""
+    bob = await joined(ws_connect, other_user, room)
+    await asyncio.sleep(6.5)
+    await post(room, user, "are you still there?")
+    frame = await receive(bob, timeout=5)
+    assert frame["message"]["body"] == "are you still there?"

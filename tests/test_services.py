@@ -1,0 +1,193 @@
+from __future__ import annotations
+
+import threading
+from unittest import mock
+
+import pytest
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError, connections
+
+from chat import realtime, services
+from chat.models import Message, Room
+
+pytestmark = pytest.mark.django_db
+
+
+def test_messages_get_consecutive_seqs_per_room(room, other_room, user):
+    first, _ = services.message_create(room=room, author=user, body="one")
+    second, _ = services.message_create(room=room, author=user, body="two")
+    elsewhere, _ = services.message_create(room=other_room, author=user, body="three")
+
+    assert (first.seq, second.seq, elsewhere.seq) == (1, 2, 1)
+    room.refresh_from_db()
+    assert room.last_seq == 2
+    assert room.last_message_at is not None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_seq_is_gapless_under_concurrent_sends(room, django_user_model):
+    senders = [django_user_model.objects.create_user(f"sender{i}") for i in range(6)]
+    per_sender = 15
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(senders))
+
+    def send_all(author) -> None:
+        try:
+            start.wait()
+            for n in range(per_sender):
+                services.message_create(room=Room.objects.get(pk=room.pk), author=author, body=f"{author} {n}")
+        except BaseException as error:  # reported below; a thread must not swallow it
+            errors.append(error)
+        finally:
+            connections.close_all()
+
+    with mock.patch.object(realtime, "publish_message"):
+        threads = [threading.Thread(target=send_all, args=(author,)) for author in senders]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+
+    assert errors == []
+    seqs = sorted(Message.objects.filter(room=room).values_list("seq", flat=True))
+    total = len(senders) * per_sender
+    assert seqs == list(range(1, total + 1))
+    room.refresh_from_db()
+    assert room.last_seq == total
+
+
+def test_retry_with_same_nonce_returns_original_and_creates_nothing(room, user):
+    original, created = services.message_create(room=room, author=user, body="hello", nonce="abc")
+    retried, created_again = services.message_create(room=room, author=user, body="hello", nonce="abc")
+
+    assert created and not created_again
+    assert retried.pk == original.pk
+    assert Message.objects.count() == 1
+    room.refresh_from_db()
+    assert room.last_seq == 1
+
+
+def test_same_nonce_from_another_author_is_a_different_message(room, user, other_user):
+    mine, _ = services.message_create(room=room, author=user, body="hi", nonce="abc")
+    theirs, created = services.message_create(room=room, author=other_user, body="hi", nonce="abc")
+    assert created and theirs.pk != mine.pk and theirs.seq == 2
+
+
+def test_nonce_reused_in_another_room_is_rejected(room, other_room, user):
+    services.message_create(room=room, author=user, body="hi", nonce="abc")
+    with pytest.raises(services.ChatError) as error:
+        services.message_create(room=other_room, author=user, body="hi", nonce="abc")
+    assert error.value.code == "invalid_nonce"
+    assert Message.objects.filter(room=other_room).count() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_sends_with_one_nonce_store_one_row(room, user):
+    results: list[Message] = []
+    start = threading.Barrier(5)
+
+    def send() -> None:
+        try:
+            start.wait()
+            results.append(services.message_create(room=room, author=user, body="once", nonce="same")[0])
+        finally:
+            connections.close_all()
+
+    with mock.patch.object(realtime, "publish_message"):
+        threads = [threading.Thread(target=send) for _ in range(5)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+
+    assert len(results) == 5
+    assert {message.pk for message in results} == {Message.objects.get().pk}
+    room.refresh_from_db()
+    assert room.last_seq == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [("", "empty_body"), ("   \n\t ", "empty_body"), ("x" * 4001, "body_too_long"), (None, "invalid_body"), (42, "invalid_body")],
+)
+def test_bad_body_is_rejected_and_nothing_is_saved(room, user, body, code):
+    with pytest.raises(services.ChatError) as error:
+        services.message_create(room=room, author=user, body=body)
+    assert error.value.code == code
+    assert Message.objects.count() == 0
+    room.refresh_from_db()
+    assert room.last_seq == 0
+
+
+def test_body_of_exactly_the_limit_is_accepted(room, user):
+    message, _ = services.message_create(room=room, author=user, body="x" * 4000)
+    assert len(message.body) == 4000
+
+
+@pytest.mark.parametrize("nonce", [123, "n" * 65, ["a"]])
+def test_bad_nonce_is_rejected(room, user, nonce):
+    with pytest.raises(services.ChatError) as error:
+        services.message_create(room=room, author=user, body="hi", nonce=nonce)
+    assert error.value.code == "invalid_nonce"
+    assert Message.objects.count() == 0
+
+
+def test_archived_room_accepts_no_messages(room, user):
+    Room.objects.filter(pk=room.pk).update(is_archived=True)
+    with pytest.raises(services.ChatError) as error:
+        services.message_create(room=room, author=user, body="hi")
+    assert error.value.code == "room_archived"
+    assert Message.objects.count() == 0
+
+
+def test_message_is_published_only_after_commit(room, user, django_capture_on_commit_callbacks):
+    with mock.patch.object(realtime, "publish_message") as publish:
+        with django_capture_on_commit_callbacks(execute=True) as callbacks:
+            message, _ = services.message_create(room=room, author=user, body="hi")
+            assert publish.call_count == 0  # not before the commit
+        assert len(callbacks) == 1
+    publish.assert_called_once_with(message)
+
+
+def test_failed_save_publishes_nothing(room, user, django_capture_on_commit_callbacks):
+    with mock.patch.object(realtime, "publish_message") as publish, mock.patch.object(
+        Message.objects, "create", side_effect=IntegrityError("disk full")
+    ):
+        with django_capture_on_commit_callbacks(execute=True) as callbacks, pytest.raises(IntegrityError):
+            services.message_create(room=room, author=user, body="hi")
+    assert callbacks == []
+    publish.assert_not_called()
+    room.refresh_from_db()
+    assert room.last_seq == 0  # the seq increment rolled back with the failed insert
+
+
+def test_retry_is_not_published_again(room, user, django_capture_on_commit_callbacks):
+    with mock.patch.object(realtime, "publish_message") as publish:
+        with django_capture_on_commit_callbacks(execute=True):
+            services.message_create(room=room, author=user, body="hi", nonce="n1")
+            services.message_create(room=room, author=user, body="hi", nonce="n1")
+    assert publish.call_count == 1
+
+
+def test_body_is_stored_verbatim(room, user):
+    payload = "<img src=x onerror=alert(1)> & <script>alert('x')</script>"
+    message, _ = services.message_create(room=room, author=user, body=payload)
+    message.refresh_from_db()
+    assert message.body == payload
+
+
+def test_room_slug_defaults_to_slugified_name(user):
+    room = services.room_create(name="Team News 2026", created_by=user)
+    assert room.slug == "team-news-2026"
+
+
+@pytest.mark.parametrize("slug", ["Has Caps", "under_score", "x" * 65, "émoji"])
+def test_room_with_bad_slug_is_rejected(user, slug):
+    with pytest.raises(ValidationError):
+        services.room_create(slug=slug, name="Room", created_by=user)
+    assert Room.objects.count() == 0
+
+
+def test_duplicate_room_slug_is_rejected(room, user):
+    with pytest.raises(ValidationError):
+        services.room_create(slug=room.slug, name="Again", created_by=user)

@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from django.urls import reverse
+
+from chat import services
+from chat.models import Room
+
+pytestmark = pytest.mark.django_db
+
+XSS = '<img src=x onerror=alert(1)><script>alert("x")</script>'
+
+
+def test_signup_creates_the_account_and_signs_in(client, django_user_model):
+    response = client.post(
+        reverse("signup"), {"username": "carol", "password1": "a-long-pass-42", "password2": "a-long-pass-42"}
+    )
+    assert response.status_code == 302 and response.url == reverse("room-list")
+    assert django_user_model.objects.filter(username="carol").exists()
+    assert client.get(reverse("room-list")).context["user"].username == "carol"
+
+
+def test_signup_with_mismatched_passwords_is_refused(client, django_user_model):
+    response = client.post(reverse("signup"), {"username": "carol", "password1": "a-long-pass-42", "password2": "nope"})
+    assert response.status_code == 400
+    assert not django_user_model.objects.exists()
+
+
+def test_login_uses_djangos_form_and_redirects_to_rooms(client, user):
+    page = client.get(reverse("login"))
+    assert b'name="username"' in page.content and b'name="password"' in page.content
+    response = client.post(reverse("login"), {"username": "alice", "password": "pw-alice-123"})
+    assert response.status_code == 302 and response.url == reverse("room-list")
+
+
+def test_logout_is_a_post_and_signs_out(client, user):
+    client.force_login(user)
+    assert client.get(reverse("logout")).status_code == 405
+    assert client.post(reverse("logout")).status_code == 302
+    assert not client.get(reverse("room-list")).context["user"].is_authenticated
+
+
+def test_room_list_shows_name_topic_count_and_last_activity(client, user, room):
+    services.message_create(room=room, author=user, body="hi")
+    services.message_create(room=room, author=user, body="again")
+    client.force_login(user)
+    content = client.get(reverse("room-list")).content.decode()
+    assert "General" in content and "Anything goes" in content
+    assert "2 messages" in content
+    assert "last active" in content
+    assert reverse("room-detail", args=["general"]) in content
+
+
+def test_room_list_hides_archived_rooms(client, user, room):
+    Room.objects.filter(pk=room.pk).update(is_archived=True)
+    client.force_login(user)
+    assert "General" not in client.get(reverse("room-list")).content.decode()
+
+
+def test_anonymous_visitor_sees_rooms_but_no_create_form(client, room):
+    content = client.get(reverse("room-list")).content.decode()
+    assert "General" in content
+    assert 'action="/rooms/new/"' not in content
+
+
+def test_signed_in_user_creates_a_room_and_lands_in_it(client, user):
+    client.force_login(user)
+    response = client.post(reverse("room-create"), {"name": "Team News", "slug": "", "topic": "Weekly"})
+    assert response.status_code == 302 and response.url == reverse("room-detail", args=["team-news"])
+    room = Room.objects.get(slug="team-news")
+    assert (room.name, room.topic, room.created_by) == ("Team News", "Weekly", user)
+
+
+def test_room_create_with_bad_slug_shows_the_error_and_creates_nothing(client, user):
+    client.force_login(user)
+    response = client.post(reverse("room-create"), {"name": "Bad", "slug": "Bad Slug!"})
+    assert response.status_code == 400
+    assert "lowercase letters" in response.content.decode()
+    assert not Room.objects.exists()
+
+
+def test_room_create_needs_a_signed_in_user(client):
+    response = client.post(reverse("room-create"), {"name": "Nope"})
+    assert response.status_code == 302 and reverse("login") in response.url
+    assert not Room.objects.exists()
+
+
+def test_room_page_needs_a_signed_in_user(client, room):
+    response = client.get(reverse("room-detail", args=[room.slug]))
+    assert response.status_code == 302 and reverse("login") in response.url
+
+
+def test_unknown_or_archived_room_page_is_404(client, user, room):
+    client.force_login(user)
+    assert client.get(reverse("room-detail", args=["nope"])).status_code == 404
+    Room.objects.filter(pk=room.pk).update(is_archived=True)
+    assert client.get(reverse("room-detail", args=[room.slug])).status_code == 404
+
+
+def test_room_page_renders_the_last_50_messages_in_seq_order(client, user, room):
+    for n in range(1, 61):
+        services.message_create(room=room, author=user, body=f"message number {n}")
+    client.force_login(user)
+    response = client.get(reverse("room-detail", args=[room.slug]))
+    content = response.content.decode()
+
+    seqs = [int(seq) for seq in re.findall(r'data-seq="(\d+)"', content)]
+    assert seqs == list(range(11, 61))
+    config = json.loads(re.search(r'<script id="chat-config" type="application/json">(.*?)</script>', content).group(1))
+    assert config["room"] == "general" and config["lastSeq"] == 60 and config["hasMore"] is True
+    assert 'id="load-older"' in content and "hidden" not in re.search(r'<button[^>]*id="load-older"[^>]*>', content).group(0)
+
+
+def test_message_body_with_html_is_rendered_escaped(client, user, room):
+    services.message_create(room=room, author=user, body=XSS)
+    client.force_login(user)
+    content = client.get(reverse("room-detail", args=[room.slug])).content.decode()
+    assert XSS not in content
+    assert "&lt;img src=x onerror=alert(1)&gt;&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in content
+
+
+def test_room_name_and_topic_with_html_are_rendered_escaped(client, user):
+    services.room_create(slug="xss", name=XSS, topic=XSS[:100], created_by=user)
+    client.force_login(user)
+    for url in (reverse("room-list"), reverse("room-detail", args=["xss"])):
+        content = client.get(url).content.decode()
+        assert "<script>alert" not in content and "<img src=x" not in content
+
+
+def test_page_script_is_served_and_never_uses_inner_html():
+    from django.contrib.staticfiles import finders
+
+    script = open(finders.find("chat/room.js"), encoding="utf-8").read()
+    assert "innerHTML" not in script and "insertAdjacentHTML" not in script
+    assert "textContent" in script
