@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from django.db.models import QuerySet
+from django.db.models import F, QuerySet
 
 from chat.models import Message, Room
 
 
 def room_list() -> QuerySet[Room]:
     """Return the open rooms, most recently active first."""
-    return Room.objects.filter(is_archived=False).order_by("-last_message_at", "slug")
+    return Room.objects.filter(is_archived=False).order_by(F("last_message_at").desc(nulls_last=True), "slug")
 
 
 def room_get_open(*, slug: str) -> Room | None:

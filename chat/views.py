@@ -6,7 +6,7 @@ from django.contrib.auth.decorators import login_required
 from django.contrib.auth.forms import UserCreationForm
 from django.core.exceptions import ValidationError
 from django.http import Http404, HttpRequest, HttpResponse
-from django.shortcuts import redirect, render
+from django.shortcuts import redirect, render, resolve_url
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from chat import selectors, services
@@ -53,6 +53,7 @@ def room_detail(request: HttpRequest, slug: str) -> HttpResponse:
             "hasMore": has_more,
             "username": request.user.get_username(),
             "maxLength": settings.CHAT_MESSAGE_MAX_LENGTH,
+            "loginUrl": f"{resolve_url(settings.LOGIN_URL)}?next={request.path}",
         },
     }
     return render(request, "chat/room_detail.html", context)

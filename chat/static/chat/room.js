@@ -25,6 +25,10 @@
   let live = false;
   let attempt = 0;
   let gapTimer = null;
+  let retryTimer = null; // ticks the "reconnecting in N s" countdown
+  // Only where there is a physical keyboard; touch keyboards have their own Enter.
+  const KEYBOARD_HINT = window.matchMedia && matchMedia("(hover: hover) and (pointer: fine)").matches
+    ? "Enter to send · Shift+Enter for a new line" : "";
   const historyRequests = []; // "older" | "gap", answered in order
 
   for (const item of list.querySelectorAll("li.message")) {
@@ -41,6 +45,8 @@
   }
 
   function connect() {
+    clearInterval(retryTimer);
+    retryTimer = null;
     const scheme = location.protocol === "https:" ? "wss" : "ws";
     const url = `${scheme}://${location.host}/ws/rooms/${encodeURIComponent(config.room)}/?after=${lastContiguous}`;
     setState(attempt === 0 ? "connecting" : "reconnecting", attempt === 0 ? "Connecting…" : "Reconnecting…");
@@ -51,17 +57,55 @@
     socket.addEventListener("close", onClose);
   }
 
-  function onClose(event) {
+  async function onClose(event) {
     live = false;
     socket = null;
     attempt += 1;
+    // A handshake refused again and again may mean the person was signed out
+    // or the room closed; the page itself says which, so ask it before retrying.
+    if (attempt >= 2 && !event.wasClean && (await explainRefusal())) return;
     // Exponential backoff with jitter, capped, so a restarted server is not stampeded.
     const delay = Math.min(15000, 500 * 2 ** Math.min(attempt - 1, 5)) * (0.75 + Math.random() / 2);
-    const seconds = Math.max(1, Math.round(delay / 1000));
-    const why = event.code === 1013 ? "Catching up" : "Connection lost";
-    setState("reconnecting", `${why} — reconnecting in ${seconds} s…`);
+    const due = Date.now() + delay;
+    // Short enough for the pill on a phone; the composer hint says what offline means.
+    const why = event.code === 1013 ? "Catching up — reconnecting" : "Reconnecting";
+    const showCountdown = () => {
+      const seconds = Math.max(1, Math.ceil((due - Date.now()) / 1000));
+      setState("reconnecting", `${why} in ${seconds} s…`);
+    };
+    showCountdown();
+    clearInterval(retryTimer);
+    retryTimer = setInterval(showCountdown, 1000);
     updateComposer();
     setTimeout(connect, delay);
+  }
+
+  async function explainRefusal() {
+    let response;
+    try {
+      response = await fetch(location.href, { redirect: "manual", cache: "no-store" });
+    } catch (error) {
+      return false; // the server is down: keep retrying
+    }
+    if (response.type === "opaqueredirect") {
+      stop("Signed out", "You were signed out. Log in again to keep chatting.", config.loginUrl);
+      return true;
+    }
+    if (response.status === 404) {
+      stop("Closed", "This room is no longer available.", "/");
+      return true;
+    }
+    return false;
+  }
+
+  function stop(state, message, link) {
+    setState("stopped", state);
+    hint.textContent = `${message} `;
+    const anchor = document.createElement("a");
+    anchor.href = link;
+    anchor.textContent = link === "/" ? "Back to rooms" : "Log in";
+    hint.append(anchor);
+    input.disabled = true;
   }
 
   function send(frame) {
@@ -119,10 +163,13 @@
 
   function onHistory(frame) {
     const kind = historyRequests.shift();
+    // Keep the reader's place when messages land above what they are reading.
+    const fromBottom = pane.scrollHeight - pane.scrollTop;
     for (const message of frame.messages) addMessage(message);
     if (kind === "older") {
       loadOlder.disabled = false;
       loadOlder.hidden = !frame.has_more;
+      pane.scrollTop = pane.scrollHeight - fromBottom;
     }
   }
 
@@ -207,11 +254,8 @@
     const first = Math.min(...bySeq.keys(), lastContiguous + 1);
     if (first <= 1 || !live) return;
     loadOlder.disabled = true;
-    const height = pane.scrollHeight;
     historyRequests.push("older");
     send({ type: "history", before: first, limit: 50 });
-    // Keep the reader's place once older messages land above.
-    requestAnimationFrame(() => requestAnimationFrame(() => { pane.scrollTop += pane.scrollHeight - height; }));
   });
 
   // ---- composing ------------------------------------------------------------
@@ -245,18 +289,29 @@
     pending.set(nonce, item);
     markPending(item, send({ type: "send", body: body, nonce: nonce }) ? "Sending…" : "Waiting for connection…");
     input.value = "";
+    input.focus();
     updateComposer();
   }
 
   function updateComposer() {
+    const stick = isAtBottom(); // the composer may change height; keep the newest message in view
     const remaining = config.maxLength - input.value.length;
     if (!live) {
       hint.textContent = "Offline: messages you send now go out when the connection is back.";
     } else if (remaining < 200) {
       hint.textContent = `${remaining} characters left`;
     } else {
-      hint.textContent = "";
+      hint.textContent = KEYBOARD_HINT;
     }
+    fitInput();
+    if (stick) scrollToBottom();
+  }
+
+  // The composer grows with its text (up to the CSS max-height), then scrolls.
+  function fitInput() {
+    input.style.height = "auto";
+    const border = input.offsetHeight - input.clientHeight;
+    input.style.height = `${input.scrollHeight + border}px`;
   }
 
   form.addEventListener("submit", (event) => { event.preventDefault(); submit(); });
