@@ -52,6 +52,10 @@ class Resume:
 
 def message_resume(*, room: Room, after_seq: int, limit: int) -> Resume:
     """Return what a client holding everything up to `after_seq` missed, newest `limit` at most."""
+    # A client ahead of the room (its room was recreated, say) would otherwise
+    # wait for seqs that already exist; read the room first so the clamp can
+    # never pass over a message committed during this function.
+    after_seq = min(after_seq, room_last_seq(room=room))
     page = list(_messages(room).filter(seq__gt=after_seq).order_by("-seq")[: limit + 1])
     truncated = len(page) > limit
     messages = page[:limit][::-1]

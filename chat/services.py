@@ -78,7 +78,9 @@ def message_create(
                 raise ChatError("room_archived", "This room is archived and read-only.")
             seq = Room.objects.values_list("last_seq", flat=True).get(pk=room.pk)
             message = Message.objects.create(room=room, author=author, body=body, seq=seq, nonce=nonce)
-            transaction.on_commit(lambda: realtime.publish_message(message))
+            # robust: the message is saved whatever happens to the publish;
+            # clients that missed it get it when they resume from the database.
+            transaction.on_commit(lambda: realtime.publish_message(message), robust=True)
     except IntegrityError:
         # A concurrent send with the same nonce won the race; its row is the answer.
         if nonce is not None and (existing := _message_for_nonce(room=room, author=author, nonce=nonce)):

@@ -264,6 +264,16 @@ async def test_resume_of_more_than_the_limit_sends_newest_with_a_gap_frame(ws_co
     assert ready["last_seq"] == 7
 
 
+async def test_resume_from_beyond_the_rooms_last_seq_still_receives_new_messages(ws_connect, user, room):
+    await post(room, user, "only message")
+    alice, _ = await ws_connect(user, room, after=40)
+    replayed, ready = await receive_until_ready(alice)
+    assert replayed == []
+    assert ready["last_seq"] == 1  # the room's, so the client can tell it is ahead and start over
+    await post(room, user, "next")
+    assert (await receive(alice))["message"]["seq"] == 2
+
+
 async def test_malformed_after_gets_an_error_and_the_socket_closes(ws_connect, user, room):
     alice, connected = await ws_connect(user, room, after="abc")
     assert connected

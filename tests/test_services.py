@@ -191,3 +191,13 @@ def test_room_with_bad_slug_is_rejected(user, slug):
 def test_duplicate_room_slug_is_rejected(room, user):
     with pytest.raises(ValidationError):
         services.room_create(slug=room.slug, name="Again", created_by=user)
+
+
+def test_failed_publish_keeps_the_saved_message_and_raises_nothing(room, user, django_capture_on_commit_callbacks):
+    with mock.patch.object(realtime, "publish_message", side_effect=ConnectionError("redis down")) as publish:
+        with django_capture_on_commit_callbacks(execute=True):
+            message, created = services.message_create(room=room, author=user, body="hi", nonce="n1")
+    publish.assert_called_once()
+    assert created and Message.objects.get().pk == message.pk
+    retried, created_again = services.message_create(room=room, author=user, body="hi", nonce="n1")
+    assert retried.pk == message.pk and not created_again

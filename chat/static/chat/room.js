@@ -139,6 +139,11 @@
   }
 
   function onReady(frame) {
+    if (frame.last_seq < lastContiguous) {
+      // The room is behind what this page holds (it was recreated): start over.
+      location.reload();
+      return;
+    }
     live = true;
     attempt = 0;
     setState("live", "Live");
