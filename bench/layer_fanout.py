@@ -50,7 +50,7 @@ async def burst_received(layer, burst: int) -> int:
         while True:
             await asyncio.wait_for(layer.receive(channel), 1.0)
             received += 1
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
     await layer.group_discard(group, channel)
     return received
@@ -62,8 +62,12 @@ async def main() -> None:
     parser.add_argument("--burst", type=int, default=2000)
     args = parser.parse_args()
     layers = {
-        "pubsub (RedisPubSubChannelLayer)": RedisPubSubChannelLayer(hosts=[HOST], prefix=f"bench-{uuid.uuid4().hex[:6]}"),
-        "core (RedisChannelLayer, capacity=100)": RedisChannelLayer(hosts=[HOST], prefix=f"bench-{uuid.uuid4().hex[:6]}"),
+        "pubsub (RedisPubSubChannelLayer)": RedisPubSubChannelLayer(
+            hosts=[HOST], prefix=f"bench-{uuid.uuid4().hex[:6]}"
+        ),
+        "core (RedisChannelLayer, capacity=100)": RedisChannelLayer(
+            hosts=[HOST], prefix=f"bench-{uuid.uuid4().hex[:6]}"
+        ),
     }
     print(f"{'layer':42} {'fan-out to ' + str(args.members):>18} {'burst received':>16}")
     for name, layer in layers.items():

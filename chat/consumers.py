@@ -89,7 +89,9 @@ class RoomConsumer(AsyncWebsocketConsumer):
             return
         except Exception:
             logger.exception("Saving a message in room %s failed", self.room.slug)
-            await self.send(protocol.error_frame("not_saved", "The message was not saved; send it again.", command.nonce))
+            await self.send(
+                protocol.error_frame("not_saved", "The message was not saved; send it again.", command.nonce)
+            )
             return
         if not created:
             # A retry: the original was broadcast already, so answer only this socket.

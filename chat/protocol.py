@@ -105,7 +105,7 @@ def parse_client_frame(text_data: str | None, bytes_data: bytes | None) -> SendC
             before=_positive_int(frame, "before", nonce),
             limit=_int_in_range(frame, "limit", 1, HISTORY_MAX_LIMIT, nonce),
         )
-    raise FrameError("unknown_type", f"Unknown frame type {kind!r}; use \"send\" or \"history\".", nonce)
+    raise FrameError("unknown_type", f'Unknown frame type {kind!r}; use "send" or "history".', nonce)
 
 
 def _positive_int(frame: dict, field: str, nonce: Any) -> int:

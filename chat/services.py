@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
-from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
@@ -53,9 +52,7 @@ def room_create(*, slug: str = "", name: str, topic: str = "", created_by: Abstr
     return room
 
 
-def message_create(
-    *, room: Room, author: AbstractBaseUser, body: object, nonce: object = None
-) -> tuple[Message, bool]:
+def message_create(*, room: Room, author: AbstractBaseUser, body: object, nonce: object = None) -> tuple[Message, bool]:
     """Save a message with the room's next seq, then publish it once committed.
 
     Returns (message, created). A nonce the author already used returns the

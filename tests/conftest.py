@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 import uuid
-from pathlib import Path
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 from channels.db import database_sync_to_async

@@ -155,16 +155,26 @@ BAD_FRAMES = [
     ),
     pytest.param({"text_data": json.dumps({"type": "send", "body": "x", "nonce": 7})}, "invalid_nonce", id="bad-nonce"),
     pytest.param({"bytes_data": b"\x00\x01binary"}, "binary_frame", id="binary"),
-    pytest.param({"text_data": json.dumps({"type": "history", "before": "9", "limit": 5})}, "invalid_frame", id="history-str"),
-    pytest.param({"text_data": json.dumps({"type": "history", "before": 9, "limit": 101})}, "invalid_frame", id="limit-101"),
-    pytest.param({"text_data": json.dumps({"type": "history", "before": 9, "limit": 0})}, "invalid_frame", id="limit-0"),
+    pytest.param(
+        {"text_data": json.dumps({"type": "history", "before": "9", "limit": 5})}, "invalid_frame", id="history-str"
+    ),
+    pytest.param(
+        {"text_data": json.dumps({"type": "history", "before": 9, "limit": 101})}, "invalid_frame", id="limit-101"
+    ),
+    pytest.param(
+        {"text_data": json.dumps({"type": "history", "before": 9, "limit": 0})}, "invalid_frame", id="limit-0"
+    ),
     pytest.param({"text_data": json.dumps({"type": "history", "limit": 5})}, "invalid_frame", id="history-no-before"),
-    pytest.param({"text_data": json.dumps({"type": "history", "before": True, "limit": 5})}, "invalid_frame", id="bool"),
+    pytest.param(
+        {"text_data": json.dumps({"type": "history", "before": True, "limit": 5})}, "invalid_frame", id="bool"
+    ),
 ]
 
 
 @pytest.mark.parametrize(("frame", "code"), BAD_FRAMES)
-async def test_bad_frame_gets_an_error_frame_saves_nothing_and_socket_keeps_working(ws_connect, user, room, frame, code):
+async def test_bad_frame_gets_an_error_frame_saves_nothing_and_socket_keeps_working(
+    ws_connect, user, room, frame, code
+):
     alice = await joined(ws_connect, user, room)
     await alice.send_to(**frame)
 
@@ -210,7 +220,9 @@ async def test_failed_save_is_not_broadcast_and_sender_gets_an_error(ws_connect,
     assert await bob.receive_nothing(timeout=0.5)
 
 
-async def test_retried_nonce_answers_the_sender_with_the_original_and_stores_one_row(ws_connect, user, other_user, room):
+async def test_retried_nonce_answers_the_sender_with_the_original_and_stores_one_row(
+    ws_connect, user, other_user, room
+):
     bob = await joined(ws_connect, other_user, room)
     alice = await joined(ws_connect, user, room)
     await send(alice, type="send", body="only once", nonce="retry-me")
@@ -283,7 +295,9 @@ async def test_malformed_after_gets_an_error_and_the_socket_closes(ws_connect, u
     assert closing == {"type": "websocket.close", "code": consumers.CLOSE_BAD_REQUEST}
 
 
-async def test_messages_committed_during_resume_are_delivered_exactly_once(ws_connect, user, other_user, room, monkeypatch):
+async def test_messages_committed_during_resume_are_delivered_exactly_once(
+    ws_connect, user, other_user, room, monkeypatch
+):
     """Messages committed around the catch-up query are neither lost nor doubled."""
     for n in range(1, 4):
         await post(room, user, f"old {n}")

@@ -108,7 +108,13 @@ def test_concurrent_sends_with_one_nonce_store_one_row(room, user):
 
 @pytest.mark.parametrize(
     ("body", "code"),
-    [("", "empty_body"), ("   \n\t ", "empty_body"), ("x" * 4001, "body_too_long"), (None, "invalid_body"), (42, "invalid_body")],
+    [
+        ("", "empty_body"),
+        ("   \n\t ", "empty_body"),
+        ("x" * 4001, "body_too_long"),
+        (None, "invalid_body"),
+        (42, "invalid_body"),
+    ],
 )
 def test_bad_body_is_rejected_and_nothing_is_saved(room, user, body, code):
     with pytest.raises(services.ChatError) as error:
@@ -150,8 +156,9 @@ def test_message_is_published_only_after_commit(room, user, django_capture_on_co
 
 
 def test_failed_save_publishes_nothing(room, user, django_capture_on_commit_callbacks):
-    with mock.patch.object(realtime, "publish_message") as publish, mock.patch.object(
-        Message.objects, "create", side_effect=IntegrityError("disk full")
+    with (
+        mock.patch.object(realtime, "publish_message") as publish,
+        mock.patch.object(Message.objects, "create", side_effect=IntegrityError("disk full")),
     ):
         with django_capture_on_commit_callbacks(execute=True) as callbacks, pytest.raises(IntegrityError):
             services.message_create(room=room, author=user, body="hi")

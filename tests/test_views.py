@@ -111,7 +111,9 @@ def test_room_page_renders_the_last_50_messages_in_seq_order(client, user, room)
     assert seqs == list(range(11, 61))
     config = json.loads(re.search(r'<script id="chat-config" type="application/json">(.*?)</script>', content).group(1))
     assert config["room"] == "general" and config["lastSeq"] == 60 and config["hasMore"] is True
-    assert 'id="load-older"' in content and "hidden" not in re.search(r'<button[^>]*id="load-older"[^>]*>', content).group(0)
+    assert 'id="load-older"' in content and "hidden" not in re.search(
+        r'<button[^>]*id="load-older"[^>]*>', content
+    ).group(0)
 
 
 def test_message_body_with_html_is_rendered_escaped(client, user, room):

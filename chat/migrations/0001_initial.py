@@ -7,7 +7,6 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
@@ -16,38 +15,79 @@ class Migration(migrations.Migration):
 
     operations = [
         migrations.CreateModel(
-            name='Room',
+            name="Room",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('slug', models.CharField(max_length=64, unique=True, validators=[django.core.validators.RegexValidator('^[a-z0-9-]{1,64}$', 'Use 1 to 64 lowercase letters, digits or hyphens.', code='invalid_slug')])),
-                ('name', models.CharField(max_length=100)),
-                ('topic', models.CharField(blank=True, max_length=200)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('is_archived', models.BooleanField(default=False)),
-                ('last_seq', models.PositiveBigIntegerField(default=0)),
-                ('last_message_at', models.DateTimeField(blank=True, null=True)),
-                ('created_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                (
+                    "slug",
+                    models.CharField(
+                        max_length=64,
+                        unique=True,
+                        validators=[
+                            django.core.validators.RegexValidator(
+                                "^[a-z0-9-]{1,64}$",
+                                "Use 1 to 64 lowercase letters, digits or hyphens.",
+                                code="invalid_slug",
+                            )
+                        ],
+                    ),
+                ),
+                ("name", models.CharField(max_length=100)),
+                ("topic", models.CharField(blank=True, max_length=200)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("is_archived", models.BooleanField(default=False)),
+                ("last_seq", models.PositiveBigIntegerField(default=0)),
+                ("last_message_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "created_by",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
             options={
-                'ordering': ['slug'],
+                "ordering": ["slug"],
             },
         ),
         migrations.CreateModel(
-            name='Message',
+            name="Message",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('body', models.TextField()),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('edited_at', models.DateTimeField(blank=True, null=True)),
-                ('deleted_at', models.DateTimeField(blank=True, null=True)),
-                ('seq', models.PositiveBigIntegerField()),
-                ('nonce', models.CharField(blank=True, max_length=64, null=True)),
-                ('author', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='messages', to=settings.AUTH_USER_MODEL)),
-                ('room', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='messages', to='chat.room')),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("body", models.TextField()),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("edited_at", models.DateTimeField(blank=True, null=True)),
+                ("deleted_at", models.DateTimeField(blank=True, null=True)),
+                ("seq", models.PositiveBigIntegerField()),
+                ("nonce", models.CharField(blank=True, max_length=64, null=True)),
+                (
+                    "author",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="messages",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "room",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE, related_name="messages", to="chat.room"
+                    ),
+                ),
             ],
             options={
-                'ordering': ['room', 'seq'],
-                'constraints': [models.UniqueConstraint(fields=('room', 'seq'), name='message_unique_room_seq'), models.UniqueConstraint(condition=models.Q(('nonce__isnull', False)), fields=('author', 'nonce'), name='message_unique_author_nonce')],
+                "ordering": ["room", "seq"],
+                "constraints": [
+                    models.UniqueConstraint(fields=("room", "seq"), name="message_unique_room_seq"),
+                    models.UniqueConstraint(
+                        condition=models.Q(("nonce__isnull", False)),
+                        fields=("author", "nonce"),
+                        name="message_unique_author_nonce",
+                    ),
+                ],
             },
         ),
     ]
