@@ -7,12 +7,12 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from chat import protocol, realtime, selectors, services
+from chat import fanout, protocol, realtime, selectors, services
 
 logger = logging.getLogger(__name__)
 
 # Close codes (RFC 6455 and the 4000-4999 range for this application).
-CLOSE_TRY_AGAIN_LATER = 1013
+CLOSE_TRY_AGAIN_LATER = fanout.CLOSE_TRY_AGAIN_LATER
 CLOSE_BAD_REQUEST = 4400
 
 
@@ -20,6 +20,8 @@ class RoomConsumer(AsyncWebsocketConsumer):
     """One socket in one room: replays what the client missed, then relays the room live."""
 
     room = None
+    # The fast path's handle on this socket (chat/fanout.py), when it is on.
+    local = None
     closing = False
     # Live events at or below this seq were already sent by the resume replay.
     replayed_through = 0
@@ -35,18 +37,23 @@ class RoomConsumer(AsyncWebsocketConsumer):
         if self.room is None:
             await self.close()
             return
-        self.group = realtime.room_group(self.room)
-        # Join before querying: events published meanwhile wait in this
-        # consumer's queue (dispatch is sequential) until the replay is sent.
-        await self.channel_layer.group_add(self.group, self.channel_name)
-        await self.accept()
-
         try:
             after = _after_seq(self.scope)
         except ValueError:
+            await self.accept()
             await self.send(protocol.error_frame("invalid_after", '"after" must be a whole number of 0 or more.'))
             await self.close(code=CLOSE_BAD_REQUEST)
             return
+
+        # Subscribe before querying: events published meanwhile are held
+        # (by the hub, or in this consumer's queue, as dispatch is sequential)
+        # until the replay is sent, so none is lost or sent twice.
+        if settings.CHAT_FAST_FANOUT:
+            self.local = await fanout.hub_for(self.channel_layer).join(self.room.pk, self.base_send)
+        else:
+            await self.channel_layer.group_add(realtime.room_group(self.room), self.channel_name)
+        await self.accept()
+
         if after is None:
             last_seq = await database_sync_to_async(selectors.room_last_seq)(room=self.room)
         else:
@@ -58,12 +65,17 @@ class RoomConsumer(AsyncWebsocketConsumer):
             for message in resume.messages:
                 await self.send(protocol.message_frame(message))
             last_seq = resume.last_seq
-        self.replayed_through = last_seq
         await self.send(protocol.ready_frame(last_seq))
+        if self.local is not None:
+            fanout.hub_for(self.channel_layer).ready(self.local, last_seq)
+        else:
+            self.replayed_through = last_seq
 
     async def disconnect(self, code: int) -> None:
-        if self.room is not None:
-            await self.channel_layer.group_discard(self.group, self.channel_name)
+        if self.local is not None:
+            await fanout.hub_for(self.channel_layer).leave(self.room.pk, self.local)
+        elif self.room is not None:
+            await self.channel_layer.group_discard(realtime.room_group(self.room), self.channel_name)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         try:
@@ -98,7 +110,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
             await self.send(protocol.message_frame(message))
 
     async def chat_message(self, event: dict) -> None:
-        """Forward a published message (already encoded) to this socket."""
+        """Forward a published message to this socket (the fast path off)."""
         if self.closing or event["seq"] <= self.replayed_through:
             return
         if realtime.backlog(self.channel_layer, self.channel_name) > settings.CHAT_SOCKET_MAX_BACKLOG:
@@ -106,7 +118,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
             self.closing = True
             await self.close(code=CLOSE_TRY_AGAIN_LATER)
             return
-        await self.send(event["frame"])
+        await self.send(protocol.encode({"type": "message", "message": event["message"]}))
 
 
 def _after_seq(scope: dict) -> int | None:

@@ -1,8 +1,8 @@
 """Publishing: the one module that sends to the channel layer.
 
-A message is published once, after its transaction commits, as a
-pre-encoded frame, so each server process forwards the same text to every
-socket in the room instead of encoding it again per socket.
+A message is published once, after its transaction commits, to its room's
+group; chat/fanout.py (or, with the fast path off, each consumer) delivers it
+to the sockets of each server process.
 """
 
 from __future__ import annotations
@@ -26,7 +26,12 @@ def room_group(room: Room | int) -> str:
 
 
 def message_event(message: Message) -> dict:
-    return {"type": MESSAGE_EVENT, "seq": message.seq, "frame": protocol.message_frame(message)}
+    return {
+        "type": MESSAGE_EVENT,
+        "room": message.room_id,
+        "seq": message.seq,
+        "message": protocol.message_payload(message),
+    }
 
 
 def publish_message(message: Message) -> None:

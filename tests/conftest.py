@@ -55,7 +55,12 @@ async def ws_connect() -> AsyncIterator[Callable]:
     opened: list[WebsocketCommunicator] = []
 
     async def connect(
-        user=None, room: Room | str = "general", *, after: int | str | None = None, origin: str | None = ORIGIN
+        user=None,
+        room: Room | str = "general",
+        *,
+        after: int | str | None = None,
+        origin: str | None = ORIGIN,
+        app=application,
     ) -> tuple[WebsocketCommunicator, bool]:
         slug = room if isinstance(room, str) else room.slug
         path = f"/ws/rooms/{slug}/" + (f"?after={after}" if after is not None else "")
@@ -65,7 +70,7 @@ async def ws_connect() -> AsyncIterator[Callable]:
         if user is not None:
             cookie = await database_sync_to_async(session_cookie)(user)
             headers.append((b"cookie", f"{settings.SESSION_COOKIE_NAME}={cookie}".encode()))
-        communicator = WebsocketCommunicator(application, path, headers=headers)
+        communicator = WebsocketCommunicator(app, path, headers=headers)
         connected, _ = await communicator.connect(timeout=5)
         opened.append(communicator)
         return communicator, connected

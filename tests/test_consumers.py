@@ -11,8 +11,16 @@ from django.conf import settings
 
 from chat import consumers, realtime, selectors, services
 from chat.models import Message, Room
+from chatsite.asgi import application
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(autouse=True, params=["fast-fanout", "channels-fanout"])
+def fanout_mode(request, settings):
+    """Every promise holds with the fast path (chat/fanout.py) on and off."""
+    settings.CHAT_FAST_FANOUT = request.param == "fast-fanout"
+    return request.param
 
 
 async def receive(communicator, timeout: float = 3) -> dict:
@@ -76,25 +84,24 @@ async def test_sender_gets_its_own_message_back_exactly_once(ws_connect, user, r
 
 
 async def test_message_is_in_the_database_before_any_socket_sees_it(ws_connect, user, other_user, room):
-    bob = await joined(ws_connect, other_user, room)
-    alice = await joined(ws_connect, user, room)
     seen_in_db: list[bool] = []
-    original_send = consumers.RoomConsumer.send
 
-    async def checking_send(self, text_data=None, bytes_data=None, close=False):
-        frame = json.loads(text_data)
-        if frame["type"] == "message":
-            exists = await database_sync_to_async(Message.objects.filter(pk=frame["message"]["id"]).exists)()
-            seen_in_db.append(exists)
-        await original_send(self, text_data, bytes_data, close)
+    async def checking_app(scope, receive, send):
+        """The site's ASGI app, checking the database as each message frame leaves for the socket."""
 
-    consumers.RoomConsumer.send = checking_send
-    try:
-        await send(alice, type="send", body="persisted first")
-        await receive(alice)
-        await receive(bob)
-    finally:
-        consumers.RoomConsumer.send = original_send
+        async def checked_send(event):
+            if event["type"] == "websocket.send" and (frame := json.loads(event["text"]))["type"] == "message":
+                query = Message.objects.filter(pk=frame["message"]["id"]).exists
+                seen_in_db.append(await database_sync_to_async(query)())
+            await send(event)
+
+        await application(scope, receive, checked_send)
+
+    bob = await joined(ws_connect, other_user, room, app=checking_app)
+    alice = await joined(ws_connect, user, room, app=checking_app)
+    await send(alice, type="send", body="persisted first")
+    await receive(alice)
+    await receive(bob)
     assert seen_in_db == [True, True]
 
 
@@ -349,20 +356,24 @@ async def test_history_only_reads_the_sockets_own_room(ws_connect, user, room, o
     assert (await receive(alice))["messages"] == []
 
 
-async def test_socket_that_falls_too_far_behind_is_closed_with_1013(ws_connect, user, room, settings, monkeypatch):
+async def test_socket_that_falls_too_far_behind_is_closed_with_1013(ws_connect, user, room, settings):
     settings.CHAT_SOCKET_MAX_BACKLOG = 5
-    alice = await joined(ws_connect, user, room)
-    original_send = consumers.RoomConsumer.send
 
-    async def slow_send(self, text_data=None, bytes_data=None, close=False):
-        await asyncio.sleep(0.05)
-        await original_send(self, text_data, bytes_data, close)
+    async def slow_client_app(scope, receive, send):
+        """The site's ASGI app, with a client that reads message frames slowly."""
 
-    monkeypatch.setattr(consumers.RoomConsumer, "send", slow_send)
-    layer = realtime.get_channel_layer()
-    for seq in range(1, 41):
-        await layer.group_send(
-            realtime.room_group(room), {"type": realtime.MESSAGE_EVENT, "seq": seq, "frame": json.dumps({"seq": seq})}
+        async def slow_send(event):
+            if event["type"] == "websocket.send" and '"type":"message"' in event["text"]:
+                await asyncio.sleep(0.05)
+            await send(event)
+
+        await application(scope, receive, slow_send)
+
+    alice = await joined(ws_connect, user, room, app=slow_client_app)
+    for n in range(40):
+        await realtime.get_channel_layer().group_send(
+            realtime.room_group(room),
+            {"type": realtime.MESSAGE_EVENT, "room": room.pk, "seq": n + 1, "message": {"seq": n + 1}},
         )
 
     outputs = []

@@ -1,0 +1,170 @@
+"""Process-local fan-out: one channel-layer subscription per room per process.
+
+The Channels way gives every socket its own layer channel, group membership,
+queue, dispatch loop, msgpack decode, JSON encode and, per event, a thread
+hop to close old database connections. Here each server process joins a
+room's group once, with one channel of its own, encodes each message's frame
+once, and hands it to every local socket's ASGI `send`, through a writer
+task per socket that exists only while that socket has frames waiting.
+
+Redis pub/sub through the channel layer stays the only path between
+processes. `CHAT_FAST_FANOUT = False` turns this off and the consumer joins
+the group itself (docs/performance.md has the measurements).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections import deque
+from contextvars import Context
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from django.conf import settings
+
+from chat import protocol, realtime
+
+logger = logging.getLogger(__name__)
+
+CLOSE_TRY_AGAIN_LATER = 1013
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class LocalSocket:
+    """One socket of this process, as the hub sees it."""
+
+    __slots__ = ("send", "replayed_through", "held", "outbox", "writer", "closed")
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        # None while the consumer replays missed messages: events are held
+        # until then, and afterwards only those above this seq are sent.
+        self.replayed_through: int | None = None
+        self.held: list[tuple[int, str]] = []
+        # Frames not yet handed to the server, written in order by one task
+        # that exists only while there is something to write.
+        self.outbox: deque[str] = deque()
+        self.writer: asyncio.Task | None = None
+        self.closed = False
+
+
+class RoomHub:
+    """The rooms with sockets in this process (one hub per event loop)."""
+
+    def __init__(self, channel_layer) -> None:
+        self.layer = channel_layer
+        self.rooms: dict[int, set[LocalSocket]] = {}
+        self.channel: str | None = None
+        self.reader: asyncio.Task | None = None
+        self.lock = asyncio.Lock()
+
+    async def join(self, room_id: int, send: Send) -> LocalSocket:
+        """Register a socket; the room's group is subscribed before this returns."""
+        socket = LocalSocket(send)
+        async with self.lock:
+            if self.channel is None:
+                self.channel = await self.layer.new_channel(prefix="fanout.")
+                self.reader = asyncio.get_running_loop().create_task(self._read(), context=Context())
+            if room_id not in self.rooms:
+                await self.layer.group_add(realtime.room_group(room_id), self.channel)
+                self.rooms[room_id] = set()
+            self.rooms[room_id].add(socket)
+        return socket
+
+    def ready(self, socket: LocalSocket, last_seq: int) -> None:
+        """Start live delivery after the replay: release held events above `last_seq`."""
+        socket.replayed_through = last_seq
+        held, socket.held = socket.held, []
+        for seq, frame in held:
+            self._offer(socket, seq, frame)
+
+    async def leave(self, room_id: int, socket: LocalSocket) -> None:
+        socket.closed = True
+        async with self.lock:
+            sockets = self.rooms.get(room_id)
+            if sockets is None:
+                return
+            sockets.discard(socket)
+            if not sockets:
+                del self.rooms[room_id]
+                await self.layer.group_discard(realtime.room_group(room_id), self.channel)
+
+    def deliver(self, event: dict[str, Any]) -> None:
+        """Hand one published message to every local socket of its room."""
+        sockets = self.rooms.get(event["room"])
+        if not sockets:
+            return
+        frame = protocol.encode({"type": "message", "message": event["message"]})
+        seq = event["seq"]
+        for socket in list(sockets):
+            self._offer(socket, seq, frame)
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                event = await self.layer.receive(self.channel)
+                if event.get("type") == realtime.MESSAGE_EVENT:
+                    self.deliver(event)
+                    # receive() does not suspend while events are queued; let the
+                    # writers send this one before the next, so an outbox only
+                    # grows for a socket whose client is not reading.
+                    await asyncio.sleep(0)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("Fan-out reader failed; retrying")
+                await asyncio.sleep(0.5)
+
+    def _offer(self, socket: LocalSocket, seq: int, frame: str) -> None:
+        if socket.closed:
+            return
+        if socket.replayed_through is None:
+            socket.held.append((seq, frame))
+            queued = len(socket.held)
+        elif seq <= socket.replayed_through:
+            return
+        else:
+            socket.outbox.append(frame)
+            queued = len(socket.outbox)
+            if socket.writer is None:
+                # A fresh context: the writer must not inherit whichever
+                # task's context variables happened to start the hub.
+                socket.writer = asyncio.get_running_loop().create_task(self._write(socket), context=Context())
+        if queued > settings.CHAT_SOCKET_MAX_BACKLOG:
+            self._close_behind(socket)
+
+    async def _write(self, socket: LocalSocket) -> None:
+        # The server's send returns at once unless the client's transport is
+        # full; then this socket's frames wait here while the others go on.
+        try:
+            while socket.outbox and not socket.closed:
+                await socket.send({"type": "websocket.send", "text": socket.outbox.popleft()})
+        except Exception:
+            logger.debug("Sending to a closed socket failed", exc_info=True)
+            socket.closed = True
+        finally:
+            socket.writer = None
+
+    def _close_behind(self, socket: LocalSocket) -> None:
+        # Too far behind to catch up live; the client resumes from the database.
+        socket.closed = True
+        socket.held.clear()
+        socket.outbox.clear()
+        asyncio.get_running_loop().create_task(
+            socket.send({"type": "websocket.close", "code": CLOSE_TRY_AGAIN_LATER}), context=Context()
+        )
+
+
+_hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, RoomHub] = weakref.WeakKeyDictionary()
+
+
+def hub_for(channel_layer) -> RoomHub:
+    """Return this event loop's hub (the channel layer, too, is per loop)."""
+    loop = asyncio.get_running_loop()
+    hub = _hubs.get(loop)
+    if hub is None:
+        hub = _hubs[loop] = RoomHub(channel_layer)
+    return hub

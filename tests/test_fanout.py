@@ -1,0 +1,154 @@
+"""The fast path (chat/fanout.py) against the pinned channels-redis pub/sub layer on the real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from unittest import mock
+
+import pytest
+from channels.layers import get_channel_layer
+from channels_redis.pubsub import RedisPubSubChannelLayer
+
+from chat import fanout, protocol, realtime
+
+ROOM_ID = 424242
+
+
+class FakeSocket:
+    """Records what the hub sends; `gate` makes it a client that does not read."""
+
+    def __init__(self, gate: asyncio.Event | None = None) -> None:
+        self.sent: list[dict] = []
+        self.gate = gate
+
+    async def send(self, event: dict) -> None:
+        if self.gate is not None and event["type"] == "websocket.send":
+            await self.gate.wait()
+        self.sent.append(event)
+
+    @property
+    def seqs(self) -> list[int]:
+        return [json.loads(e["text"])["message"]["seq"] for e in self.sent if e["type"] == "websocket.send"]
+
+
+async def publish(seq: int, room_id: int = ROOM_ID) -> None:
+    payload = {"id": seq, "seq": seq, "room": "r", "author": "a", "body": f"m{seq}"}
+    event = {"type": realtime.MESSAGE_EVENT, "room": room_id, "seq": seq, "message": payload}
+    await get_channel_layer().group_send(realtime.room_group(room_id), event)
+
+
+async def eventually(condition, timeout: float = 3) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def hub():
+    layer = get_channel_layer()
+    assert isinstance(layer, RedisPubSubChannelLayer)
+    hub = fanout.hub_for(layer)
+    yield hub
+    for room_id, sockets in list(hub.rooms.items()):
+        for socket in list(sockets):
+            await hub.leave(room_id, socket)
+    hub.reader.cancel()
+
+
+async def test_every_local_socket_gets_each_message_once_and_the_frame_is_encoded_once(hub):
+    sockets = [FakeSocket() for _ in range(5)]
+    for socket in sockets:
+        hub.ready(await hub.join(ROOM_ID, socket.send), 0)
+
+    with mock.patch.object(protocol, "encode", wraps=protocol.encode) as encode:
+        for seq in (1, 2, 3):
+            await publish(seq)
+        await eventually(lambda: all(len(s.sent) == 3 for s in sockets))
+    assert encode.call_count == 3  # once per message, not once per socket
+    for socket in sockets:
+        assert socket.seqs == [1, 2, 3]
+    assert len({e["text"] for s in sockets for e in s.sent}) == 3
+
+
+async def test_events_are_held_during_replay_and_only_newer_ones_are_released(hub):
+    socket = FakeSocket()
+    local = await hub.join(ROOM_ID, socket.send)
+    for seq in (4, 5, 6):
+        await publish(seq)
+    await eventually(lambda: len(local.held) == 3)
+    assert socket.sent == []
+
+    hub.ready(local, 5)  # the replay already sent up to 5
+    await eventually(lambda: socket.seqs == [6])
+    await publish(7)
+    await eventually(lambda: socket.seqs == [6, 7])
+
+
+async def test_a_slow_socket_does_not_hold_up_the_others_and_catches_up_in_order(hub):
+    gate = asyncio.Event()
+    slow, fast = FakeSocket(gate), FakeSocket()
+    hub.ready(await hub.join(ROOM_ID, slow.send), 0)
+    hub.ready(await hub.join(ROOM_ID, fast.send), 0)
+
+    for seq in (1, 2, 3):
+        await publish(seq)
+    await eventually(lambda: fast.seqs == [1, 2, 3])
+    assert slow.sent == []
+
+    gate.set()
+    await eventually(lambda: slow.seqs == [1, 2, 3])
+
+
+async def test_a_socket_too_far_behind_is_closed_with_1013_and_gets_nothing_more(hub, settings):
+    settings.CHAT_SOCKET_MAX_BACKLOG = 3
+    stuck, fine = FakeSocket(asyncio.Event()), FakeSocket()
+    local = await hub.join(ROOM_ID, stuck.send)
+    hub.ready(local, 0)
+    hub.ready(await hub.join(ROOM_ID, fine.send), 0)
+
+    for seq in range(1, 7):
+        await publish(seq)
+    await eventually(lambda: fine.seqs == [1, 2, 3, 4, 5, 6])
+    await eventually(lambda: {"type": "websocket.close", "code": 1013} in stuck.sent)
+    assert local.closed and not local.outbox
+
+
+async def test_the_room_group_is_subscribed_once_per_process_and_dropped_with_the_last_socket(hub):
+    layer = get_channel_layer()._get_layer()
+    group_channel = layer._get_group_channel_name(realtime.room_group(ROOM_ID))
+    first = await hub.join(ROOM_ID, FakeSocket().send)
+    second = await hub.join(ROOM_ID, FakeSocket().send)
+    assert layer.groups[group_channel] == {hub.channel}
+
+    await hub.leave(ROOM_ID, first)
+    assert group_channel in layer.groups
+    await hub.leave(ROOM_ID, second)
+    assert group_channel not in layer.groups
+    assert ROOM_ID not in hub.rooms
+
+
+async def test_messages_for_another_room_are_not_delivered(hub):
+    here = FakeSocket()
+    hub.ready(await hub.join(ROOM_ID, here.send), 0)
+    elsewhere = FakeSocket()
+    hub.ready(await hub.join(ROOM_ID + 1, elsewhere.send), 0)
+    await publish(1, room_id=ROOM_ID + 1)
+    await eventually(lambda: elsewhere.seqs == [1])
+    await asyncio.sleep(0.2)
+    assert here.sent == []
+
+
+async def test_a_socket_whose_send_fails_is_dropped_without_hurting_the_others(hub):
+    async def broken_send(event: dict) -> None:
+        raise OSError("connection reset")
+
+    broken = await hub.join(ROOM_ID, broken_send)
+    hub.ready(broken, 0)
+    healthy = FakeSocket()
+    hub.ready(await hub.join(ROOM_ID, healthy.send), 0)
+    await publish(1)
+    await publish(2)
+    await eventually(lambda: healthy.seqs == [1, 2])
+    assert broken.closed
