@@ -18,8 +18,8 @@ import asyncio
 import logging
 import weakref
 from collections import deque
-from contextvars import Context
 from collections.abc import Awaitable, Callable
+from contextvars import Context
 from typing import Any
 
 from django.conf import settings
