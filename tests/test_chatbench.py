@@ -1,0 +1,196 @@
+"""`manage.py chatbench`: a smoke run against real servers, and its WebSocket client's framing.
+
+The smoke run needs no test database: chatbench migrates its own database in a
+subprocess and talks to the servers it starts only over HTTP and WebSockets
+(pytest-django would fail the test if it touched this process's database).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import struct
+
+from django.core.management import call_command
+
+from chat import benchclient
+
+
+def test_chatbench_smoke_run_delivers_every_stored_message_once_to_every_socket(tmp_path):
+    out_path = tmp_path / "report.json"
+    stdout = io.StringIO()
+    call_command(
+        "chatbench",
+        sockets=4,
+        senders=2,
+        rate=5,
+        duration=2,
+        warmup=0.5,
+        database_url=f"sqlite:///{tmp_path}/bench.sqlite3",
+        json=str(out_path),
+        max_seconds=50,
+        stdout=stdout,
+    )
+    report = json.loads(out_path.read_text())
+    step = report["main"]["steps"][0]
+    assert report["aborted"] is None, report["aborted"]
+    assert report["sockets_connected"] == 4
+    assert report["sent"] == step["sent"] == 10  # 5 msg/s for 2 s in the one room
+    assert report["stored"] == 10
+    assert report["delivered"] == report["expected"] == 10 * 4, step
+    assert report["lost"] == 0
+    assert report["duplicates"] == 0
+    assert step["send_errors"] == 0 and step["unanswered"] == 0 and step["seq_gaps"] == 0
+    assert step["latency_samples"] >= 40
+    for key in ("p50_ms", "p95_ms", "p99_ms", "server_cpu_ms_per_1k", "client_cpu_ms_per_1k", "deliveries_per_s"):
+        assert isinstance(report[key], (int, float)) and report[key] >= 0, (key, report[key])
+    assert 0 < report["p50_ms"] <= report["p95_ms"] <= report["p99_ms"]
+    assert report["server_cpu_ms_per_1k"] > 0
+    assert all(isinstance(mib, float) and mib > 10 for mib in report["server_peak_rss_mib"])
+    assert report["ok"] is True
+    assert "delivered" in stdout.getvalue()  # the table header
+
+
+# --------------------------------------------------------------------------
+# The client's framing, without a server
+# --------------------------------------------------------------------------
+
+
+class FakeTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.closed = False
+
+    def write(self, data) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def server_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    first = (0x80 if fin else 0) | opcode
+    if len(payload) < 126:
+        return struct.pack("!BB", first, len(payload)) + payload
+    if len(payload) < 65536:
+        return struct.pack("!BBH", first, 126, len(payload)) + payload
+    return struct.pack("!BBQ", first, 127, len(payload)) + payload
+
+
+def read_client_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """Decode masked client frames (and check they are masked)."""
+    frames = []
+    pos = 0
+    while pos < len(data):
+        b0, b1 = data[pos], data[pos + 1]
+        assert b1 & 0x80, "client frames must be masked"
+        length, pos = b1 & 0x7F, pos + 2
+        if length == 126:
+            (length,), pos = struct.unpack_from("!H", data, pos), pos + 2
+        elif length == 127:
+            (length,), pos = struct.unpack_from("!Q", data, pos), pos + 8
+        key, pos = data[pos : pos + 4], pos + 4
+        frames.append((b0 & 0x0F, bytes(c ^ key[i % 4] for i, c in enumerate(data[pos : pos + length]))))
+        pos += length
+    return frames
+
+
+def open_fake_socket() -> tuple[benchclient.BenchSocket, FakeTransport]:
+    sock = benchclient.BenchSocket(host="127.0.0.1", port=1, path="/ws/rooms/x/", headers={"Origin": "http://x"})
+    transport = FakeTransport()
+    sock.connection_made(transport)
+    request = transport.written.decode()
+    assert request.startswith("GET /ws/rooms/x/ HTTP/1.1\r\n") and "Origin: http://x\r\n" in request
+    transport.written.clear()
+    accept = benchclient.base64.b64encode(benchclient.hashlib.sha1(sock.key.encode() + benchclient.WS_GUID).digest())
+    sock.data_received(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: ")
+    sock.data_received(accept + b"\r\n\r\n")
+    assert sock.handshake_done.done() and sock.is_open
+    return sock, transport
+
+
+def message_frame(n: int, sent_ns: int, pad: int = 0) -> bytes:
+    message = {"seq": n, "body": f"t={sent_ns} n={n} " + "x" * pad, "nonce": f"nonce-{n}"}
+    return server_frame(benchclient.OP_TEXT, json.dumps({"type": "message", "message": message}).encode())
+
+
+async def test_client_reads_split_frames_of_every_length_encoding():
+    sock, transport = open_fake_socket()
+    sock.recorder = benchclient.Recorder(rooms=1)
+    now = benchclient.time.time_ns()
+    fragmented = json.dumps({"type": "history", "messages": [], "has_more": False}).encode()
+    stream = b"".join(
+        [
+            message_frame(1, now),  # 7-bit length
+            message_frame(2, now, pad=300),  # 16-bit length
+            message_frame(3, now, pad=70_000),  # 64-bit length
+            server_frame(benchclient.OP_TEXT, json.dumps({"type": "ready", "last_seq": 0}).encode()),
+            server_frame(benchclient.OP_TEXT, fragmented[:10], fin=False),
+            server_frame(benchclient.OP_CONT, fragmented[10:]),
+            server_frame(benchclient.OP_TEXT, json.dumps({"type": "error", "code": "not_saved"}).encode()),
+        ]
+    )
+    for size in (1, 7, 1000):  # any split of the byte stream reads the same
+        sock.received = benchclient.array("q")
+        sock.recorder = benchclient.Recorder(rooms=1)
+        for start in range(0, len(stream), size):
+            sock.data_received(stream[start : start + size])
+        assert list(sock.received) == [1, 2, 3]
+        assert len(sock.recorder.latencies_ns) == 3 and min(sock.recorder.latencies_ns) >= 0
+        assert sock.recorder.delivered == [3]
+        assert sock.recorder.errors == {"not_saved": 1}
+        assert (await sock.next_frame(1))["type"] == "history"
+    assert (await sock.ready) == {"type": "ready", "last_seq": 0}
+    assert transport.written == b""
+
+
+async def test_client_masks_what_it_sends_and_answers_ping_and_close():
+    sock, transport = open_fake_socket()
+    body = "t=1 n=2 " + "y" * 200
+    assert sock.send_json({"type": "send", "body": body, "nonce": "a"})
+    sock.data_received(server_frame(benchclient.OP_PING, b"are you there"))
+    sock.data_received(server_frame(benchclient.OP_CLOSE, struct.pack("!H", 1013)))
+    frames = read_client_frames(bytes(transport.written))
+    assert frames[0] == (
+        benchclient.OP_TEXT,
+        json.dumps({"type": "send", "body": body, "nonce": "a"}, separators=(",", ":")).encode(),
+    )
+    assert frames[1] == (benchclient.OP_PONG, b"are you there")
+    assert frames[2] == (benchclient.OP_CLOSE, struct.pack("!H", 1013))
+    assert sock.close_code == 1013 and transport.closed and not sock.is_open
+
+
+async def test_client_reports_a_refused_handshake():
+    sock = benchclient.BenchSocket(host="127.0.0.1", port=1, path="/", headers={})
+    transport = FakeTransport()
+    sock.connection_made(transport)
+    sock.data_received(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+    assert sock.http_status == 403 and transport.closed
+    try:
+        await sock.handshake_done
+    except benchclient.HandshakeError as error:
+        assert "403" in str(error)
+    else:
+        raise AssertionError("a 403 must fail the handshake")
+
+
+def test_tally_counts_loss_duplicates_and_strays_per_socket():
+    stored = {1, 2, 3}
+    perfect = benchclient.array("q", [3, 1, 2])  # order does not matter
+    lossy = benchclient.array("q", [1, 3])
+    doubled = benchclient.array("q", [1, 2, 2, 3, 3, 3, 9])  # 9 was not stored in this step
+    counted = benchclient.tally(stored, [perfect, lossy, doubled])
+    assert counted == benchclient.Tally(delivered=8, lost=1, duplicates=3, stray=1, sockets_with_loss=1)
+
+
+def test_percentile_is_nearest_rank():
+    values = list(range(1, 101))
+    assert benchclient.percentile(values, 0.50) == 50
+    assert benchclient.percentile(values, 0.99) == 99
+    assert benchclient.percentile([7], 0.99) == 7
+    assert benchclient.percentile([], 0.5) is None
