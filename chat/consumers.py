@@ -49,7 +49,8 @@ class RoomConsumer(AsyncWebsocketConsumer):
         # (by the hub, or in this consumer's queue, as dispatch is sequential)
         # until the replay is sent, so none is lost or sent twice.
         if settings.CHAT_FAST_FANOUT:
-            self.local = await fanout.hub_for(self.channel_layer).join(self.room.pk, self.base_send)
+            send = self.scope.get("fanout.send", self.base_send)
+            self.local = await fanout.hub_for(self.channel_layer).join(self.room.pk, send)
         else:
             await self.channel_layer.group_add(realtime.room_group(self.room), self.channel_name)
         await self.accept()

@@ -51,11 +51,27 @@ class LocalSocket:
         self.closed = False
 
 
+class DirectSend:
+    """ASGI middleware, outermost: keep the server's own `send` in the scope.
+
+    Frames the hub sends need none of the middleware below (the session
+    middleware alone inspects the session on every send), so the hub writes
+    to the server directly.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        return await self.app({**scope, "fanout.send": send}, receive, send)
+
+
 class RoomHub:
     """The rooms with sockets in this process (one hub per event loop)."""
 
     def __init__(self, channel_layer) -> None:
         self.layer = channel_layer
+        self.max_backlog: int = settings.CHAT_SOCKET_MAX_BACKLOG
         self.rooms: dict[int, set[LocalSocket]] = {}
         self.channel: str | None = None
         self.reader: asyncio.Task | None = None
@@ -133,7 +149,7 @@ class RoomHub:
                 # A fresh context: the writer must not inherit whichever
                 # task's context variables happened to start the hub.
                 socket.writer = asyncio.get_running_loop().create_task(self._write(socket), context=Context())
-        if queued > settings.CHAT_SOCKET_MAX_BACKLOG:
+        if queued > self.max_backlog:
             self._close_behind(socket)
 
     async def _write(self, socket: LocalSocket) -> None:

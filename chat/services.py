@@ -60,8 +60,8 @@ def message_create(*, room: Room, author: AbstractBaseUser, body: object, nonce:
     """
     body = clean_body(body)
     nonce = clean_nonce(nonce)
-    if nonce is not None and (existing := _message_for_nonce(room=room, author=author, nonce=nonce)):
-        return existing, False
+    # No look-up first: a retry is rare, and the unique (author, nonce)
+    # constraint catches it below at no cost to every other send.
     try:
         with transaction.atomic():
             now = timezone.now()
@@ -79,7 +79,7 @@ def message_create(*, room: Room, author: AbstractBaseUser, body: object, nonce:
             # clients that missed it get it when they resume from the database.
             transaction.on_commit(lambda: realtime.publish_message(message), robust=True)
     except IntegrityError:
-        # A concurrent send with the same nonce won the race; its row is the answer.
+        # A retry, or a concurrent send with the same nonce: the stored row is the answer.
         if nonce is not None and (existing := _message_for_nonce(room=room, author=author, nonce=nonce)):
             return existing, False
         raise

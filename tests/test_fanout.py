@@ -101,8 +101,13 @@ async def test_a_slow_socket_does_not_hold_up_the_others_and_catches_up_in_order
     await eventually(lambda: slow.seqs == [1, 2, 3])
 
 
-async def test_a_socket_too_far_behind_is_closed_with_1013_and_gets_nothing_more(hub, settings):
+@pytest.fixture
+def small_backlog(settings):
     settings.CHAT_SOCKET_MAX_BACKLOG = 3
+
+
+async def test_a_socket_too_far_behind_is_closed_with_1013_and_gets_nothing_more(small_backlog, hub):
+    assert hub.max_backlog == 3
     stuck, fine = FakeSocket(asyncio.Event()), FakeSocket()
     local = await hub.join(ROOM_ID, stuck.send)
     hub.ready(local, 0)
