@@ -97,6 +97,10 @@ ERROR_ITEM = re.compile(r'<ul class="errorlist[^"]*"[^>]*>\s*<li>(.*?)</li>', re
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+# uvicorn's WebSocket protocol implementations, by --server name; "uvicorn" is how bin/serve runs the site.
+UVICORN_WS = {"uvicorn": "websockets-sansio", "uvicorn-legacy-ws": "websockets", "uvicorn-wsproto": "wsproto"}
+
+
 class OutOfTime(Exception):
     """--max-seconds ran out."""
 
@@ -131,10 +135,11 @@ class ServerProcess:
     def command(self) -> list[str]:
         if self.kind == "daphne":
             return [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), self.app]
+        ws = UVICORN_WS[self.kind]
         return [
             sys.executable, "-m", "uvicorn", self.app,
             "--host", "127.0.0.1", "--port", str(self.port),
-            "--no-access-log", "--log-level", "warning", "--loop", "uvloop", "--ws", "websockets",
+            "--no-access-log", "--log-level", "warning", "--loop", "uvloop", "--ws", ws,
         ]  # fmt: skip
 
     def spawn(self) -> None:
@@ -361,7 +366,15 @@ class Command(BaseCommand):
     requires_system_checks = []
 
     def add_arguments(self, parser) -> None:
-        parser.add_argument("--server", choices=["uvicorn", "daphne"], default="uvicorn", help="ASGI server (uvicorn)")
+        parser.add_argument(
+            "--server",
+            choices=[*UVICORN_WS, "daphne"],
+            default="uvicorn",
+            help=(
+                "ASGI server: uvicorn as bin/serve runs it (websockets-sansio), uvicorn with the"
+                " legacy websockets or wsproto protocol, or daphne (uvicorn)"
+            ),
+        )
         parser.add_argument("--processes", type=int, default=1, help="server processes, on separate ports (1)")
         parser.add_argument("--sockets", type=int, default=200, help="WebSockets in all, round-robin (200)")
         parser.add_argument("--rooms", type=int, default=1, help="rooms; the sockets are spread evenly (1)")
