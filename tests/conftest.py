@@ -20,6 +20,12 @@ TEST_LAYER_PREFIX = f"test-{uuid.uuid4().hex[:12]}"
 if "CONFIG" in settings.CHANNEL_LAYERS["default"] and "hosts" in settings.CHANNEL_LAYERS["default"]["CONFIG"]:
     settings.CHANNEL_LAYERS["default"]["CONFIG"]["prefix"] = TEST_LAYER_PREFIX
 
+# Connections that outlive a request live on in the thread pools the async
+# tests use, where nothing closes them, and PostgreSQL then refuses to drop
+# the test database. The site's persistent connections are a production
+# setting; the tests open a connection per use, as Django's default does.
+settings.DATABASES["default"]["CONN_MAX_AGE"] = 0
+
 ORIGIN = "http://localhost"
 
 
