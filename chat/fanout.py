@@ -4,8 +4,9 @@ The Channels way gives every socket its own layer channel, group membership,
 queue, dispatch loop, msgpack decode, JSON encode and, per event, a thread
 hop to close old database connections. Here each server process joins a
 room's group once, with one channel of its own, encodes each message's frame
-once, and hands it to every local socket's ASGI `send`, through a writer
-task per socket that exists only while that socket has frames waiting.
+once, and hands it to every local socket's ASGI `send`: directly when the
+server says the send will not wait, else through a writer task per socket
+that exists only while that socket has frames waiting.
 
 Redis pub/sub through the channel layer stays the only path between
 processes. `CHAT_FAST_FANOUT = False` turns this off and the consumer joins
@@ -36,10 +37,11 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 class LocalSocket:
     """One socket of this process, as the hub sees it."""
 
-    __slots__ = ("send", "replayed_through", "held", "outbox", "writer", "closed")
+    __slots__ = ("send", "writable", "replayed_through", "held", "outbox", "writer", "closed")
 
     def __init__(self, send: Send) -> None:
         self.send = send
+        self.writable = _writable_event(send)
         # None while the consumer replays missed messages: events are held
         # until then, and afterwards only those above this seq are sent.
         self.replayed_through: int | None = None
@@ -94,8 +96,10 @@ class RoomHub:
         """Start live delivery after the replay: release held events above `last_seq`."""
         socket.replayed_through = last_seq
         held, socket.held = socket.held, []
+        socket.writable = None  # the held frames go through the writer, in order
         for seq, frame in held:
             self._offer(socket, seq, frame)
+        socket.writable = _writable_event(socket.send)
 
     async def leave(self, room_id: int, socket: LocalSocket) -> None:
         socket.closed = True
@@ -108,7 +112,7 @@ class RoomHub:
                 del self.rooms[room_id]
                 await self.layer.group_discard(realtime.room_group(room_id), self.channel)
 
-    def deliver(self, event: dict[str, Any]) -> None:
+    async def deliver(self, event: dict[str, Any]) -> None:
         """Hand one published message to every local socket of its room."""
         sockets = self.rooms.get(event["room"])
         if not sockets:
@@ -116,14 +120,19 @@ class RoomHub:
         frame = protocol.encode({"type": "message", "message": event["message"]})
         seq = event["seq"]
         for socket in list(sockets):
-            self._offer(socket, seq, frame)
+            if self._offer(socket, seq, frame):
+                try:
+                    await socket.send({"type": "websocket.send", "text": frame})
+                except Exception:
+                    logger.debug("Sending to a closed socket failed", exc_info=True)
+                    socket.closed = True
 
     async def _read(self) -> None:
         while True:
             try:
                 event = await self.layer.receive(self.channel)
                 if event.get("type") == realtime.MESSAGE_EVENT:
-                    self.deliver(event)
+                    await self.deliver(event)
                     # receive() does not suspend while events are queued; let the
                     # writers send this one before the next, so an outbox only
                     # grows for a socket whose client is not reading.
@@ -134,14 +143,18 @@ class RoomHub:
                 logger.exception("Fan-out reader failed; retrying")
                 await asyncio.sleep(0.5)
 
-    def _offer(self, socket: LocalSocket, seq: int, frame: str) -> None:
+    def _offer(self, socket: LocalSocket, seq: int, frame: str) -> bool:
+        """Queue a frame for a socket; True when the caller should send it right away instead."""
         if socket.closed:
-            return
+            return False
         if socket.replayed_through is None:
             socket.held.append((seq, frame))
             queued = len(socket.held)
         elif seq <= socket.replayed_through:
-            return
+            return False
+        elif socket.writer is None and socket.writable is not None and socket.writable.is_set():
+            # Nothing queued and the server says its send will not wait: no task needed.
+            return True
         else:
             socket.outbox.append(frame)
             queued = len(socket.outbox)
@@ -151,6 +164,7 @@ class RoomHub:
                 socket.writer = asyncio.get_running_loop().create_task(self._write(socket), context=Context())
         if queued > self.max_backlog:
             self._close_behind(socket)
+        return False
 
     async def _write(self, socket: LocalSocket) -> None:
         # The server's send returns at once unless the client's transport is
@@ -172,6 +186,18 @@ class RoomHub:
         asyncio.get_running_loop().create_task(
             socket.send({"type": "websocket.close", "code": CLOSE_TRY_AGAIN_LATER}), context=Context()
         )
+
+
+def _writable_event(send: Send) -> asyncio.Event | None:
+    """Return the event that tells whether `send` can complete without waiting, if the server has one.
+
+    uvicorn's sans-I/O WebSocket protocol (the server bin/serve runs) waits on
+    its `writable` event, cleared while the client's transport is full, and
+    otherwise writes and returns without suspending. Under other servers every
+    frame goes through the socket's writer task.
+    """
+    event = getattr(getattr(send, "__self__", None), "writable", None)
+    return event if isinstance(event, asyncio.Event) else None
 
 
 _hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, RoomHub] = weakref.WeakKeyDictionary()

@@ -157,3 +157,56 @@ async def test_a_socket_whose_send_fails_is_dropped_without_hurting_the_others(h
     await publish(2)
     await eventually(lambda: healthy.seqs == [1, 2])
     assert broken.closed
+
+
+class FakeServerProtocol:
+    """Shaped like uvicorn's sans-I/O WebSocket protocol: `send` waits only while `writable` is clear."""
+
+    def __init__(self) -> None:
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.sent: list[dict] = []
+
+    async def send(self, event: dict) -> None:
+        await self.writable.wait()
+        self.sent.append(event)
+
+
+async def test_a_send_that_will_not_wait_is_made_inline_without_a_writer_task(hub):
+    server = FakeServerProtocol()
+    local = await hub.join(ROOM_ID, server.send)
+    hub.ready(local, 0)
+    assert local.writable is server.writable
+
+    with mock.patch.object(fanout.RoomHub, "_write", side_effect=AssertionError("no writer task expected")):
+        await publish(1)
+        await eventually(lambda: len(server.sent) == 1)
+    assert local.writer is None
+
+
+async def test_a_paused_transport_queues_behind_a_writer_and_catches_up_in_order(hub):
+    paused, other = FakeServerProtocol(), FakeServerProtocol()
+    hub.ready(await hub.join(ROOM_ID, paused.send), 0)
+    hub.ready(await hub.join(ROOM_ID, other.send), 0)
+    paused.writable.clear()  # the client stopped reading
+
+    for seq in (1, 2, 3):
+        await publish(seq)
+    await eventually(lambda: len(other.sent) == 3)
+    assert paused.sent == []
+
+    paused.writable.set()
+    await eventually(lambda: len(paused.sent) == 3)
+    assert [json.loads(e["text"])["message"]["seq"] for e in paused.sent] == [1, 2, 3]
+
+
+def test_pinned_uvicorn_sansio_send_waits_only_on_writable():
+    """The inline path relies on this shape of uvicorn's protocol; an upgrade that changes it must fail here."""
+    import inspect
+
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    source = inspect.getsource(WebSocketsSansIOProtocol.send)
+    assert "await self.writable.wait()" in source
+    assert source.count("await ") == 1
+    assert inspect.getsource(WebSocketsSansIOProtocol.pause_writing).count("self.writable.clear()") == 1
