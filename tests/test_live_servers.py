@@ -9,13 +9,8 @@ WebSockets. Rows are committed (transaction=True) so the servers see them.
 from __future__ import annotations
 
 import asyncio
-import http.client
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,29 +21,23 @@ import websockets
 from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import connection
-from django.test import Client
 from websockets.exceptions import ConnectionClosed
 
 from chat.models import Message
+from chat.serverprocess import ServerProcess
+from tests.conftest import session_cookie
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-PROJECT_DIR = Path(settings.BASE_DIR)
+APP = "chatsite.asgi:application"
 READY_TIMEOUT = 15.0  # seconds for a server process to answer HTTP
 FRAME_TIMEOUT = 5.0  # seconds to wait for a frame that must arrive
 SILENCE = 1.0  # seconds a socket must stay quiet to count as "received nothing"
-LOG_TAIL_CHARS = 6000
 
 
 # --------------------------------------------------------------------------
 # Server processes
 # --------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def subprocess_database_url() -> str:
@@ -95,77 +84,9 @@ def server_env() -> dict[str, str]:
     return env
 
 
-class DaphneServer:
-    """One `daphne` subprocess on a fixed port; its output goes to a log file."""
-
-    def __init__(self, name: str, env: dict[str, str], log_dir: Path) -> None:
-        self.name = name
-        self.env = env
-        self.port = free_port()
-        self.log_path = log_dir / f"{name}.log"
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def origin(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def ws_url(self, slug: str, after: int | None = None) -> str:
-        query = f"?after={after}" if after is not None else ""
-        return f"ws://127.0.0.1:{self.port}/ws/rooms/{slug}/{query}"
-
-    def spawn(self) -> None:
-        assert self.proc is None or self.proc.poll() is not None, f"{self.name} is already running"
-        with open(self.log_path, "ab") as log:
-            log.write(f"=== starting {self.name} on port {self.port} ===\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "chatsite.asgi:application"],
-                cwd=PROJECT_DIR,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
-        """Block until GET / answers (any status), the process dies, or the timeout passes."""
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"{self.name} exited with code {self.proc.returncode} before answering\n{self.log_tail()}"
-                )
-            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-            try:
-                conn.request("GET", "/")
-                conn.getresponse().read()
-                return
-            except (OSError, http.client.HTTPException):
-                pass
-            finally:
-                conn.close()
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{self.name} did not answer GET / within {timeout:.0f}s\n{self.log_tail()}")
-            time.sleep(0.1)
-
-    def kill(self) -> None:
-        """SIGKILL the process (no graceful shutdown) and reap it."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:  # pragma: no cover - a zombie we cannot do more about
-                pass
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self) -> str:
-        text = self.log_text()
-        return f"--- {self.name} log ({self.log_path}), tail ---\n{text[-LOG_TAIL_CHARS:]}"
+def ws_url(server: ServerProcess, slug: str, after: int | None = None) -> str:
+    query = f"?after={after}" if after is not None else ""
+    return f"ws://127.0.0.1:{server.port}/ws/rooms/{slug}/{query}"
 
 
 class DaphneCluster:
@@ -174,20 +95,21 @@ class DaphneCluster:
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
         self.env = server_env()
-        self.servers: list[DaphneServer] = []
+        self.servers: list[ServerProcess] = []
 
-    async def start(self, count: int = 1) -> list[DaphneServer]:
-        new = [DaphneServer(f"daphne-{len(self.servers) + i + 1}", self.env, self.log_dir) for i in range(count)]
+    async def start(self, count: int = 1) -> list[ServerProcess]:
+        names = [f"daphne-{len(self.servers) + i + 1}" for i in range(count)]
+        new = [ServerProcess(name, "daphne", APP, self.env, self.log_dir / f"{name}.log") for name in names]
         self.servers.extend(new)  # before spawning: teardown must see them even if startup fails
         for server in new:
             server.spawn()
-        await asyncio.gather(*(asyncio.to_thread(server.wait_ready) for server in new))
+        await asyncio.gather(*(asyncio.to_thread(server.wait_ready, READY_TIMEOUT) for server in new))
         return new
 
-    async def restart(self, server: DaphneServer) -> None:
+    async def restart(self, server: ServerProcess) -> None:
         server.kill()
         server.spawn()
-        await asyncio.to_thread(server.wait_ready)
+        await asyncio.to_thread(server.wait_ready, READY_TIMEOUT)
 
     def kill_all(self) -> None:
         for server in self.servers:
@@ -213,12 +135,6 @@ def daphne(transactional_db, tmp_path) -> Iterator[DaphneCluster]:
 # --------------------------------------------------------------------------
 
 
-def session_cookie(user) -> str:
-    client = Client()
-    client.force_login(user)
-    return client.cookies[settings.SESSION_COOKIE_NAME].value
-
-
 @pytest.fixture
 def alice_cookie(user) -> str:
     return session_cookie(user)
@@ -234,8 +150,8 @@ class Sockets:
         self.logs = logs
         self.opened: list = []
 
-    async def open(self, server: DaphneServer, cookie: str, slug: str, *, after: int | None = None):
-        url = server.ws_url(slug, after)
+    async def open(self, server: ServerProcess, cookie: str, slug: str, *, after: int | None = None):
+        url = ws_url(server, slug, after)
         try:
             ws = await websockets.connect(
                 url,
@@ -249,7 +165,7 @@ class Sockets:
         self.opened.append(ws)
         return ws
 
-    async def join(self, server: DaphneServer, cookie: str, slug: str, *, after: int | None = None):
+    async def join(self, server: ServerProcess, cookie: str, slug: str, *, after: int | None = None):
         """Open a socket and read up to its ready frame: (socket, frames before ready, ready frame)."""
         ws = await self.open(server, cookie, slug, after=after)
         before: list[dict] = []

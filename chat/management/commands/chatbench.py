@@ -49,7 +49,6 @@ import re
 import resource
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -75,6 +74,7 @@ from chat.benchclient import (
     run_step,
     tally,
 )
+from chat.serverprocess import UVICORN_WS, ServerFailed, ServerProcess
 
 MAIN_APP = "chatsite.asgi:application"
 BASELINE_APP = "bench.tutorial_asgi:application"
@@ -91,14 +91,9 @@ SERVER_START_TIMEOUT = 30.0
 HTTP_TIMEOUT = 30.0
 SOCKET_TIMEOUT = 15.0
 STEP_PAUSE = 0.5  # seconds between find-max steps, for the servers to settle
-LOG_TAIL_CHARS = 4000
 CSRF_FIELD = re.compile(r'name="csrfmiddlewaretoken" value="([^"]+)"')
 ERROR_ITEM = re.compile(r'<ul class="errorlist[^"]*"[^>]*>\s*<li>(.*?)</li>', re.S)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-# uvicorn's WebSocket protocol implementations, by --server name; "uvicorn" is how bin/serve runs the site.
-UVICORN_WS = {"uvicorn": "websockets-sansio", "uvicorn-legacy-ws": "websockets", "uvicorn-wsproto": "wsproto"}
 
 
 class OutOfTime(Exception):
@@ -108,125 +103,6 @@ class OutOfTime(Exception):
 # --------------------------------------------------------------------------
 # Server processes
 # --------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class ServerProcess:
-    """One uvicorn or daphne process on its own port; output goes to a log file."""
-
-    def __init__(self, name: str, kind: str, app: str, env: dict[str, str], log_path: Path) -> None:
-        self.name = name
-        self.kind = kind
-        self.app = app
-        self.env = env
-        self.log_path = log_path
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def origin(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def command(self) -> list[str]:
-        if self.kind == "daphne":
-            return [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), self.app]
-        ws = UVICORN_WS[self.kind]
-        return [
-            sys.executable, "-m", "uvicorn", self.app,
-            "--host", "127.0.0.1", "--port", str(self.port),
-            "--no-access-log", "--log-level", "warning", "--loop", "uvloop", "--ws", ws,
-        ]  # fmt: skip
-
-    def spawn(self) -> None:
-        with open(self.log_path, "ab") as log:
-            log.write(f"=== {self.name}: {' '.join(self.command())}\n".encode())
-            log.flush()
-            # No reloader and no worker fork: Popen.pid is the process that serves.
-            self.proc = subprocess.Popen(
-                self.command(),
-                cwd=settings.BASE_DIR,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    def wait_ready(self, timeout: float) -> None:
-        """Block until GET / answers (any status); CommandError if the process dies or time runs out."""
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise CommandError(
-                    f"{self.name} ({self.kind} {self.app}) exited with code {self.proc.returncode} before "
-                    f"answering HTTP.\n{self.log_tail()}"
-                )
-            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-            try:
-                conn.request("GET", "/")
-                conn.getresponse().read()
-                return
-            except (OSError, http.client.HTTPException):
-                pass
-            finally:
-                conn.close()
-            if time.monotonic() > deadline:
-                raise CommandError(
-                    f"{self.name} ({self.kind} {self.app}) did not answer GET / within {timeout:.0f} s.\n"
-                    f"{self.log_tail()}"
-                )
-            time.sleep(0.1)
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def cpu_ticks(self) -> int | None:
-        """utime + stime of the process (all its threads), in clock ticks."""
-        try:
-            stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
-        except (OSError, AttributeError):
-            return None
-        fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
-        return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
-
-    def peak_rss_mib(self) -> float | None:
-        try:
-            status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        except (OSError, AttributeError):
-            return None
-        match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.M)
-        return round(int(match.group(1)) / 1024, 1) if match else None
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:  # pragma: no cover - nothing more we can do
-                pass
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def log_tail(self) -> str:
-        return f"--- {self.name} log ({self.log_path}), tail ---\n{self.log_text()[-LOG_TAIL_CHARS:]}"
 
 
 # --------------------------------------------------------------------------
@@ -616,7 +492,10 @@ class Command(BaseCommand):
         timeout = min(SERVER_START_TIMEOUT, self.remaining(f"starting {phase} servers"))
         with ThreadPoolExecutor(max_workers=count) as pool:
             for future in [pool.submit(server.wait_ready, timeout) for server in new]:
-                future.result()
+                try:
+                    future.result()
+                except ServerFailed as error:
+                    raise CommandError(str(error)) from None
         ports = ", ".join(f"{s.port} (pid {s.proc.pid})" for s in new)
         self.say(f"{phase}: {count} x {kind} {app} up on {ports}")
         return new
