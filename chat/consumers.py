@@ -7,7 +7,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from chat import fanout, protocol, realtime, selectors, services
+from chat import ephemeral, fanout, protocol, realtime, selectors, services
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
         # until the replay is sent, so none is lost or sent twice.
         if settings.CHAT_FAST_FANOUT:
             send = self.scope.get("fanout.send", self.base_send)
-            self.local = await fanout.hub_for(self.channel_layer).join(self.room.pk, send)
+            self.local = await fanout.hub_for(self.channel_layer).join(self.room.pk, send, user.get_username())
         else:
             await self.channel_layer.group_add(realtime.room_group(self.room), self.channel_name)
         await self.accept()
@@ -86,6 +86,10 @@ class RoomConsumer(AsyncWebsocketConsumer):
             return
         if isinstance(command, protocol.SendCommand):
             await self.send_message(command)
+        elif isinstance(command, protocol.TypingCommand):
+            username = self.scope["user"].get_username()
+            if await ephemeral.typing_allowed(room_id=self.room.pk, username=username):
+                await realtime.publish_typing(room_id=self.room.pk, username=username)
         else:
             messages, has_more = await database_sync_to_async(selectors.message_list)(
                 room=self.room, before_seq=command.before, limit=command.limit
@@ -109,6 +113,11 @@ class RoomConsumer(AsyncWebsocketConsumer):
         if not created:
             # A retry: the original was broadcast already, so answer only this socket.
             await self.send(protocol.message_frame(message))
+
+    async def chat_typing(self, event: dict) -> None:
+        """Relay another user's typing signal (the fast path off)."""
+        if event["user"] != self.scope["user"].get_username():
+            await self.send(protocol.typing_frame(event["user"]))
 
     async def chat_message(self, event: dict) -> None:
         """Forward a published message to this socket (the fast path off)."""

@@ -37,15 +37,16 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 class LocalSocket:
     """One socket of this process, as the hub sees it."""
 
-    __slots__ = ("send", "writable", "replayed_through", "held", "outbox", "writer", "closed")
+    __slots__ = ("send", "user", "writable", "replayed_through", "held", "outbox", "writer", "closed")
 
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, user: str) -> None:
         self.send = send
+        self.user = user
         self.writable = _writable_event(send)
         # None while the consumer replays missed messages: events are held
         # until then, and afterwards only those above this seq are sent.
         self.replayed_through: int | None = None
-        self.held: list[tuple[int, str]] = []
+        self.held: list[tuple[int | None, str]] = []
         # Frames not yet handed to the server, written in order by one task
         # that exists only while there is something to write.
         self.outbox: deque[str] = deque()
@@ -79,9 +80,9 @@ class RoomHub:
         self.reader: asyncio.Task | None = None
         self.lock = asyncio.Lock()
 
-    async def join(self, room_id: int, send: Send) -> LocalSocket:
+    async def join(self, room_id: int, send: Send, user: str = "") -> LocalSocket:
         """Register a socket; the room's group is subscribed before this returns."""
-        socket = LocalSocket(send)
+        socket = LocalSocket(send, user)
         async with self.lock:
             if self.channel is None:
                 self.channel = await self.layer.new_channel(prefix="fanout.")
@@ -113,12 +114,18 @@ class RoomHub:
                 await self.layer.group_discard(realtime.room_group(room_id), self.channel)
 
     async def deliver(self, event: dict[str, Any]) -> None:
-        """Hand one published message to every local socket of its room."""
+        """Hand one published event to every local socket of its room it is meant for."""
         sockets = self.rooms.get(event["room"])
         if not sockets:
             return
-        frame = protocol.encode({"type": "message", "message": event["message"]})
-        seq = event["seq"]
+        if event["type"] == realtime.TYPING_EVENT:
+            frame = protocol.typing_frame(event["user"])
+            # Ephemeral: not for the typist's own tabs, and not held for a replaying socket.
+            sockets = [s for s in sockets if s.user != event["user"] and s.replayed_through is not None]
+            seq = None
+        else:
+            frame = protocol.encode({"type": "message", "message": event["message"]})
+            seq = event["seq"]
         for socket in list(sockets):
             if self._offer(socket, seq, frame):
                 try:
@@ -131,7 +138,7 @@ class RoomHub:
         while True:
             try:
                 event = await self.layer.receive(self.channel)
-                if event.get("type") == realtime.MESSAGE_EVENT:
+                if event.get("type") in (realtime.MESSAGE_EVENT, realtime.TYPING_EVENT):
                     await self.deliver(event)
                     # receive() does not suspend while events are queued; let the
                     # writers send this one before the next, so an outbox only
@@ -143,14 +150,17 @@ class RoomHub:
                 logger.exception("Fan-out reader failed; retrying")
                 await asyncio.sleep(0.5)
 
-    def _offer(self, socket: LocalSocket, seq: int, frame: str) -> bool:
-        """Queue a frame for a socket; True when the caller should send it right away instead."""
+    def _offer(self, socket: LocalSocket, seq: int | None, frame: str) -> bool:
+        """Queue a frame for a socket; True when the caller should send it right away instead.
+
+        `seq` is the message's; None marks an ephemeral frame, never held or filtered.
+        """
         if socket.closed:
             return False
         if socket.replayed_through is None:
             socket.held.append((seq, frame))
             queued = len(socket.held)
-        elif seq <= socket.replayed_through:
+        elif seq is not None and seq <= socket.replayed_through:
             return False
         elif socket.writer is None and socket.writable is not None and socket.writable.is_set():
             # Nothing queued and the server says its send will not wait: no task needed.

@@ -52,6 +52,10 @@ def history_frame(messages: list[Message], has_more: bool) -> str:
     return encode({"type": "history", "messages": [message_payload(m) for m in messages], "has_more": has_more})
 
 
+def typing_frame(username: str) -> str:
+    return encode({"type": "typing", "user": username})
+
+
 def ready_frame(last_seq: int) -> str:
     return encode({"type": "ready", "last_seq": last_seq})
 
@@ -77,12 +81,17 @@ class SendCommand:
 
 
 @dataclass(frozen=True)
+class TypingCommand:
+    pass
+
+
+@dataclass(frozen=True)
 class HistoryCommand:
     before: int
     limit: int
 
 
-def parse_client_frame(text_data: str | None, bytes_data: bytes | None) -> SendCommand | HistoryCommand:
+def parse_client_frame(text_data: str | None, bytes_data: bytes | None) -> SendCommand | HistoryCommand | TypingCommand:
     """Decode and check one client frame, raising FrameError with what to fix."""
     if text_data is None:
         raise FrameError("binary_frame", "Send JSON in text frames; binary frames are not supported.")
@@ -105,7 +114,9 @@ def parse_client_frame(text_data: str | None, bytes_data: bytes | None) -> SendC
             before=_positive_int(frame, "before", nonce),
             limit=_int_in_range(frame, "limit", 1, HISTORY_MAX_LIMIT, nonce),
         )
-    raise FrameError("unknown_type", f'Unknown frame type {kind!r}; use "send" or "history".', nonce)
+    if kind == "typing":
+        return TypingCommand()
+    raise FrameError("unknown_type", f'Unknown frame type {kind!r}; use "send", "history" or "typing".', nonce)
 
 
 def _positive_int(frame: dict, field: str, nonce: Any) -> int:

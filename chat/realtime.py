@@ -18,6 +18,7 @@ from chat.models import Message, Room
 logger = logging.getLogger(__name__)
 
 MESSAGE_EVENT = "chat.message"
+TYPING_EVENT = "chat.typing"
 
 
 def room_group(room: Room | int) -> str:
@@ -37,6 +38,11 @@ def message_event(message: Message) -> dict:
 def publish_message(message: Message) -> None:
     """Send a committed message to every socket in its room, on every server process."""
     async_to_sync(get_channel_layer().group_send)(room_group(message.room_id), message_event(message))
+
+
+async def publish_typing(*, room_id: int, username: str) -> None:
+    """Tell the room's other sockets that this user is typing (ephemeral: nothing is stored)."""
+    await get_channel_layer().group_send(room_group(room_id), {"type": TYPING_EVENT, "room": room_id, "user": username})
 
 
 def backlog(channel_layer, channel_name: str) -> int:

@@ -6,6 +6,7 @@ import asyncio
 import json
 
 import pytest
+import redis
 from channels.db import database_sync_to_async
 from django.conf import settings
 
@@ -393,3 +394,34 @@ async def test_idle_socket_still_receives_after_longer_than_redis_socket_timeout
     await post(room, user, "are you still there?")
     frame = await receive(bob, timeout=5)
     assert frame["message"]["body"] == "are you still there?"
+
+
+@pytest.fixture
+def no_typing_claims():
+    """Typing claims expire after 2 s in Redis; a test must not inherit the previous test's."""
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    for key in client.scan_iter(f"{settings.CHANNEL_LAYER_PREFIX}:typing:*"):
+        client.delete(key)
+    client.close()
+
+
+async def test_typing_reaches_the_others_and_is_not_echoed(ws_connect, user, other_user, room, no_typing_claims):
+    bob = await joined(ws_connect, other_user, room)
+    alice = await joined(ws_connect, user, room)
+    await send(alice, type="typing")
+    assert await receive(bob) == {"type": "typing", "user": "alice"}
+    assert await alice.receive_nothing(timeout=0.5)
+
+
+async def test_typing_is_relayed_at_most_once_per_two_seconds(ws_connect, user, other_user, room, no_typing_claims):
+    bob = await joined(ws_connect, other_user, room)
+    alice = await joined(ws_connect, user, room)
+    second_tab = await joined(ws_connect, user, room)
+    for typist in (alice, second_tab, alice, second_tab, alice):
+        await send(typist, type="typing")
+    assert await receive(bob) == {"type": "typing", "user": "alice"}
+    assert await bob.receive_nothing(timeout=0.7)
+    assert await second_tab.receive_nothing(timeout=0.1)  # the typist's other tab is not told either
+    await asyncio.sleep(1.5)
+    await send(alice, type="typing")
+    assert await receive(bob) == {"type": "typing", "user": "alice"}

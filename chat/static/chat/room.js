@@ -14,6 +14,7 @@
   const input = document.getElementById("message-input");
   const hint = document.getElementById("composer-hint");
   const loadOlder = document.getElementById("load-older");
+  const typingLine = document.getElementById("typing");
 
   const GAP_GRACE_MS = 1000; // frames from two publishers may cross; wait before asking
   const HISTORY_LIMIT = 100;
@@ -135,6 +136,9 @@
       case "error":
         onError(frame);
         break;
+      case "typing":
+        showTyping(frame.user);
+        break;
     }
   }
 
@@ -192,7 +196,44 @@
 
   // ---- the message list ----------------------------------------------------
 
+  // ---- who is typing ----------------------------------------------------------
+
+  const TYPING_SHOWN_MS = 4000; // the server relays a typist at most every 2 s
+  const TYPING_SEND_MS = 1500;
+  const typists = new Map(); // username -> timer that hides them
+  let lastTypingSent = 0;
+
+  function showTyping(user) {
+    clearTimeout(typists.get(user));
+    typists.set(user, setTimeout(() => hideTyping(user), TYPING_SHOWN_MS));
+    renderTyping();
+  }
+
+  function hideTyping(user) {
+    if (!typists.has(user)) return;
+    clearTimeout(typists.get(user));
+    typists.delete(user);
+    renderTyping();
+  }
+
+  function renderTyping() {
+    const names = [...typists.keys()];
+    typingLine.textContent =
+      names.length === 0 ? "" :
+      names.length === 1 ? `${names[0]} is typing…` :
+      names.length === 2 ? `${names[0]} and ${names[1]} are typing…` :
+      "Several people are typing…";
+  }
+
+  function signalTyping() {
+    const now = Date.now();
+    if (!live || !input.value.trim() || now - lastTypingSent < TYPING_SEND_MS) return;
+    lastTypingSent = now;
+    send({ type: "typing" });
+  }
+
   function addMessage(message) {
+    hideTyping(message.author);
     const acknowledged = message.nonce != null && pending.get(message.nonce);
     if (acknowledged && message.author === config.username) {
       acknowledged.element.remove();
@@ -326,7 +367,7 @@
       submit();
     }
   });
-  input.addEventListener("input", updateComposer);
+  input.addEventListener("input", () => { updateComposer(); signalTyping(); });
 
   // ---- helpers ----------------------------------------------------------------
 
