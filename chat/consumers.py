@@ -23,8 +23,9 @@ class RoomConsumer(AsyncWebsocketConsumer):
     # The fast path's handle on this socket (chat/fanout.py), when it is on.
     local = None
     closing = False
-    # Live events at or below this seq were already sent by the resume replay.
+    # Live events at or below these were already sent by the resume replay.
     replayed_through = 0
+    changes_through = 0
 
     async def connect(self) -> None:
         user = self.scope["user"]
@@ -38,10 +39,11 @@ class RoomConsumer(AsyncWebsocketConsumer):
             await self.close()
             return
         try:
-            after = _after_seq(self.scope)
-        except ValueError:
+            after = _query_seq(self.scope, "after")
+            changes_after = _query_seq(self.scope, "changes_after")
+        except ValueError as error:
             await self.accept()
-            await self.send(protocol.error_frame("invalid_after", '"after" must be a whole number of 0 or more.'))
+            await self.send(protocol.error_frame("invalid_after", f'"{error}" must be a whole number of 0 or more.'))
             await self.close(code=CLOSE_BAD_REQUEST)
             return
 
@@ -56,21 +58,23 @@ class RoomConsumer(AsyncWebsocketConsumer):
         await self.accept()
 
         if after is None:
-            last_seq = await database_sync_to_async(selectors.room_last_seq)(room=self.room)
+            last_seq, last_change = await database_sync_to_async(selectors.room_cursors)(room=self.room)
         else:
             resume = await database_sync_to_async(selectors.message_resume)(
-                room=self.room, after_seq=after, limit=settings.CHAT_RESUME_LIMIT
+                room=self.room, after_seq=after, limit=settings.CHAT_RESUME_LIMIT, changes_after=changes_after
             )
             if resume.next_seq is not None:
                 await self.send(protocol.gap_frame(after, resume.next_seq))
             for message in resume.messages:
                 await self.send(protocol.message_frame(message))
-            last_seq = resume.last_seq
-        await self.send(protocol.ready_frame(last_seq))
+            for message in resume.changed:
+                await self.send(protocol.encode(protocol.change_payload(message)))
+            last_seq, last_change = resume.last_seq, resume.last_change
+        await self.send(protocol.ready_frame(last_seq, last_change))
         if self.local is not None:
-            fanout.hub_for(self.channel_layer).ready(self.local, last_seq)
+            fanout.hub_for(self.channel_layer).ready(self.local, last_seq, last_change)
         else:
-            self.replayed_through = last_seq
+            self.replayed_through, self.changes_through = last_seq, last_change
 
     async def disconnect(self, code: int) -> None:
         if self.local is not None:
@@ -86,6 +90,8 @@ class RoomConsumer(AsyncWebsocketConsumer):
             return
         if isinstance(command, protocol.SendCommand):
             await self.send_message(command)
+        elif isinstance(command, protocol.EditCommand | protocol.DeleteCommand):
+            await self.change_message(command)
         elif isinstance(command, protocol.TypingCommand):
             username = self.scope["user"].get_username()
             if await ephemeral.typing_allowed(room_id=self.room.pk, username=username):
@@ -114,6 +120,24 @@ class RoomConsumer(AsyncWebsocketConsumer):
             # A retry: the original was broadcast already, so answer only this socket.
             await self.send(protocol.message_frame(message))
 
+    async def change_message(self, command: protocol.EditCommand | protocol.DeleteCommand) -> None:
+        user = self.scope["user"]
+        try:
+            if isinstance(command, protocol.EditCommand):
+                await database_sync_to_async(services.message_edit)(
+                    room=self.room, message_id=command.id, user=user, body=command.body
+                )
+            else:
+                await database_sync_to_async(services.message_delete)(room=self.room, message_id=command.id, user=user)
+        except services.ChatError as error:
+            await self.send(protocol.error_frame(error.code, error.detail))
+        # Success is the broadcast that every socket in the room, this one included, receives.
+
+    async def chat_change(self, event: dict) -> None:
+        """Relay an edit or deletion (the fast path off)."""
+        if event["change"] > self.changes_through:
+            await self.send(protocol.encode(event["frame"]))
+
     async def chat_typing(self, event: dict) -> None:
         """Relay another user's typing signal (the fast path off)."""
         if event["user"] != self.scope["user"].get_username():
@@ -131,12 +155,15 @@ class RoomConsumer(AsyncWebsocketConsumer):
         await self.send(protocol.encode({"type": "message", "message": event["message"]}))
 
 
-def _after_seq(scope: dict) -> int | None:
-    """Return the ?after= seq the client resumes from, None when absent; ValueError when malformed."""
-    values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("after")
+def _query_seq(scope: dict, name: str) -> int | None:
+    """Return a cursor the client resumes from (?after=, ?changes_after=), None when absent.
+
+    Raises ValueError, carrying the parameter's name, when it is malformed.
+    """
+    values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get(name)
     if not values:
         return None
     value = values[-1]
     if not (value.isascii() and value.isdigit()) or len(value) > 18:
-        raise ValueError(value)
+        raise ValueError(name)
     return int(value)

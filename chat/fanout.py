@@ -37,7 +37,9 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 class LocalSocket:
     """One socket of this process, as the hub sees it."""
 
-    __slots__ = ("send", "user", "writable", "replayed_through", "held", "outbox", "writer", "closed")
+    __slots__ = (
+        "send", "user", "writable", "replayed_through", "changes_through", "held", "outbox", "writer", "closed"
+    )  # fmt: skip
 
     def __init__(self, send: Send, user: str) -> None:
         self.send = send
@@ -46,7 +48,8 @@ class LocalSocket:
         # None while the consumer replays missed messages: events are held
         # until then, and afterwards only those above this seq are sent.
         self.replayed_through: int | None = None
-        self.held: list[tuple[int | None, str]] = []
+        self.changes_through = 0
+        self.held: list[tuple[str, int | None, int | None]] = []
         # Frames not yet handed to the server, written in order by one task
         # that exists only while there is something to write.
         self.outbox: deque[str] = deque()
@@ -93,13 +96,14 @@ class RoomHub:
             self.rooms[room_id].add(socket)
         return socket
 
-    def ready(self, socket: LocalSocket, last_seq: int) -> None:
-        """Start live delivery after the replay: release held events above `last_seq`."""
+    def ready(self, socket: LocalSocket, last_seq: int, last_change: int = 0) -> None:
+        """Start live delivery after the replay: release held events above `last_seq` / `last_change`."""
         socket.replayed_through = last_seq
+        socket.changes_through = last_change
         held, socket.held = socket.held, []
         socket.writable = None  # the held frames go through the writer, in order
-        for seq, frame in held:
-            self._offer(socket, seq, frame)
+        for frame, seq, change in held:
+            self._offer(socket, frame, seq=seq, change=change)
         socket.writable = _writable_event(socket.send)
 
     async def leave(self, room_id: int, socket: LocalSocket) -> None:
@@ -118,16 +122,19 @@ class RoomHub:
         sockets = self.rooms.get(event["room"])
         if not sockets:
             return
+        seq = change = None
         if event["type"] == realtime.TYPING_EVENT:
             frame = protocol.typing_frame(event["user"])
             # Ephemeral: not for the typist's own tabs, and not held for a replaying socket.
             sockets = [s for s in sockets if s.user != event["user"] and s.replayed_through is not None]
-            seq = None
+        elif event["type"] == realtime.CHANGE_EVENT:
+            frame = protocol.encode(event["frame"])
+            change = event["change"]
         else:
             frame = protocol.encode({"type": "message", "message": event["message"]})
             seq = event["seq"]
         for socket in list(sockets):
-            if self._offer(socket, seq, frame):
+            if self._offer(socket, frame, seq=seq, change=change):
                 try:
                     await socket.send({"type": "websocket.send", "text": frame})
                 except Exception:
@@ -138,7 +145,7 @@ class RoomHub:
         while True:
             try:
                 event = await self.layer.receive(self.channel)
-                if event.get("type") in (realtime.MESSAGE_EVENT, realtime.TYPING_EVENT):
+                if event.get("type") in (realtime.MESSAGE_EVENT, realtime.CHANGE_EVENT, realtime.TYPING_EVENT):
                     await self.deliver(event)
                     # receive() does not suspend while events are queued; let the
                     # writers send this one before the next, so an outbox only
@@ -150,17 +157,20 @@ class RoomHub:
                 logger.exception("Fan-out reader failed; retrying")
                 await asyncio.sleep(0.5)
 
-    def _offer(self, socket: LocalSocket, seq: int | None, frame: str) -> bool:
+    def _offer(self, socket: LocalSocket, frame: str, *, seq: int | None = None, change: int | None = None) -> bool:
         """Queue a frame for a socket; True when the caller should send it right away instead.
 
-        `seq` is the message's; None marks an ephemeral frame, never held or filtered.
+        `seq` marks a new message, `change` an edit or deletion; frames with
+        neither (typing) are never filtered.
         """
         if socket.closed:
             return False
         if socket.replayed_through is None:
-            socket.held.append((seq, frame))
+            socket.held.append((frame, seq, change))
             queued = len(socket.held)
-        elif seq is not None and seq <= socket.replayed_through:
+        elif (seq is not None and seq <= socket.replayed_through) or (
+            change is not None and change <= socket.changes_through
+        ):  # the replay already covered it
             return False
         elif socket.writer is None and socket.writable is not None and socket.writable.is_set():
             # Nothing queued and the server says its send will not wait: no task needed.

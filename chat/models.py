@@ -29,6 +29,9 @@ class Room(models.Model):
     # The seq of the newest message. Incremented in the transaction that saves
     # each message, which is what keeps the per-room sequence gapless.
     last_seq = models.PositiveBigIntegerField(default=0)
+    # Counts edits and deletions in this room, as last_seq counts messages:
+    # a reconnecting client asks for the changes after the last one it saw.
+    last_change = models.PositiveBigIntegerField(default=0)
     last_message_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
@@ -50,6 +53,8 @@ class Message(models.Model):
     seq = models.PositiveBigIntegerField()
     # Chosen by the client so that a retried send is recognised, not repeated.
     nonce = models.CharField(max_length=64, null=True, blank=True)
+    # The room's last_change when this message was last edited or deleted (0: never).
+    change = models.PositiveBigIntegerField(default=0)
 
     class Meta:
         ordering = ["room", "seq"]
@@ -59,7 +64,8 @@ class Message(models.Model):
                 fields=["author", "nonce"], condition=Q(nonce__isnull=False), name="message_unique_author_nonce"
             ),
         ]
-        # The (room, seq) unique constraint is the index every read uses.
+        # The (room, seq) unique constraint is the index most reads use.
+        indexes = [models.Index(fields=["room", "change"], name="message_room_change")]
 
     def __str__(self) -> str:
         return f"{self.room_id}#{self.seq}"

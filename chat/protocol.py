@@ -27,6 +27,7 @@ def message_payload(message: Message) -> dict[str, Any]:
         "body": message.body,
         "created_at": _iso(message.created_at),
         "edited_at": _iso(message.edited_at),
+        "deleted_at": _iso(message.deleted_at),
         "nonce": message.nonce,
     }
 
@@ -52,12 +53,19 @@ def history_frame(messages: list[Message], has_more: bool) -> str:
     return encode({"type": "history", "messages": [message_payload(m) for m in messages], "has_more": has_more})
 
 
+def change_payload(message: Message) -> dict[str, Any]:
+    """Return the frame that tells clients a message they may hold was edited or deleted."""
+    if message.deleted_at is not None:
+        return {"type": "message_deleted", "id": message.pk, "seq": message.seq, "change": message.change}
+    return {"type": "message_updated", "message": message_payload(message), "change": message.change}
+
+
 def typing_frame(username: str) -> str:
     return encode({"type": "typing", "user": username})
 
 
-def ready_frame(last_seq: int) -> str:
-    return encode({"type": "ready", "last_seq": last_seq})
+def ready_frame(last_seq: int, last_change: int) -> str:
+    return encode({"type": "ready", "last_seq": last_seq, "last_change": last_change})
 
 
 def gap_frame(after: int, next_seq: int) -> str:
@@ -83,6 +91,17 @@ class SendCommand:
 @dataclass(frozen=True)
 class TypingCommand:
     pass
+
+
+@dataclass(frozen=True)
+class EditCommand:
+    id: Any
+    body: Any
+
+
+@dataclass(frozen=True)
+class DeleteCommand:
+    id: Any
 
 
 @dataclass(frozen=True)
@@ -116,7 +135,15 @@ def parse_client_frame(text_data: str | None, bytes_data: bytes | None) -> SendC
         )
     if kind == "typing":
         return TypingCommand()
-    raise FrameError("unknown_type", f'Unknown frame type {kind!r}; use "send", "history" or "typing".', nonce)
+    if kind == "edit":
+        if "body" not in frame:
+            raise FrameError("missing_body", 'An "edit" frame needs a "body".')
+        return EditCommand(id=frame.get("id"), body=frame["body"])
+    if kind == "delete":
+        return DeleteCommand(id=frame.get("id"))
+    raise FrameError(
+        "unknown_type", f'Unknown frame type {kind!r}; use "send", "history", "typing", "edit" or "delete".', nonce
+    )
 
 
 def _positive_int(frame: dict, field: str, nonce: Any) -> int:

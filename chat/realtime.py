@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 
 MESSAGE_EVENT = "chat.message"
 TYPING_EVENT = "chat.typing"
+CHANGE_EVENT = "chat.change"
 
 
 def room_group(room: Room | int) -> str:
@@ -38,6 +39,17 @@ def message_event(message: Message) -> dict:
 def publish_message(message: Message) -> None:
     """Send a committed message to every socket in its room, on every server process."""
     async_to_sync(get_channel_layer().group_send)(room_group(message.room_id), message_event(message))
+
+
+def publish_change(message: Message) -> None:
+    """Tell every socket in the room that a message was edited or deleted (after the commit)."""
+    event = {
+        "type": CHANGE_EVENT,
+        "room": message.room_id,
+        "change": message.change,
+        "frame": protocol.change_payload(message),
+    }
+    async_to_sync(get_channel_layer().group_send)(room_group(message.room_id), event)
 
 
 async def publish_typing(*, room_id: int, username: str) -> None:

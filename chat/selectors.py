@@ -44,24 +44,42 @@ def message_list(
 @dataclass(frozen=True)
 class Resume:
     messages: list[Message]
+    # Messages the client already holds that were edited or deleted since.
+    changed: list[Message]
+    # The room's change counter when the resume was read.
+    last_change: int
     # Set when more than the limit were missed: only seqs from here on are replayed.
     next_seq: int | None
     # The newest seq the client holds once it has the replayed messages.
     last_seq: int
 
 
-def message_resume(*, room: Room, after_seq: int, limit: int) -> Resume:
-    """Return what a client holding everything up to `after_seq` missed, newest `limit` at most."""
-    # A client ahead of the room (its room was recreated, say) would otherwise
-    # wait for seqs that already exist; read the room first so the clamp can
-    # never pass over a message committed during this function.
-    after_seq = min(after_seq, room_last_seq(room=room))
+def message_resume(*, room: Room, after_seq: int, limit: int, changes_after: int | None = None) -> Resume:
+    """Return what a client holding everything up to `after_seq` missed, newest `limit` at most.
+
+    With `changes_after`, also the messages up to `after_seq` edited or deleted
+    since that change, in change order.
+    """
+    # Read the room first: everything committed before this read is in the
+    # queries below, and anything later reaches the socket live. A client ahead
+    # of the room (it was recreated, say) is clamped to the room's last seq.
+    room_last_seq_now, last_change = Room.objects.values_list("last_seq", "last_change").get(pk=room.pk)
+    after_seq = min(after_seq, room_last_seq_now)
     page = list(_messages(room).filter(seq__gt=after_seq).order_by("-seq")[: limit + 1])
     truncated = len(page) > limit
     messages = page[:limit][::-1]
-    last_seq = messages[-1].seq if messages else after_seq
-    return Resume(messages=messages, next_seq=messages[0].seq if truncated else None, last_seq=last_seq)
+    changed = []
+    if changes_after is not None and changes_after < last_change:
+        changed = list(_messages(room).filter(seq__lte=after_seq, change__gt=changes_after).order_by("change"))
+    return Resume(
+        messages=messages,
+        changed=changed,
+        last_change=last_change,
+        next_seq=messages[0].seq if truncated else None,
+        last_seq=messages[-1].seq if messages else after_seq,
+    )
 
 
-def room_last_seq(*, room: Room) -> int:
-    return Room.objects.values_list("last_seq", flat=True).get(pk=room.pk)
+def room_cursors(*, room: Room) -> tuple[int, int]:
+    """Return the room's (last_seq, last_change)."""
+    return Room.objects.values_list("last_seq", "last_change").get(pk=room.pk)

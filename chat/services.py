@@ -93,3 +93,54 @@ def _message_for_nonce(*, room: Room, author: AbstractBaseUser, nonce: str) -> M
     if message is not None and message.room_id != room.pk:
         raise ChatError("invalid_nonce", "This nonce was already used for a message in another room.")
     return message
+
+
+def message_edit(*, room: Room, message_id: object, user: AbstractBaseUser, body: object) -> Message:
+    """Replace the body of the user's own message, then publish the change once committed."""
+    body = clean_body(body)
+    with transaction.atomic():
+        message = _message_for_change(room=room, message_id=message_id)
+        if message.author_id != user.pk:
+            raise ChatError("forbidden", "You can only edit your own messages.")
+        message.body = body
+        message.edited_at = timezone.now()
+        _record_change(room=room, message=message, fields=["body", "edited_at"])
+    return message
+
+
+def message_delete(*, room: Room, message_id: object, user: AbstractBaseUser) -> Message:
+    """Delete a message (its author, or staff) and publish the change once committed.
+
+    The row stays, so the room's seqs stay gapless; its body is erased.
+    """
+    with transaction.atomic():
+        message = _message_for_change(room=room, message_id=message_id)
+        if message.author_id != user.pk and not user.is_staff:
+            raise ChatError("forbidden", "You can only delete your own messages.")
+        message.body = ""
+        message.deleted_at = timezone.now()
+        _record_change(room=room, message=message, fields=["body", "deleted_at"])
+    return message
+
+
+def _message_for_change(*, room: Room, message_id: object) -> Message:
+    if isinstance(message_id, bool) or not isinstance(message_id, int):
+        raise ChatError("invalid_frame", '"id" must be the id of a message.')
+    # Taking the room's lock first, as message_create does, orders this change
+    # among the room's other writes.
+    if not Room.objects.filter(pk=room.pk, is_archived=False).update(last_change=F("last_change") + 1):
+        raise ChatError("room_archived", "This room is archived and read-only.")
+    message = (
+        Message.objects.select_related("room", "author")
+        .filter(pk=message_id, room=room, deleted_at__isnull=True)
+        .first()
+    )
+    if message is None:
+        raise ChatError("not_found", "There is no such message in this room (it may have been deleted).")
+    return message
+
+
+def _record_change(*, room: Room, message: Message, fields: list[str]) -> None:
+    message.change = Room.objects.values_list("last_change", flat=True).get(pk=room.pk)
+    message.save(update_fields=[*fields, "change"])
+    transaction.on_commit(lambda: realtime.publish_change(message), robust=True)

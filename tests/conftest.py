@@ -65,11 +65,13 @@ async def ws_connect() -> AsyncIterator[Callable]:
         room: Room | str = "general",
         *,
         after: int | str | None = None,
+        changes_after: int | None = None,
         origin: str | None = ORIGIN,
         app=application,
     ) -> tuple[WebsocketCommunicator, bool]:
         slug = room if isinstance(room, str) else room.slug
-        path = f"/ws/rooms/{slug}/" + (f"?after={after}" if after is not None else "")
+        query = {"after": after, "changes_after": changes_after}
+        path = f"/ws/rooms/{slug}/?" + "&".join(f"{key}={value}" for key, value in query.items() if value is not None)
         headers = []
         if origin is not None:
             headers.append((b"origin", origin.encode()))

@@ -113,7 +113,17 @@ async def test_message_frame_carries_the_shared_message_object(ws_connect, user,
     stored = await database_sync_to_async(Message.objects.select_related("room", "author").get)()
     assert frame == {"type": "message", "message": await database_sync_to_async(message_payload_of)(stored)}
     assert frame["message"]["created_at"].endswith("Z")
-    assert set(frame["message"]) == {"id", "seq", "room", "author", "body", "created_at", "edited_at", "nonce"}
+    assert set(frame["message"]) == {
+        "id",
+        "seq",
+        "room",
+        "author",
+        "body",
+        "created_at",
+        "edited_at",
+        "deleted_at",
+        "nonce",
+    }
 
 
 def message_payload_of(message):
@@ -255,7 +265,7 @@ async def test_resume_after_seq_returns_only_missed_messages_then_ready(ws_conne
 
     assert [frame["message"]["seq"] for frame in replayed] == [3, 4, 5]
     assert [frame["message"]["body"] for frame in replayed] == ["message 3", "message 4", "message 5"]
-    assert ready == {"type": "ready", "last_seq": 5}
+    assert ready == {"type": "ready", "last_seq": 5, "last_change": 0}
 
     await post(room, user, "live")
     live = await receive(bob)
@@ -425,3 +435,95 @@ async def test_typing_is_relayed_at_most_once_per_two_seconds(ws_connect, user, 
     await asyncio.sleep(1.5)
     await send(alice, type="typing")
     assert await receive(bob) == {"type": "typing", "user": "alice"}
+
+
+async def edit(room, user, message, body):
+    return await database_sync_to_async(services.message_edit)(room=room, message_id=message.pk, user=user, body=body)
+
+
+async def delete(room, user, message):
+    return await database_sync_to_async(services.message_delete)(room=room, message_id=message.pk, user=user)
+
+
+async def test_edit_and_delete_reach_every_socket_in_the_room(ws_connect, user, other_user, room):
+    bob = await joined(ws_connect, other_user, room)
+    alice = await joined(ws_connect, user, room)
+    await send(alice, type="send", body="helo")
+    sent = (await receive(alice))["message"]
+    await receive(bob)
+
+    await send(alice, type="edit", id=sent["id"], body="hello")
+    for communicator in (alice, bob):
+        updated = await receive(communicator)
+        assert updated["type"] == "message_updated" and updated["change"] == 1
+        message = updated["message"]
+        assert (message["id"], message["seq"], message["body"]) == (sent["id"], 1, "hello")
+        assert message["edited_at"]
+
+    await send(alice, type="delete", id=sent["id"])
+    for communicator in (alice, bob):
+        assert await receive(communicator) == {"type": "message_deleted", "id": sent["id"], "seq": 1, "change": 2}
+
+
+async def test_changing_someone_elses_message_gets_forbidden_and_changes_nothing(ws_connect, user, other_user, room):
+    alice = await joined(ws_connect, user, room)
+    bob = await joined(ws_connect, other_user, room)
+    message = await post(room, user, "alice's words")
+    await receive(alice)
+    await receive(bob)
+
+    await send(bob, type="edit", id=message.pk, body="bob's words")
+    assert (await receive(bob))["code"] == "forbidden"
+    await send(bob, type="delete", id=message.pk)
+    assert (await receive(bob))["code"] == "forbidden"
+    assert await alice.receive_nothing(timeout=0.5)
+    stored = await database_sync_to_async(Message.objects.get)()
+    assert (stored.body, stored.edited_at, stored.deleted_at) == ("alice's words", None, None)
+
+
+async def test_bad_edit_and_delete_frames_get_error_frames(ws_connect, user, room):
+    alice = await joined(ws_connect, user, room)
+    message = await post(room, user, "hi")
+    await receive(alice)
+    for frame, code in [
+        ({"type": "edit", "id": message.pk}, "missing_body"),
+        ({"type": "edit", "id": message.pk, "body": ""}, "empty_body"),
+        ({"type": "edit", "id": "x", "body": "y"}, "invalid_frame"),
+        ({"type": "delete"}, "invalid_frame"),
+        ({"type": "delete", "id": 999999}, "not_found"),
+    ]:
+        await send(alice, **frame)
+        assert (await receive(alice))["code"] == code
+    assert (await database_sync_to_async(Message.objects.get)()).body == "hi"
+
+
+async def test_resume_replays_edits_and_deletions_since_the_clients_last_change(ws_connect, user, other_user, room):
+    one, two, three = [await post(room, user, f"m{n}") for n in (1, 2, 3)]
+    await edit(room, user, one, "m1, first edit")  # change 1: the client saw this one
+    await edit(room, user, two, "m2, edited")  # change 2
+    await delete(room, user, three)  # change 3
+
+    bob, _ = await ws_connect(other_user, room, after=3, changes_after=1)
+    replayed, ready = await receive_until_ready(bob)
+
+    assert [(f["type"], f["change"]) for f in replayed] == [("message_updated", 2), ("message_deleted", 3)]
+    assert replayed[0]["message"]["body"] == "m2, edited"
+    assert replayed[1] == {"type": "message_deleted", "id": three.pk, "seq": 3, "change": 3}
+    assert ready == {"type": "ready", "last_seq": 3, "last_change": 3}
+
+    await edit(room, user, one, "m1, live edit")
+    live = await receive(bob)
+    assert (live["type"], live["change"]) == ("message_updated", 4)
+    assert await bob.receive_nothing(timeout=0.5)
+
+
+async def test_resumed_and_history_messages_never_carry_a_deleted_body(ws_connect, user, room):
+    secret = await post(room, user, "my password is hunter2")
+    await delete(room, user, secret)
+    alice, _ = await ws_connect(user, room, after=0)
+    replayed, _ = await receive_until_ready(alice)
+    assert replayed[0]["message"]["body"] == "" and replayed[0]["message"]["deleted_at"]
+    await send(alice, type="history", before=2, limit=10)
+    history = await receive(alice)
+    assert history["messages"][0]["seq"] == 1 and history["messages"][0]["body"] == ""
+    assert "hunter2" not in json.dumps(replayed + [history])

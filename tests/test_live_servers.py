@@ -337,7 +337,7 @@ async def test_resume_after_server_restart_delivers_missed_messages_once_in_orde
         ("message", 4, "m4"),
         ("message", 5, "m5"),
     ], daphne.logs()
-    assert ready == {"type": "ready", "last_seq": 5}
+    assert ready == {"type": "ready", "last_seq": 5, "last_change": 0}
 
     assert await alice_says("m6") == 6
     live = await sockets.recv_message(bob, "m6, live, after the resume")

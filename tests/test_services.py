@@ -208,3 +208,92 @@ def test_failed_publish_keeps_the_saved_message_and_raises_nothing(room, user, d
     assert created and Message.objects.get().pk == message.pk
     retried, created_again = services.message_create(room=room, author=user, body="hi", nonce="n1")
     assert retried.pk == message.pk and not created_again
+
+
+def test_author_edits_own_message_and_the_change_is_published(room, user, django_capture_on_commit_callbacks):
+    message, _ = services.message_create(room=room, author=user, body="helo")
+    with mock.patch.object(realtime, "publish_change") as publish:
+        with django_capture_on_commit_callbacks(execute=True):
+            edited = services.message_edit(room=room, message_id=message.pk, user=user, body="hello")
+    message.refresh_from_db()
+    assert (message.body, message.seq) == ("hello", 1)
+    assert message.edited_at is not None and message.change == 1
+    publish.assert_called_once_with(edited)
+    room.refresh_from_db()
+    assert (room.last_seq, room.last_change) == (1, 1)
+
+
+def test_someone_else_cannot_edit_a_message(room, user, other_user, django_user_model):
+    message, _ = services.message_create(room=room, author=user, body="mine")
+    staff = django_user_model.objects.create_user("staff", is_staff=True)
+    for intruder in (other_user, staff):
+        with pytest.raises(services.ChatError) as error:
+            services.message_edit(room=room, message_id=message.pk, user=intruder, body="theirs")
+        assert error.value.code == "forbidden"
+    message.refresh_from_db()
+    assert message.body == "mine" and message.edited_at is None
+    room.refresh_from_db()
+    assert room.last_change == 0
+
+
+def test_delete_erases_the_body_and_keeps_the_seq(room, user, django_capture_on_commit_callbacks):
+    first, _ = services.message_create(room=room, author=user, body="oops, my password")
+    services.message_create(room=room, author=user, body="second")
+    with mock.patch.object(realtime, "publish_change") as publish:
+        with django_capture_on_commit_callbacks(execute=True):
+            services.message_delete(room=room, message_id=first.pk, user=user)
+    first.refresh_from_db()
+    assert (first.body, first.seq) == ("", 1)
+    assert first.deleted_at is not None
+    assert publish.call_count == 1
+    assert sorted(Message.objects.values_list("seq", flat=True)) == [1, 2]
+
+
+def test_staff_may_delete_anyones_message_but_others_may_not(room, user, other_user, django_user_model):
+    message, _ = services.message_create(room=room, author=user, body="hi")
+    with pytest.raises(services.ChatError) as error:
+        services.message_delete(room=room, message_id=message.pk, user=other_user)
+    assert error.value.code == "forbidden"
+    staff = django_user_model.objects.create_user("staff", is_staff=True)
+    services.message_delete(room=room, message_id=message.pk, user=staff)
+    message.refresh_from_db()
+    assert message.deleted_at is not None
+
+
+@pytest.mark.parametrize("message_id", [None, "1", True, 10**6])
+def test_changing_a_missing_message_is_refused(room, user, message_id):
+    services.message_create(room=room, author=user, body="hi")
+    with pytest.raises(services.ChatError) as error:
+        services.message_edit(room=room, message_id=message_id, user=user, body="x")
+    assert error.value.code in {"invalid_frame", "not_found"}
+    assert Message.objects.get().body == "hi"
+
+
+def test_a_deleted_message_cannot_be_edited_or_deleted_again(room, user):
+    message, _ = services.message_create(room=room, author=user, body="hi")
+    services.message_delete(room=room, message_id=message.pk, user=user)
+    for change in (
+        lambda: services.message_edit(room=room, message_id=message.pk, user=user, body="back"),
+        lambda: services.message_delete(room=room, message_id=message.pk, user=user),
+    ):
+        with pytest.raises(services.ChatError) as error:
+            change()
+        assert error.value.code == "not_found"
+    room.refresh_from_db()
+    assert room.last_change == 1
+
+
+def test_a_message_in_another_room_cannot_be_changed_through_this_one(room, other_room, user):
+    elsewhere, _ = services.message_create(room=other_room, author=user, body="there")
+    with pytest.raises(services.ChatError) as error:
+        services.message_delete(room=room, message_id=elsewhere.pk, user=user)
+    assert error.value.code == "not_found"
+
+
+def test_edit_with_a_bad_body_changes_nothing(room, user):
+    message, _ = services.message_create(room=room, author=user, body="hi")
+    with pytest.raises(services.ChatError) as error:
+        services.message_edit(room=room, message_id=message.pk, user=user, body="  ")
+    assert error.value.code == "empty_body"
+    message.refresh_from_db()
+    assert message.body == "hi" and message.edited_at is None
