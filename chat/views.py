@@ -49,6 +49,8 @@ def room_detail(request: HttpRequest, slug: str) -> HttpResponse:
         "client_config": {
             "room": room.slug,
             "lastSeq": messages[-1].seq if messages else room.last_seq,
+            # Read with the room, before the messages: later edits reach the page on connect.
+            "lastChange": room.last_change,
             "firstSeq": messages[0].seq if messages else None,
             "hasMore": has_more,
             "username": request.user.get_username(),

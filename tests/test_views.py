@@ -138,3 +138,16 @@ def test_page_script_is_served_and_never_uses_inner_html():
     script = open(finders.find("chat/room.js"), encoding="utf-8").read()
     assert "innerHTML" not in script and "insertAdjacentHTML" not in script
     assert "textContent" in script
+
+
+def test_room_page_shows_deleted_messages_as_placeholders_and_marks_edits(client, user, room):
+    secret, _ = services.message_create(room=room, author=user, body="my password is hunter2")
+    typo, _ = services.message_create(room=room, author=user, body="helo")
+    services.message_delete(room=room, message_id=secret.pk, user=user)
+    services.message_edit(room=room, message_id=typo.pk, user=user, body="hello")
+    client.force_login(user)
+    content = client.get(reverse("room-detail", args=[room.slug])).content.decode()
+    assert "hunter2" not in content
+    assert "Message deleted" in content and "(edited)" in content
+    config = json.loads(re.search(r'<script id="chat-config" type="application/json">(.*?)</script>', content).group(1))
+    assert config["lastChange"] == 2

@@ -22,6 +22,7 @@
   const bySeq = new Map(); // seq -> <li>
   const pending = new Map(); // nonce -> {body, element}
   let lastContiguous = config.lastSeq; // every seq in (first shown, lastContiguous] is held
+  let lastChange = config.lastChange; // edits and deletions up to here are applied
   let socket = null;
   let live = false;
   let attempt = 0;
@@ -36,6 +37,8 @@
     bySeq.set(Number(item.dataset.seq), item);
     localiseTime(item.querySelector("time"));
   }
+  // (addControls is a function declaration below, so hoisted.)
+  for (const item of bySeq.values()) addControls(item);
 
   // ---- connection ----------------------------------------------------------
 
@@ -49,7 +52,7 @@
     clearInterval(retryTimer);
     retryTimer = null;
     const scheme = location.protocol === "https:" ? "wss" : "ws";
-    const url = `${scheme}://${location.host}/ws/rooms/${encodeURIComponent(config.room)}/?after=${lastContiguous}`;
+    const url = `${scheme}://${location.host}/ws/rooms/${encodeURIComponent(config.room)}/?after=${lastContiguous}&changes_after=${lastChange}`;
     setState(attempt === 0 ? "connecting" : "reconnecting", attempt === 0 ? "Connecting…" : "Reconnecting…");
     live = false;
     historyRequests.length = 0;
@@ -139,10 +142,17 @@
       case "typing":
         showTyping(frame.user);
         break;
+      case "message_updated":
+        onUpdated(frame);
+        break;
+      case "message_deleted":
+        onDeleted(frame);
+        break;
     }
   }
 
   function onReady(frame) {
+    lastChange = Math.max(lastChange, frame.last_change);
     if (frame.last_seq < lastContiguous) {
       // The room is behind what this page holds (it was recreated): start over.
       location.reload();
@@ -255,6 +265,7 @@
     item.className = "message";
     item.dataset.seq = String(message.seq);
     item.dataset.id = String(message.id);
+    item.dataset.author = message.author;
     const head = document.createElement("div");
     head.className = "message-head";
     const author = document.createElement("span");
@@ -268,7 +279,97 @@
     body.className = "body";
     body.textContent = message.body;
     item.append(head, body);
+    if (message.deleted_at) markDeleted(item);
+    else if (message.edited_at) markEdited(item);
+    addControls(item);
     return item;
+  }
+
+  // ---- editing and deleting one's own messages ---------------------------------
+
+  function onUpdated(frame) {
+    lastChange = Math.max(lastChange, frame.change);
+    const item = bySeq.get(frame.message.seq);
+    if (!item || item.classList.contains("deleted")) return;
+    item.querySelector(".body").textContent = frame.message.body;
+    markEdited(item);
+  }
+
+  function onDeleted(frame) {
+    lastChange = Math.max(lastChange, frame.change);
+    const item = bySeq.get(frame.seq);
+    if (item) markDeleted(item);
+  }
+
+  function markEdited(item) {
+    if (item.querySelector(".edited")) return;
+    const note = document.createElement("span");
+    note.className = "edited";
+    note.textContent = "(edited)";
+    item.querySelector(".message-head").append(" ", note);
+  }
+
+  function markDeleted(item) {
+    item.classList.add("deleted");
+    item.querySelector(".body").textContent = "Message deleted";
+    for (const extra of item.querySelectorAll(".edited, .controls, .edit-form")) extra.remove();
+    item.querySelector(".body").hidden = false;
+  }
+
+  function addControls(item) {
+    const mine = item.dataset.author === config.username && item.dataset.id; // a pending send has no id yet
+    if (!mine || item.classList.contains("deleted") || item.querySelector(".controls")) return;
+    const controls = document.createElement("span");
+    controls.className = "controls";
+    const editButton = document.createElement("button");
+    editButton.type = "button";
+    editButton.className = "link";
+    editButton.textContent = "Edit";
+    editButton.setAttribute("aria-label", "Edit this message");
+    editButton.addEventListener("click", () => startEdit(item));
+    const deleteButton = document.createElement("button");
+    deleteButton.type = "button";
+    deleteButton.className = "link";
+    deleteButton.textContent = "Delete";
+    deleteButton.setAttribute("aria-label", "Delete this message");
+    deleteButton.addEventListener("click", () => {
+      if (live && confirm("Delete this message for everyone?")) send({ type: "delete", id: Number(item.dataset.id) });
+    });
+    controls.append(editButton, deleteButton);
+    item.querySelector(".message-head").append(controls);
+  }
+
+  function startEdit(item) {
+    if (!live || item.querySelector(".edit-form")) return;
+    const body = item.querySelector(".body");
+    const form = document.createElement("form");
+    form.className = "edit-form";
+    const box = document.createElement("textarea");
+    box.value = body.textContent;
+    box.maxLength = config.maxLength;
+    box.setAttribute("aria-label", "Edit message");
+    const save = document.createElement("button");
+    save.type = "submit";
+    save.textContent = "Save";
+    const cancel = document.createElement("button");
+    cancel.type = "button";
+    cancel.className = "link";
+    cancel.textContent = "Cancel";
+    form.append(box, save, cancel);
+    body.hidden = true;
+    item.append(form);
+    box.focus();
+    const close = () => { form.remove(); body.hidden = false; };
+    cancel.addEventListener("click", close);
+    box.addEventListener("keydown", (event) => {
+      if (event.key === "Escape") close();
+      if (event.key === "Enter" && !event.shiftKey && !event.isComposing) { event.preventDefault(); form.requestSubmit(); }
+    });
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      if (box.value.trim() && box.value !== body.textContent) send({ type: "edit", id: Number(item.dataset.id), body: box.value });
+      close();
+    });
   }
 
   function insertInOrder(item, seq) {
