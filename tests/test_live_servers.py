@@ -344,3 +344,23 @@ async def test_resume_after_server_restart_delivers_missed_messages_once_in_orde
     assert (live["seq"], live["body"]) == (6, "m6")
     await sockets.assert_silent(bob, "bob after m6")
     assert await stored_messages(room) == [(seq, f"m{seq}", user.username) for seq in range(1, 7)]
+
+
+async def test_edit_and_delete_on_one_process_reach_a_socket_on_another(
+    daphne, sockets, user, other_user, room, alice_cookie, bob_cookie
+):
+    server1, server2 = await daphne.start(2)
+    alice, _, _ = await sockets.join(server1, alice_cookie, room.slug)
+    bob, _, _ = await sockets.join(server2, bob_cookie, room.slug)
+    await sockets.send(alice, "helo")
+    sent = await sockets.recv_message(alice, "alice's own message")
+    await sockets.recv_message(bob, "alice's message on the other process")
+
+    await alice.send(json.dumps({"type": "edit", "id": sent["id"], "body": "hello"}))
+    updated = await sockets.recv(bob, "the edit relayed to bob on the other process")
+    assert (updated["type"], updated["message"]["body"], updated["change"]) == ("message_updated", "hello", 1)
+
+    await alice.send(json.dumps({"type": "delete", "id": sent["id"]}))
+    deleted = await sockets.recv(bob, "the deletion relayed to bob on the other process")
+    assert deleted == {"type": "message_deleted", "id": sent["id"], "seq": 1, "change": 2}
+    await sockets.assert_silent(bob, "bob (a second copy of a change)")
