@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import asyncio
 import logging
+import uuid
 from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
@@ -22,6 +24,9 @@ class RoomConsumer(AsyncWebsocketConsumer):
     room = None
     # The fast path's handle on this socket (chat/fanout.py), when it is on.
     local = None
+    # This socket's member of the room's presence set (chat/ephemeral.py).
+    presence = None
+    heartbeat = None
     closing = False
     # Live events at or below these were already sent by the resume replay.
     replayed_through = 0
@@ -75,8 +80,38 @@ class RoomConsumer(AsyncWebsocketConsumer):
             fanout.hub_for(self.channel_layer).ready(self.local, last_seq, last_change)
         else:
             self.replayed_through, self.changes_through = last_seq, last_change
+        await self.arrive()
+
+    async def arrive(self) -> None:
+        """Count this socket as present, and keep it counted while it lives."""
+        self.presence = ephemeral.presence_member(self.scope["user"].get_username(), uuid.uuid4().hex)
+        before, users = await ephemeral.presence_update(room_id=self.room.pk, add=self.presence)
+        if users != before:
+            await realtime.publish_presence(room_id=self.room.pk, users=users)  # this socket hears it too
+        else:
+            await self.send(protocol.presence_frame(users))
+        self.heartbeat = asyncio.get_running_loop().create_task(self.stay_present())
+
+    async def stay_present(self) -> None:
+        # Refreshing the member also drops those of sockets whose process died.
+        while True:
+            await asyncio.sleep(settings.CHAT_PRESENCE_TTL / 3)
+            try:
+                before, users = await ephemeral.presence_update(room_id=self.room.pk, add=self.presence)
+                if users != before:
+                    await realtime.publish_presence(room_id=self.room.pk, users=users)
+            except Exception:
+                logger.warning("Refreshing presence in room %s failed", self.room.slug, exc_info=True)
+
+    async def leave(self) -> None:
+        self.heartbeat.cancel()
+        before, users = await ephemeral.presence_update(room_id=self.room.pk, remove=self.presence)
+        if users != before:
+            await realtime.publish_presence(room_id=self.room.pk, users=users)
 
     async def disconnect(self, code: int) -> None:
+        if self.presence is not None:
+            await self.leave()
         if self.local is not None:
             await fanout.hub_for(self.channel_layer).leave(self.room.pk, self.local)
         elif self.room is not None:
@@ -137,6 +172,10 @@ class RoomConsumer(AsyncWebsocketConsumer):
         """Relay an edit or deletion (the fast path off)."""
         if event["change"] > self.changes_through:
             await self.send(protocol.encode(event["frame"]))
+
+    async def chat_presence(self, event: dict) -> None:
+        """Relay who is online now (the fast path off)."""
+        await self.send(protocol.presence_frame(event["users"]))
 
     async def chat_typing(self, event: dict) -> None:
         """Relay another user's typing signal (the fast path off)."""

@@ -44,3 +44,60 @@ async def claim(key: str, ttl_ms: int) -> bool:
 async def typing_allowed(*, room_id: int, username: str) -> bool:
     """Relay a typing signal at most once per user per room every 2 seconds."""
     return await claim(f"typing:{room_id}:{username}", TYPING_INTERVAL_MS)
+
+
+# ---- presence ------------------------------------------------------------------
+#
+# One sorted set per room: a member per open socket, "<username>|<socket id>",
+# scored with the time it expires. Sockets refresh their member every
+# CHAT_PRESENCE_TTL / 3 seconds; a server process that dies stops refreshing,
+# and its members fall out within CHAT_PRESENCE_TTL. A user counts once however
+# many sockets (tabs) they have.
+
+
+def _presence_key(room_id: int) -> str:
+    return f"{settings.CHANNEL_LAYER_PREFIX}:presence:{room_id}"
+
+
+def _users(members) -> list[str]:
+    return sorted({(m.decode() if isinstance(m, bytes) else m).rsplit("|", 1)[0] for m in members})
+
+
+_local_presence: dict[str, dict[str, float]] = {}
+
+
+async def presence_update(
+    *, room_id: int, add: str | None = None, remove: str | None = None
+) -> tuple[list[str], list[str]]:
+    """Add or remove a socket's member, drop expired ones; return (users before, users after)."""
+    key = _presence_key(room_id)
+    now = time.time()
+    expires = now + settings.CHAT_PRESENCE_TTL
+    if settings.CHANNEL_LAYER != "redis":
+        members = _local_presence.setdefault(key, {})
+        before = _users(members)
+        for member in [m for m, until in members.items() if until <= now]:
+            del members[member]
+        if add:
+            members[add] = expires
+        if remove:
+            members.pop(remove, None)
+        return before, _users(members)
+    # "Before" counts expired members still in the set: whoever drops them
+    # sees the list change, and so tells the room.
+    async with _client().pipeline(transaction=True) as pipe:
+        pipe.zrange(key, 0, -1)
+        pipe.zremrangebyscore(key, "-inf", now)
+        if add:
+            pipe.zadd(key, {add: expires})
+        if remove:
+            pipe.zrem(key, remove)
+        pipe.zrange(key, 0, -1)
+        # The whole set outlives its members by a margin, so an empty room leaves nothing behind.
+        pipe.expire(key, int(settings.CHAT_PRESENCE_TTL * 2) + 1)
+        results = await pipe.execute()
+    return _users(results[0]), _users(results[-2])
+
+
+def presence_member(username: str, socket_id: str) -> str:
+    return f"{username}|{socket_id}"

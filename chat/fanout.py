@@ -127,6 +127,8 @@ class RoomHub:
             frame = protocol.typing_frame(event["user"])
             # Ephemeral: not for the typist's own tabs, and not held for a replaying socket.
             sockets = [s for s in sockets if s.user != event["user"] and s.replayed_through is not None]
+        elif event["type"] == realtime.PRESENCE_EVENT:
+            frame = protocol.presence_frame(event["users"])  # held for a replaying socket, never filtered
         elif event["type"] == realtime.CHANGE_EVENT:
             frame = protocol.encode(event["frame"])
             change = event["change"]
@@ -145,7 +147,7 @@ class RoomHub:
         while True:
             try:
                 event = await self.layer.receive(self.channel)
-                if event.get("type") in (realtime.MESSAGE_EVENT, realtime.CHANGE_EVENT, realtime.TYPING_EVENT):
+                if event.get("type") in realtime.ROOM_EVENTS:
                     await self.deliver(event)
                     # receive() does not suspend while events are queued; let the
                     # writers send this one before the next, so an outbox only
@@ -227,6 +229,7 @@ def hub_for(channel_layer) -> RoomHub:
     """Return this event loop's hub (the channel layer, too, is per loop)."""
     loop = asyncio.get_running_loop()
     hub = _hubs.get(loop)
-    if hub is None:
+    if hub is None or (hub.reader is not None and hub.reader.done()):
+        # A hub whose reader ended (cancelled at shutdown) no longer owns its channel.
         hub = _hubs[loop] = RoomHub(channel_layer)
     return hub

@@ -60,6 +60,10 @@ def change_payload(message: Message) -> dict[str, Any]:
     return {"type": "message_updated", "message": message_payload(message), "change": message.change}
 
 
+def presence_frame(users: list[str]) -> str:
+    return encode({"type": "presence", "users": users})
+
+
 def typing_frame(username: str) -> str:
     return encode({"type": "typing", "user": username})
 

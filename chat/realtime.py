@@ -20,6 +20,8 @@ logger = logging.getLogger(__name__)
 MESSAGE_EVENT = "chat.message"
 TYPING_EVENT = "chat.typing"
 CHANGE_EVENT = "chat.change"
+PRESENCE_EVENT = "chat.presence"
+ROOM_EVENTS = (MESSAGE_EVENT, CHANGE_EVENT, TYPING_EVENT, PRESENCE_EVENT)
 
 
 def room_group(room: Room | int) -> str:
@@ -50,6 +52,11 @@ def publish_change(message: Message) -> None:
         "frame": protocol.change_payload(message),
     }
     async_to_sync(get_channel_layer().group_send)(room_group(message.room_id), event)
+
+
+async def publish_presence(*, room_id: int, users: list[str]) -> None:
+    """Tell every socket in the room who is online now."""
+    await get_channel_layer().group_send(room_group(room_id), {"type": PRESENCE_EVENT, "room": room_id, "users": users})
 
 
 async def publish_typing(*, room_id: int, username: str) -> None:

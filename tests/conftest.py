@@ -17,6 +17,7 @@ from chatsite.asgi import application
 # A prefix of its own keeps this run's pub/sub traffic apart from a site, or
 # another test run, using the same Redis.
 TEST_LAYER_PREFIX = f"test-{uuid.uuid4().hex[:12]}"
+settings.CHANNEL_LAYER_PREFIX = TEST_LAYER_PREFIX  # also the prefix of chat/ephemeral.py's keys
 if "CONFIG" in settings.CHANNEL_LAYERS["default"] and "hosts" in settings.CHANNEL_LAYERS["default"]["CONFIG"]:
     settings.CHANNEL_LAYERS["default"]["CONFIG"]["prefix"] = TEST_LAYER_PREFIX
 
@@ -85,7 +86,10 @@ async def ws_connect() -> AsyncIterator[Callable]:
 
     yield connect
     for communicator in opened:
-        await communicator.disconnect()
+        # A socket whose test already failed (a receive timed out, which
+        # cancels the application) must not fail the teardown as well.
+        if not communicator.future.done():
+            await communicator.disconnect()
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:

@@ -10,7 +10,7 @@ import redis
 from channels.db import database_sync_to_async
 from django.conf import settings
 
-from chat import consumers, realtime, selectors, services
+from chat import consumers, ephemeral, realtime, selectors, services
 from chat.models import Message, Room
 from chatsite.asgi import application
 
@@ -24,8 +24,20 @@ def fanout_mode(request, settings):
     return request.param
 
 
-async def receive(communicator, timeout: float = 3) -> dict:
-    return json.loads(await communicator.receive_from(timeout=timeout))
+async def receive(communicator, timeout: float = 3, *, presence: bool = False) -> dict:
+    """Return the next frame; presence frames, which come as people arrive and leave, only when asked for."""
+    while True:
+        frame = json.loads(await communicator.receive_from(timeout=timeout))
+        if (frame["type"] == "presence") == presence:
+            return frame
+
+
+async def silent(communicator, timeout: float = 0.5) -> bool:
+    """True if nothing but presence frames arrives within `timeout`."""
+    while not await communicator.receive_nothing(timeout=timeout):
+        if json.loads(await communicator.receive_from())["type"] != "presence":
+            return False
+    return True
 
 
 async def receive_until_ready(communicator) -> tuple[list[dict], dict]:
@@ -73,7 +85,7 @@ async def test_both_sockets_in_a_room_receive_and_another_room_does_not(ws_conne
         assert frame["message"]["author"] == "alice"
         assert frame["message"]["room"] == "general"
         assert frame["message"]["nonce"] == "n-1"
-    assert await outsider.receive_nothing(timeout=0.5)
+    assert await silent(outsider, 0.5)
 
 
 async def test_sender_gets_its_own_message_back_exactly_once(ws_connect, user, room):
@@ -81,7 +93,7 @@ async def test_sender_gets_its_own_message_back_exactly_once(ws_connect, user, r
     await send(alice, type="send", body="echo", nonce="n-echo")
     frame = await receive(alice)
     assert frame["message"]["body"] == "echo"
-    assert await alice.receive_nothing(timeout=0.5)
+    assert await silent(alice, 0.5)
 
 
 async def test_message_is_in_the_database_before_any_socket_sees_it(ws_connect, user, other_user, room):
@@ -235,7 +247,7 @@ async def test_failed_save_is_not_broadcast_and_sender_gets_an_error(ws_connect,
     await send(alice, type="send", body="lost?", nonce="n-broken")
     error = await receive(alice)
     assert (error["type"], error["code"], error["nonce"]) == ("error", "not_saved", "n-broken")
-    assert await bob.receive_nothing(timeout=0.5)
+    assert await silent(bob, 0.5)
 
 
 async def test_retried_nonce_answers_the_sender_with_the_original_and_stores_one_row(
@@ -251,7 +263,7 @@ async def test_retried_nonce_answers_the_sender_with_the_original_and_stores_one
     retried = await receive(alice)
 
     assert retried == original
-    assert await bob.receive_nothing(timeout=0.5)  # the retry is not broadcast again
+    assert await silent(bob, 0.5)  # the retry is not broadcast again
     assert await database_sync_to_async(Message.objects.count)() == 1
 
 
@@ -270,7 +282,7 @@ async def test_resume_after_seq_returns_only_missed_messages_then_ready(ws_conne
     await post(room, user, "live")
     live = await receive(bob)
     assert live["message"]["seq"] == 6
-    assert await bob.receive_nothing(timeout=0.5)
+    assert await silent(bob, 0.5)
 
 
 async def test_connect_without_after_sends_only_ready_with_the_rooms_last_seq(ws_connect, user, room):
@@ -340,7 +352,7 @@ async def test_messages_committed_during_resume_are_delivered_exactly_once(
     assert (await receive(bob))["message"]["body"] == "after the query"
     await post(room, user, "later")
     assert (await receive(bob))["message"]["seq"] == 6
-    assert await bob.receive_nothing(timeout=0.5)
+    assert await silent(bob, 0.5)
 
 
 async def test_history_pages_backwards_in_seq_order(ws_connect, user, room):
@@ -420,7 +432,7 @@ async def test_typing_reaches_the_others_and_is_not_echoed(ws_connect, user, oth
     alice = await joined(ws_connect, user, room)
     await send(alice, type="typing")
     assert await receive(bob) == {"type": "typing", "user": "alice"}
-    assert await alice.receive_nothing(timeout=0.5)
+    assert await silent(alice, 0.5)
 
 
 async def test_typing_is_relayed_at_most_once_per_two_seconds(ws_connect, user, other_user, room, no_typing_claims):
@@ -430,8 +442,8 @@ async def test_typing_is_relayed_at_most_once_per_two_seconds(ws_connect, user, 
     for typist in (alice, second_tab, alice, second_tab, alice):
         await send(typist, type="typing")
     assert await receive(bob) == {"type": "typing", "user": "alice"}
-    assert await bob.receive_nothing(timeout=0.7)
-    assert await second_tab.receive_nothing(timeout=0.1)  # the typist's other tab is not told either
+    assert await silent(bob, 0.7)
+    assert await silent(second_tab, 0.1)  # the typist's other tab is not told either
     await asyncio.sleep(1.5)
     await send(alice, type="typing")
     assert await receive(bob) == {"type": "typing", "user": "alice"}
@@ -476,7 +488,7 @@ async def test_changing_someone_elses_message_gets_forbidden_and_changes_nothing
     assert (await receive(bob))["code"] == "forbidden"
     await send(bob, type="delete", id=message.pk)
     assert (await receive(bob))["code"] == "forbidden"
-    assert await alice.receive_nothing(timeout=0.5)
+    assert await silent(alice, 0.5)
     stored = await database_sync_to_async(Message.objects.get)()
     assert (stored.body, stored.edited_at, stored.deleted_at) == ("alice's words", None, None)
 
@@ -514,7 +526,7 @@ async def test_resume_replays_edits_and_deletions_since_the_clients_last_change(
     await edit(room, user, one, "m1, live edit")
     live = await receive(bob)
     assert (live["type"], live["change"]) == ("message_updated", 4)
-    assert await bob.receive_nothing(timeout=0.5)
+    assert await silent(bob, 0.5)
 
 
 async def test_resumed_and_history_messages_never_carry_a_deleted_body(ws_connect, user, room):
@@ -527,3 +539,38 @@ async def test_resumed_and_history_messages_never_carry_a_deleted_body(ws_connec
     history = await receive(alice)
     assert history["messages"][0]["seq"] == 1 and history["messages"][0]["body"] == ""
     assert "hunter2" not in json.dumps(replayed + [history])
+
+
+async def presence_of(communicator) -> list[str]:
+    return (await receive(communicator, presence=True))["users"]
+
+
+async def no_presence_news(communicator, timeout: float = 0.5) -> bool:
+    """True if no presence frame arrives within `timeout` (other frames are not expected either)."""
+    return await communicator.receive_nothing(timeout=timeout)
+
+
+async def test_presence_is_sent_on_connect_and_whenever_the_set_of_users_changes(ws_connect, user, other_user, room):
+    alice, _ = await ws_connect(user, room)
+    assert await presence_of(alice) == ["alice"]
+    bob, _ = await ws_connect(other_user, room)
+    assert await presence_of(bob) == ["alice", "bob"]
+    assert await presence_of(alice) == ["alice", "bob"]
+
+    second_tab, _ = await ws_connect(user, room)
+    assert await presence_of(second_tab) == ["alice", "bob"]  # told on connect
+    assert await no_presence_news(alice) and await no_presence_news(bob)  # a second tab changes nobody's list
+
+    await second_tab.disconnect()
+    assert await no_presence_news(bob)  # alice is still here in her first tab
+    await alice.disconnect()
+    assert await presence_of(bob) == ["bob"]
+
+
+async def test_presence_drops_a_socket_whose_process_stopped_refreshing_it(ws_connect, other_user, room, settings):
+    settings.CHAT_PRESENCE_TTL = 0.6
+    # A member left behind by a server process that died: nobody refreshes it.
+    await ephemeral.presence_update(room_id=room.pk, add=ephemeral.presence_member("ghost", "dead-process"))
+    bob, _ = await ws_connect(other_user, room)
+    assert await presence_of(bob) == ["bob", "ghost"]
+    assert await presence_of(bob) == ["bob"]  # within the expiry, by bob's own refresh

@@ -175,14 +175,23 @@ class Sockets:
                 return ws, before, frame
             before.append(frame)
 
-    async def recv(self, ws, waiting_for: str, timeout: float = FRAME_TIMEOUT) -> dict:
-        try:
-            raw = await asyncio.wait_for(ws.recv(), timeout)
-        except TimeoutError:
-            raise AssertionError(f"no frame within {timeout}s while waiting for {waiting_for}\n{self.logs()}") from None
-        except ConnectionClosed as error:
-            raise AssertionError(f"socket closed ({error}) while waiting for {waiting_for}\n{self.logs()}") from None
-        return json.loads(raw)
+    async def recv(self, ws, waiting_for: str, timeout: float = FRAME_TIMEOUT, *, presence: bool = False) -> dict:
+        """Return the next frame; presence frames, which come as people arrive and leave, only when asked for."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            try:
+                raw = await asyncio.wait_for(ws.recv(), max(0.01, deadline - asyncio.get_running_loop().time()))
+            except TimeoutError:
+                raise AssertionError(
+                    f"no frame within {timeout}s while waiting for {waiting_for}\n{self.logs()}"
+                ) from None
+            except ConnectionClosed as error:
+                raise AssertionError(
+                    f"socket closed ({error}) while waiting for {waiting_for}\n{self.logs()}"
+                ) from None
+            frame = json.loads(raw)
+            if (frame["type"] == "presence") == presence:
+                return frame
 
     async def send(self, ws, body: str, nonce: str | None = None) -> None:
         frame = json.dumps({"type": "send", "body": body, "nonce": nonce or uuid.uuid4().hex})
@@ -197,13 +206,19 @@ class Sockets:
         return frame["message"]
 
     async def assert_silent(self, ws, who: str, seconds: float = SILENCE) -> None:
-        try:
-            raw = await asyncio.wait_for(ws.recv(), seconds)
-        except TimeoutError:
-            return
-        except ConnectionClosed as error:
-            raise AssertionError(f"{who}: socket closed ({error}) instead of staying quiet\n{self.logs()}") from None
-        raise AssertionError(f"{who} should have received nothing, got {raw}\n{self.logs()}")
+        """Nothing but presence frames may arrive within `seconds`."""
+        deadline = asyncio.get_running_loop().time() + seconds
+        while (left := deadline - asyncio.get_running_loop().time()) > 0:
+            try:
+                raw = await asyncio.wait_for(ws.recv(), left)
+            except TimeoutError:
+                return
+            except ConnectionClosed as error:
+                raise AssertionError(
+                    f"{who}: socket closed ({error}) instead of staying quiet\n{self.logs()}"
+                ) from None
+            if json.loads(raw)["type"] != "presence":
+                raise AssertionError(f"{who} should have received nothing, got {raw}\n{self.logs()}")
 
     async def close_all(self) -> None:
         for ws in self.opened:
@@ -320,7 +335,10 @@ async def test_resume_after_server_restart_delivers_missed_messages_once_in_orde
 
     server2.kill()  # SIGKILL: no close frame, no cleanup
     try:
-        frame = await asyncio.wait_for(bob.recv(), FRAME_TIMEOUT)
+        while True:  # presence frames sent before the kill may still be in flight
+            frame = await asyncio.wait_for(bob.recv(), FRAME_TIMEOUT)
+            if json.loads(frame)["type"] != "presence":
+                break
     except ConnectionClosed:
         pass  # dropped with its server, as it should be
     except TimeoutError:
@@ -364,3 +382,18 @@ async def test_edit_and_delete_on_one_process_reach_a_socket_on_another(
     deleted = await sockets.recv(bob, "the deletion relayed to bob on the other process")
     assert deleted == {"type": "message_deleted", "id": sent["id"], "seq": 1, "change": 2}
     await sockets.assert_silent(bob, "bob (a second copy of a change)")
+
+
+async def test_users_of_a_killed_server_process_drop_out_of_presence(
+    daphne, sockets, user, other_user, room, alice_cookie, bob_cookie
+):
+    daphne.env["CHAT_PRESENCE_TTL"] = "1.5"  # a short expiry, for the test
+    server1, server2 = await daphne.start(2)
+    await sockets.join(server1, alice_cookie, room.slug)
+    bob, _, _ = await sockets.join(server2, bob_cookie, room.slug)
+    presence = await sockets.recv(bob, "presence with alice and bob", presence=True)
+    assert presence["users"] == [user.username, other_user.username]
+
+    server1.kill()  # SIGKILL: no goodbye, nobody removes alice's entry
+    presence = await sockets.recv(bob, "presence without alice, once her entry expires", timeout=6, presence=True)
+    assert presence == {"type": "presence", "users": [other_user.username]}

@@ -440,7 +440,8 @@ class Command(BaseCommand):
     def server_env(self) -> dict[str, str]:
         env = os.environ.copy()
         env.update(
-            DJANGO_SETTINGS_MODULE=settings.SETTINGS_MODULE,
+            # SETTINGS_MODULE is None while settings are overridden (in tests).
+            DJANGO_SETTINGS_MODULE=settings.SETTINGS_MODULE or os.environ["DJANGO_SETTINGS_MODULE"],
             DATABASE_URL=self.options["database_url"],
             SECRET_KEY=BENCH_SECRET_KEY,
             DEBUG="0",

@@ -15,6 +15,7 @@
   const hint = document.getElementById("composer-hint");
   const loadOlder = document.getElementById("load-older");
   const typingLine = document.getElementById("typing");
+  const online = document.getElementById("online");
 
   const GAP_GRACE_MS = 1000; // frames from two publishers may cross; wait before asking
   const HISTORY_LIMIT = 100;
@@ -142,6 +143,9 @@
       case "typing":
         showTyping(frame.user);
         break;
+      case "presence":
+        showPresence(frame.users);
+        break;
       case "message_updated":
         onUpdated(frame);
         break;
@@ -205,6 +209,14 @@
   }
 
   // ---- the message list ----------------------------------------------------
+
+  // ---- who is here -------------------------------------------------------------
+
+  function showPresence(users) {
+    const shown = users.slice(0, 5).join(", ");
+    online.textContent = `${users.length} online: ${shown}${users.length > 5 ? ` and ${users.length - 5} more` : ""}`;
+    online.title = users.join(", ");
+  }
 
   // ---- who is typing ----------------------------------------------------------
 
