@@ -123,11 +123,7 @@ class ServerProcess:
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:  # pragma: no cover - nothing more we can do
-                pass
+            self.kill()
 
     def kill(self) -> None:
         """SIGKILL the process (no graceful shutdown) and reap it."""
