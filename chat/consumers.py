@@ -73,7 +73,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
             for message in resume.messages:
                 await self.send(protocol.message_frame(message))
             for message in resume.changed:
-                await self.send(protocol.encode(protocol.change_payload(message)))
+                await self.send(protocol.change_frame(message))
             last_seq, last_change = resume.last_seq, resume.last_change
         await self.send(protocol.ready_frame(last_seq, last_change))
         if self.local is not None:
@@ -85,10 +85,8 @@ class RoomConsumer(AsyncWebsocketConsumer):
     async def arrive(self) -> None:
         """Count this socket as present, and keep it counted while it lives."""
         self.presence = ephemeral.presence_member(self.scope["user"].get_username(), uuid.uuid4().hex)
-        before, users = await ephemeral.presence_update(room_id=self.room.pk, add=self.presence)
-        if users != before:
-            await realtime.publish_presence(room_id=self.room.pk, users=users)  # this socket hears it too
-        else:
+        users, published = await self.update_presence(add=self.presence)
+        if not published:  # a published list reaches this socket too
             await self.send(protocol.presence_frame(users))
         self.heartbeat = asyncio.get_running_loop().create_task(self.stay_present())
 
@@ -97,17 +95,21 @@ class RoomConsumer(AsyncWebsocketConsumer):
         while True:
             await asyncio.sleep(settings.CHAT_PRESENCE_TTL / 3)
             try:
-                before, users = await ephemeral.presence_update(room_id=self.room.pk, add=self.presence)
-                if users != before:
-                    await realtime.publish_presence(room_id=self.room.pk, users=users)
+                await self.update_presence(add=self.presence)
             except Exception:
                 logger.warning("Refreshing presence in room %s failed", self.room.slug, exc_info=True)
 
     async def leave(self) -> None:
         self.heartbeat.cancel()
-        before, users = await ephemeral.presence_update(room_id=self.room.pk, remove=self.presence)
-        if users != before:
-            await realtime.publish_presence(room_id=self.room.pk, users=users)
+        await self.update_presence(remove=self.presence)
+
+    async def update_presence(self, *, add: str | None = None, remove: str | None = None) -> tuple[list[str], bool]:
+        """Change this socket's presence entry; tell the room when its list changed. Return (users, told)."""
+        before, users = await ephemeral.presence_update(room_id=self.room.pk, add=add, remove=remove)
+        if users == before:
+            return users, False
+        await realtime.publish_presence(room_id=self.room.pk, users=users)
+        return users, True
 
     async def disconnect(self, code: int) -> None:
         if self.presence is not None:
@@ -191,7 +193,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
             self.closing = True
             await self.close(code=CLOSE_TRY_AGAIN_LATER)
             return
-        await self.send(protocol.encode({"type": "message", "message": event["message"]}))
+        await self.send(protocol.message_frame_from_payload(event["message"]))
 
 
 def _query_seq(scope: dict, name: str) -> int | None:

@@ -133,7 +133,7 @@ class RoomHub:
             frame = protocol.encode(event["frame"])
             change = event["change"]
         else:
-            frame = protocol.encode({"type": "message", "message": event["message"]})
+            frame = protocol.message_frame_from_payload(event["message"])
             seq = event["seq"]
         for socket in list(sockets):
             if self._offer(socket, frame, seq=seq, change=change):

@@ -42,7 +42,12 @@ def encode(frame: dict[str, Any]) -> str:
 
 
 def message_frame(message: Message) -> str:
-    return encode({"type": "message", "message": message_payload(message)})
+    return message_frame_from_payload(message_payload(message))
+
+
+def message_frame_from_payload(payload: dict[str, Any]) -> str:
+    """Encode a message frame from the payload a published event carries."""
+    return encode({"type": "message", "message": payload})
 
 
 def error_frame(code: str, detail: str, nonce: Any = None) -> str:
@@ -62,6 +67,10 @@ def change_payload(message: Message) -> dict[str, Any]:
 
 def presence_frame(users: list[str]) -> str:
     return encode({"type": "presence", "users": users})
+
+
+def change_frame(message: Message) -> str:
+    return encode(change_payload(message))
 
 
 def typing_frame(username: str) -> str:
