@@ -13,9 +13,9 @@ from chat import ephemeral, fanout, protocol, realtime, selectors, services
 
 logger = logging.getLogger(__name__)
 
-# Close codes (RFC 6455 and the 4000-4999 range for this application).
-CLOSE_TRY_AGAIN_LATER = fanout.CLOSE_TRY_AGAIN_LATER
-CLOSE_BAD_REQUEST = 4400
+CLOSE_TRY_AGAIN_LATER = protocol.CLOSE_TRY_AGAIN_LATER
+CLOSE_BAD_REQUEST = protocol.CLOSE_BAD_REQUEST
+CLOSE_REMOVED = protocol.CLOSE_REMOVED
 
 
 class RoomConsumer(AsyncWebsocketConsumer):
@@ -39,10 +39,11 @@ class RoomConsumer(AsyncWebsocketConsumer):
         if not user.is_authenticated:
             await self.close()
             return
-        self.room = await database_sync_to_async(selectors.room_get_open)(slug=slug)
-        if self.room is None:
+        entered = await database_sync_to_async(services.room_enter)(slug=slug, user=user)
+        if entered is None:  # no such room, archived, or private to others: the same refusal
             await self.close()
             return
+        self.room = entered[0]
         try:
             after = _query_seq(self.scope, "after")
             changes_after = _query_seq(self.scope, "changes_after")
@@ -60,6 +61,14 @@ class RoomConsumer(AsyncWebsocketConsumer):
             self.local = await fanout.hub_for(self.channel_layer).join(self.room.pk, send, user.get_username())
         else:
             await self.channel_layer.group_add(realtime.room_group(self.room), self.channel_name)
+        if self.room.is_private and not await database_sync_to_async(selectors.membership_get)(
+            room=self.room, user=user
+        ):
+            # Removed between the check above and the subscription, so the
+            # removal's broadcast came too early to close this socket.
+            await self.unsubscribe()
+            await self.close()
+            return
         await self.accept()
 
         if after is None:
@@ -114,8 +123,12 @@ class RoomConsumer(AsyncWebsocketConsumer):
     async def disconnect(self, code: int) -> None:
         if self.presence is not None:
             await self.leave()
+        await self.unsubscribe()
+
+    async def unsubscribe(self) -> None:
         if self.local is not None:
-            await fanout.hub_for(self.channel_layer).leave(self.room.pk, self.local)
+            local, self.local = self.local, None
+            await fanout.hub_for(self.channel_layer).leave(self.room.pk, local)
         elif self.room is not None:
             await self.channel_layer.group_discard(realtime.room_group(self.room), self.channel_name)
 
@@ -129,6 +142,8 @@ class RoomConsumer(AsyncWebsocketConsumer):
             await self.send_message(command)
         elif isinstance(command, protocol.EditCommand | protocol.DeleteCommand):
             await self.change_message(command)
+        elif isinstance(command, protocol.ReadCommand):
+            await database_sync_to_async(services.read_mark)(room=self.room, user=self.scope["user"], seq=command.seq)
         elif isinstance(command, protocol.TypingCommand):
             username = self.scope["user"].get_username()
             if await ephemeral.typing_allowed(room_id=self.room.pk, username=username):
@@ -178,6 +193,13 @@ class RoomConsumer(AsyncWebsocketConsumer):
     async def chat_presence(self, event: dict) -> None:
         """Relay who is online now (the fast path off)."""
         await self.send(protocol.presence_frame(event["users"]))
+
+    async def chat_removal(self, event: dict) -> None:
+        """Close this socket if its user was removed from the room (the fast path off)."""
+        if event["user"] == self.scope["user"].get_username() and not self.closing:
+            self.closing = True
+            await self.send(protocol.removed_frame())
+            await self.close(code=CLOSE_REMOVED)
 
     async def chat_typing(self, event: dict) -> None:
         """Relay another user's typing signal (the fast path off)."""

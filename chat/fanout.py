@@ -29,8 +29,6 @@ from chat import protocol, realtime
 
 logger = logging.getLogger(__name__)
 
-CLOSE_TRY_AGAIN_LATER = 1013
-
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
@@ -123,6 +121,10 @@ class RoomHub:
         if not sockets:
             return
         seq = change = None
+        if event["type"] == realtime.REMOVAL_EVENT:
+            for socket in [s for s in sockets if s.user == event["user"]]:
+                self._close(socket, protocol.CLOSE_REMOVED, protocol.removed_frame())
+            return
         if event["type"] == realtime.TYPING_EVENT:
             frame = protocol.typing_frame(event["user"])
             # Ephemeral: not for the typist's own tabs, and not held for a replaying socket.
@@ -185,7 +187,8 @@ class RoomHub:
                 # task's context variables happened to start the hub.
                 socket.writer = asyncio.get_running_loop().create_task(self._write(socket), context=Context())
         if queued > self.max_backlog:
-            self._close_behind(socket)
+            # Too far behind to catch up live; the client resumes from the database.
+            self._close(socket, protocol.CLOSE_TRY_AGAIN_LATER)
         return False
 
     async def _write(self, socket: LocalSocket) -> None:
@@ -200,14 +203,22 @@ class RoomHub:
         finally:
             socket.writer = None
 
-    def _close_behind(self, socket: LocalSocket) -> None:
-        # Too far behind to catch up live; the client resumes from the database.
+    def _close(self, socket: LocalSocket, code: int, last_frame: str | None = None) -> None:
+        """Close a socket now, dropping what it has not been sent, after `last_frame` if given."""
+        if socket.closed:
+            return
         socket.closed = True
         socket.held.clear()
         socket.outbox.clear()
-        asyncio.get_running_loop().create_task(
-            socket.send({"type": "websocket.close", "code": CLOSE_TRY_AGAIN_LATER}), context=Context()
-        )
+        asyncio.get_running_loop().create_task(self._send_close(socket, code, last_frame), context=Context())
+
+    async def _send_close(self, socket: LocalSocket, code: int, last_frame: str | None) -> None:
+        try:
+            if last_frame is not None:
+                await socket.send({"type": "websocket.send", "text": last_frame})
+            await socket.send({"type": "websocket.close", "code": code})
+        except Exception:
+            logger.debug("Closing a closed socket failed", exc_info=True)
 
 
 def _writable_event(send: Send) -> asyncio.Event | None:

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from django import forms
 
+from chat.models import Membership
+
 
 class RoomForm(forms.Form):
     """Checks the fields' shape; the room_create service validates the room as a whole."""
@@ -14,3 +16,18 @@ class RoomForm(forms.Form):
         help_text="Optional: lowercase letters, digits and hyphens, e.g. team-news. Made from the name when empty.",
     )
     topic = forms.CharField(max_length=200, required=False)
+    is_private = forms.BooleanField(
+        required=False, label="Private", help_text="Only members you add can find, read and join it."
+    )
+
+
+class MemberForm(forms.Form):
+    username = forms.CharField(max_length=150)
+    role = forms.ChoiceField(
+        choices=[(Membership.Role.MEMBER, "Member"), (Membership.Role.MODERATOR, "Moderator")],
+        initial=Membership.Role.MEMBER,
+        required=False,
+    )
+
+    def clean_role(self) -> str:
+        return self.cleaned_data["role"] or Membership.Role.MEMBER

@@ -26,6 +26,8 @@ class Room(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     # Archived rooms keep their history but accept no sockets and no messages.
     is_archived = models.BooleanField(default=False)
+    # Private rooms exist only for their members: unlisted, and 404 to anyone else.
+    is_private = models.BooleanField(default=False)
     # The seq of the newest message. Incremented in the transaction that saves
     # each message, which is what keeps the per-room sequence gapless.
     last_seq = models.PositiveBigIntegerField(default=0)
@@ -69,3 +71,33 @@ class Message(models.Model):
 
     def __str__(self) -> str:
         return f"{self.room_id}#{self.seq}"
+
+
+class Membership(models.Model):
+    """A user's place in a room: their role, and how far they have read."""
+
+    class Role(models.TextChoices):
+        MEMBER = "member"
+        MODERATOR = "moderator"
+        OWNER = "owner"
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships")
+    room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="memberships")
+    role = models.CharField(max_length=16, choices=Role.choices, default=Role.MEMBER)
+    joined_at = models.DateTimeField(auto_now_add=True)
+    # The highest seq the user has seen; only ever raised.
+    last_read_seq = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        ordering = ["room", "user"]
+        constraints = [models.UniqueConstraint(fields=["room", "user"], name="membership_unique_room_user")]
+        # The room list looks memberships up by user.
+        indexes = [models.Index(fields=["user", "room"], name="membership_user_room")]
+
+    def __str__(self) -> str:
+        return f"{self.user_id} in {self.room_id} ({self.role})"
+
+    @property
+    def can_moderate(self) -> bool:
+        """Moderators and owners delete others' messages and manage members."""
+        return self.role in (self.Role.MODERATOR, self.Role.OWNER)

@@ -50,6 +50,16 @@ def message_frame_from_payload(payload: dict[str, Any]) -> str:
     return encode({"type": "message", "message": payload})
 
 
+# Close codes (RFC 6455, and 4000-4999 for this application).
+CLOSE_TRY_AGAIN_LATER = 1013
+CLOSE_REMOVED = 4403
+CLOSE_BAD_REQUEST = 4400
+
+
+def removed_frame() -> str:
+    return error_frame("removed", "You were removed from this room.")
+
+
 def error_frame(code: str, detail: str, nonce: Any = None) -> str:
     return encode({"type": "error", "code": code, "detail": detail, "nonce": nonce})
 
@@ -118,12 +128,20 @@ class DeleteCommand:
 
 
 @dataclass(frozen=True)
+class ReadCommand:
+    seq: int
+
+
+@dataclass(frozen=True)
 class HistoryCommand:
     before: int
     limit: int
 
 
-def parse_client_frame(text_data: str | None, bytes_data: bytes | None) -> SendCommand | HistoryCommand | TypingCommand:
+ClientCommand = SendCommand | HistoryCommand | TypingCommand | EditCommand | DeleteCommand | ReadCommand
+
+
+def parse_client_frame(text_data: str | None, bytes_data: bytes | None) -> ClientCommand:
     """Decode and check one client frame, raising FrameError with what to fix."""
     if text_data is None:
         raise FrameError("binary_frame", "Send JSON in text frames; binary frames are not supported.")
@@ -154,8 +172,12 @@ def parse_client_frame(text_data: str | None, bytes_data: bytes | None) -> SendC
         return EditCommand(id=frame.get("id"), body=frame["body"])
     if kind == "delete":
         return DeleteCommand(id=frame.get("id"))
+    if kind == "read":
+        return ReadCommand(seq=_int_in_range(frame, "seq", 0, 2**63 - 1, nonce))
     raise FrameError(
-        "unknown_type", f'Unknown frame type {kind!r}; use "send", "history", "typing", "edit" or "delete".', nonce
+        "unknown_type",
+        f'Unknown frame type {kind!r}; use "send", "history", "typing", "edit", "delete" or "read".',
+        nonce,
     )
 
 

@@ -21,7 +21,8 @@ MESSAGE_EVENT = "chat.message"
 TYPING_EVENT = "chat.typing"
 CHANGE_EVENT = "chat.change"
 PRESENCE_EVENT = "chat.presence"
-ROOM_EVENTS = (MESSAGE_EVENT, CHANGE_EVENT, TYPING_EVENT, PRESENCE_EVENT)
+REMOVAL_EVENT = "chat.removal"
+ROOM_EVENTS = (MESSAGE_EVENT, CHANGE_EVENT, TYPING_EVENT, PRESENCE_EVENT, REMOVAL_EVENT)
 
 
 def room_group(room: Room | int) -> str:
@@ -62,6 +63,13 @@ async def publish_presence(*, room_id: int, users: list[str]) -> None:
 async def publish_typing(*, room_id: int, username: str) -> None:
     """Tell the room's other sockets that this user is typing (ephemeral: nothing is stored)."""
     await get_channel_layer().group_send(room_group(room_id), {"type": TYPING_EVENT, "room": room_id, "user": username})
+
+
+def publish_removal(*, room_id: int, username: str) -> None:
+    """Close the sockets a user removed from a private room has open there, on every server process."""
+    async_to_sync(get_channel_layer().group_send)(
+        room_group(room_id), {"type": REMOVAL_EVENT, "room": room_id, "user": username}
+    )
 
 
 def backlog(channel_layer, channel_name: str) -> int:

@@ -4,19 +4,52 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from django.db.models import F, QuerySet
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.db.models import Count, Exists, F, OuterRef, Q, QuerySet, Subquery, Value
+from django.db.models.functions import Coalesce
 
-from chat.models import Message, Room
+from chat.models import Membership, Message, Room
 
 
-def room_list() -> QuerySet[Room]:
-    """Return the open rooms, most recently active first."""
-    return Room.objects.filter(is_archived=False).order_by(F("last_message_at").desc(nulls_last=True), "slug")
+def room_list(*, user: AbstractBaseUser | AnonymousUser) -> QuerySet[Room]:
+    """Return the open rooms `user` may see, most recently active first, in one query.
+
+    For a signed-in user each room carries `unread`: messages by others after
+    the user's last read seq, not deleted (0 in rooms they never opened).
+    """
+    rooms = Room.objects.filter(is_archived=False).order_by(F("last_message_at").desc(nulls_last=True), "slug")
+    if not user.is_authenticated:
+        return rooms.filter(is_private=False).annotate(unread=Value(0))
+    membership = Membership.objects.filter(room=OuterRef("pk"), user=user)
+    unread = (
+        Message.objects.filter(room=OuterRef("pk"), seq__gt=OuterRef("last_read_seq"), deleted_at__isnull=True)
+        .exclude(author=user)
+        .order_by()
+        .values("room")
+        .annotate(count=Count("pk"))
+        .values("count")
+    )
+    return (
+        rooms.filter(Q(is_private=False) | Exists(membership))
+        .annotate(last_read_seq=Subquery(membership.values("last_read_seq")[:1]))
+        .annotate(unread=Coalesce(Subquery(unread), 0))
+    )
 
 
 def room_get_open(*, slug: str) -> Room | None:
     """Return the room a socket may join or a person may post in, or None."""
     return Room.objects.filter(slug=slug, is_archived=False).first()
+
+
+def membership_get(*, room: Room, user: AbstractBaseUser) -> Membership | None:
+    return Membership.objects.filter(room=room, user=user).first()
+
+
+def room_members(*, room: Room) -> list[Membership]:
+    """Return the room's members, owner and moderators first, then by name."""
+    rank = {Membership.Role.OWNER: 0, Membership.Role.MODERATOR: 1, Membership.Role.MEMBER: 2}
+    members = Membership.objects.filter(room=room).select_related("user")
+    return sorted(members, key=lambda membership: (rank[membership.role], membership.user.get_username().lower()))
 
 
 def _messages(room: Room) -> QuerySet[Message]:

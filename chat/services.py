@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import F, OuterRef, Subquery, Value
+from django.db.models.functions import Greatest, Least
 from django.utils import timezone
 from django.utils.text import slugify
 
-from chat import realtime
-from chat.models import Message, Room
+from chat import realtime, selectors
+from chat.models import Membership, Message, Room
 
 NONCE_MAX_LENGTH = 64
 
@@ -44,12 +46,92 @@ def clean_nonce(nonce: object) -> str | None:
     return nonce
 
 
-def room_create(*, slug: str = "", name: str, topic: str = "", created_by: AbstractBaseUser | None) -> Room:
-    """Create a room; the slug defaults to the name, slugified."""
-    room = Room(slug=slug or slugify(name)[:64], name=name, topic=topic, created_by=created_by)
+def room_create(
+    *, slug: str = "", name: str, topic: str = "", is_private: bool = False, created_by: AbstractBaseUser | None
+) -> Room:
+    """Create a room owned by its creator; the slug defaults to the name, slugified."""
+    room = Room(slug=slug or slugify(name)[:64], name=name, topic=topic, is_private=is_private, created_by=created_by)
     room.full_clean()
-    room.save()
+    with transaction.atomic():
+        room.save()
+        if created_by is not None:
+            Membership.objects.create(room=room, user=created_by, role=Membership.Role.OWNER)
     return room
+
+
+def room_enter(*, slug: str, user: AbstractBaseUser) -> tuple[Room, Membership] | None:
+    """Return the open room `user` may be in, and their membership; None for everyone else.
+
+    Opening a public room makes the user a member, which is what their unread
+    count is kept on. A private room answers None to non-members exactly as a
+    missing room does, so its existence is not given away.
+    """
+    room = selectors.room_get_open(slug=slug)
+    if room is None:
+        return None
+    membership = selectors.membership_get(room=room, user=user)
+    if membership is None:
+        if room.is_private:
+            return None
+        membership, _ = Membership.objects.get_or_create(room=room, user=user)
+    return room, membership
+
+
+def member_add(*, room: Room, actor: AbstractBaseUser, username: str, role: str = Membership.Role.MEMBER) -> Membership:
+    """Add a user to the room, or change their role; moderators add members, owners also appoint moderators."""
+    actor_membership = _membership_moderating(room=room, actor=actor)
+    if role not in (Membership.Role.MEMBER, Membership.Role.MODERATOR):
+        raise ChatError("invalid_role", 'The role must be "member" or "moderator".')
+    if role == Membership.Role.MODERATOR and actor_membership.role != Membership.Role.OWNER:
+        raise ChatError("forbidden", "Only the room's owner can appoint moderators.")
+    user = _user_named(username)
+    membership, created = Membership.objects.get_or_create(room=room, user=user, defaults={"role": role})
+    if not created and membership.role != role:
+        if actor_membership.role != Membership.Role.OWNER or membership.role == Membership.Role.OWNER:
+            raise ChatError("forbidden", "Only the room's owner can change roles, and the owner's role stays.")
+        membership.role = role
+        membership.save(update_fields=["role"])
+    return membership
+
+
+def member_remove(*, room: Room, actor: AbstractBaseUser, username: str) -> None:
+    """Take a user out of a private room and close their open sockets there (after the commit)."""
+    if not room.is_private:
+        raise ChatError("public_room", "Anyone signed in can open a public room, so nobody can be removed from it.")
+    actor_membership = _membership_moderating(room=room, actor=actor)
+    user = _user_named(username)
+    with transaction.atomic():
+        membership = Membership.objects.select_for_update().filter(room=room, user=user).first()
+        if membership is None:
+            raise ChatError("not_found", f"{username} is not a member of this room.")
+        if membership.role == Membership.Role.OWNER:
+            raise ChatError("forbidden", "The room's owner cannot be removed.")
+        if membership.role == Membership.Role.MODERATOR and actor_membership.role != Membership.Role.OWNER:
+            raise ChatError("forbidden", "Only the room's owner can remove a moderator.")
+        membership.delete()
+        transaction.on_commit(lambda: realtime.publish_removal(room_id=room.pk, username=user.get_username()))
+
+
+def _membership_moderating(*, room: Room, actor: AbstractBaseUser) -> Membership:
+    membership = selectors.membership_get(room=room, user=actor)
+    if membership is None or not membership.can_moderate:
+        raise ChatError("forbidden", "Only the room's owner and moderators can manage its members.")
+    return membership
+
+
+def _user_named(username: str) -> AbstractBaseUser:
+    user = get_user_model().objects.filter(username=username).first()
+    if user is None:
+        raise ChatError("unknown_user", f'There is no user called "{username}".')
+    return user
+
+
+def read_mark(*, room: Room, user: AbstractBaseUser, seq: int) -> None:
+    """Record that `user` has seen the room up to `seq`; only ever moves forward, never past the room's last seq."""
+    room_last_seq = Subquery(Room.objects.filter(pk=OuterRef("room_id")).values("last_seq")[:1])
+    Membership.objects.filter(room=room, user=user).update(
+        last_read_seq=Greatest(F("last_read_seq"), Least(Value(seq), room_last_seq))
+    )
 
 
 def message_create(*, room: Room, author: AbstractBaseUser, body: object, nonce: object = None) -> tuple[Message, bool]:
@@ -60,6 +142,8 @@ def message_create(*, room: Room, author: AbstractBaseUser, body: object, nonce:
     """
     body = clean_body(body)
     nonce = clean_nonce(nonce)
+    if room.is_private and selectors.membership_get(room=room, user=author) is None:
+        raise ChatError("forbidden", "You are not a member of this room.")
     # No look-up first: a retry is rare, and the unique (author, nonce)
     # constraint catches it below at no cost to every other send.
     try:
@@ -109,18 +193,23 @@ def message_edit(*, room: Room, message_id: object, user: AbstractBaseUser, body
 
 
 def message_delete(*, room: Room, message_id: object, user: AbstractBaseUser) -> Message:
-    """Delete a message (its author, or staff) and publish the change once committed.
+    """Delete a message (its author, the room's moderators, or staff) and publish the change once committed.
 
     The row stays, so the room's seqs stay gapless; its body is erased.
     """
     with transaction.atomic():
         message = _message_for_change(room=room, message_id=message_id)
-        if message.author_id != user.pk and not user.is_staff:
+        if message.author_id != user.pk and not user.is_staff and not _moderates(room=room, user=user):
             raise ChatError("forbidden", "You can only delete your own messages.")
         message.body = ""
         message.deleted_at = timezone.now()
         _record_change(room=room, message=message, fields=["body", "deleted_at"])
     return message
+
+
+def _moderates(*, room: Room, user: AbstractBaseUser) -> bool:
+    membership = selectors.membership_get(room=room, user=user)
+    return membership is not None and membership.can_moderate
 
 
 def _message_for_change(*, room: Room, message_id: object) -> Message:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from django.conf import settings
+from django.contrib import messages as flash
 from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.forms import UserCreationForm
@@ -10,12 +11,14 @@ from django.shortcuts import redirect, render, resolve_url
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from chat import selectors, services
-from chat.forms import RoomForm
+from chat.forms import MemberForm, RoomForm
+from chat.models import Membership, Room
 
 
 @require_GET
 def room_list(request: HttpRequest) -> HttpResponse:
-    return render(request, "chat/room_list.html", {"rooms": selectors.room_list(), "form": RoomForm()})
+    rooms = selectors.room_list(user=request.user)
+    return render(request, "chat/room_list.html", {"rooms": rooms, "form": RoomForm()})
 
 
 @require_POST
@@ -29,7 +32,7 @@ def room_create(request: HttpRequest) -> HttpResponse:
             form.add_error(None, error)
         else:
             return redirect("room-detail", slug=room.slug)
-    response = render(request, "chat/room_list.html", {"rooms": selectors.room_list(), "form": form})
+    response = render(request, "chat/room_list.html", {"rooms": selectors.room_list(user=request.user), "form": form})
     response.status_code = 400
     return response
 
@@ -37,13 +40,18 @@ def room_create(request: HttpRequest) -> HttpResponse:
 @require_GET
 @login_required
 def room_detail(request: HttpRequest, slug: str) -> HttpResponse:
-    room = selectors.room_get_open(slug=slug)
-    if room is None:
-        raise Http404("No such room.")
+    room, membership = _enter_or_404(request, slug)
+    can_moderate = membership.can_moderate or request.user.is_staff
+    members = selectors.room_members(room=room)
+    if not room.is_private:  # everyone who opened it is a member: list only who runs it
+        members = [member for member in members if member.can_moderate]
     messages, has_more = selectors.message_list(room=room, limit=settings.CHAT_PAGE_MESSAGES)
     context = {
         "room": room,
-        "messages": messages,
+        "membership": membership,
+        "members": members,
+        "member_form": MemberForm(),
+        "chat_messages": messages,  # "messages" is the flash messages of django.contrib.messages
         "has_more": has_more,
         # The client starts from exactly what the server rendered.
         "client_config": {
@@ -54,11 +62,50 @@ def room_detail(request: HttpRequest, slug: str) -> HttpResponse:
             "firstSeq": messages[0].seq if messages else None,
             "hasMore": has_more,
             "username": request.user.get_username(),
+            "lastRead": membership.last_read_seq,
+            "canModerate": can_moderate,
             "maxLength": settings.CHAT_MESSAGE_MAX_LENGTH,
             "loginUrl": f"{resolve_url(settings.LOGIN_URL)}?next={request.path}",
         },
     }
     return render(request, "chat/room_detail.html", context)
+
+
+@require_POST
+@login_required
+def member_add(request: HttpRequest, slug: str) -> HttpResponse:
+    room, _ = _enter_or_404(request, slug)
+    form = MemberForm(request.POST)
+    if not form.is_valid():
+        flash.error(request, "Give the username of the person to add.")
+        return redirect("room-detail", slug=room.slug)
+    try:
+        membership = services.member_add(room=room, actor=request.user, **form.cleaned_data)
+    except services.ChatError as error:
+        flash.error(request, error.detail)
+    else:
+        flash.success(request, f"{membership.user.get_username()} is a {membership.role} of {room.name}.")
+    return redirect("room-detail", slug=room.slug)
+
+
+@require_POST
+@login_required
+def member_remove(request: HttpRequest, slug: str, username: str) -> HttpResponse:
+    room, _ = _enter_or_404(request, slug)
+    try:
+        services.member_remove(room=room, actor=request.user, username=username)
+    except services.ChatError as error:
+        flash.error(request, error.detail)
+    else:
+        flash.success(request, f"{username} was removed from {room.name}.")
+    return redirect("room-detail", slug=room.slug)
+
+
+def _enter_or_404(request: HttpRequest, slug: str) -> tuple[Room, Membership]:
+    entered = services.room_enter(slug=slug, user=request.user)
+    if entered is None:  # missing, archived, or private to this user: all look the same
+        raise Http404("No such room.")
+    return entered
 
 
 @require_http_methods(["GET", "POST"])

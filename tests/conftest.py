@@ -41,6 +41,11 @@ def other_user(django_user_model):
 
 
 @pytest.fixture
+def third_user(django_user_model):
+    return django_user_model.objects.create_user("carol", password="pw-carol-123")
+
+
+@pytest.fixture
 def room(user) -> Room:
     return services.room_create(slug="general", name="General", topic="Anything goes", created_by=user)
 
@@ -48,6 +53,14 @@ def room(user) -> Room:
 @pytest.fixture
 def other_room(user) -> Room:
     return services.room_create(slug="random", name="Random", created_by=user)
+
+
+@pytest.fixture
+def private_room(user, other_user) -> Room:
+    """Owned by alice, with bob as a member; carol is not in it."""
+    room = services.room_create(slug="secret", name="Secret", is_private=True, created_by=user)
+    services.member_add(room=room, actor=user, username=other_user.username)
+    return room
 
 
 def session_cookie(user) -> str:

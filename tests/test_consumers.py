@@ -11,7 +11,7 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 
 from chat import consumers, ephemeral, realtime, selectors, services
-from chat.models import Message, Room
+from chat.models import Membership, Message, Room
 from chatsite.asgi import application
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -574,3 +574,105 @@ async def test_presence_drops_a_socket_whose_process_stopped_refreshing_it(ws_co
     bob, _ = await ws_connect(other_user, room)
     assert await presence_of(bob) == ["bob", "ghost"]
     assert await presence_of(bob) == ["bob"]  # within the expiry, by bob's own refresh
+
+
+# --------------------------------------------------------------------------
+# Private rooms, moderators and read marks
+# --------------------------------------------------------------------------
+
+
+async def test_private_room_handshake_is_refused_to_a_non_member(ws_connect, other_user, third_user, private_room):
+    _, connected = await ws_connect(third_user, private_room, after=0)
+    assert not connected
+    member, connected = await ws_connect(other_user, private_room, after=0)
+    assert connected
+
+
+async def test_removed_member_is_told_and_closed_within_a_second_and_cannot_reconnect(
+    ws_connect, user, other_user, private_room
+):
+    alice = await joined(ws_connect, user, private_room)
+    bob_tabs = [await joined(ws_connect, other_user, private_room) for _ in range(2)]
+
+    await database_sync_to_async(services.member_remove)(room=private_room, actor=user, username=other_user.username)
+
+    for bob in bob_tabs:
+        assert await receive(bob, timeout=1) == {
+            "type": "error",
+            "code": "removed",
+            "detail": "You were removed from this room.",
+            "nonce": None,
+        }
+        assert await bob.receive_output(timeout=1) == {"type": "websocket.close", "code": consumers.CLOSE_REMOVED}
+    assert await silent(alice)  # the others stay
+    _, connected = await ws_connect(other_user, private_room)
+    assert not connected
+
+
+async def test_a_removed_members_send_saves_nothing(ws_connect, user, other_user, private_room):
+    bob = await joined(ws_connect, other_user, private_room)
+    await database_sync_to_async(Membership.objects.filter(user=other_user).delete)()  # no broadcast: the socket stays
+    await send(bob, type="send", body="still here?", nonce="n-1")
+    assert (await receive(bob))["code"] == "forbidden"
+    assert not await database_sync_to_async(Message.objects.exists)()
+
+
+async def test_a_moderator_deletes_someone_elses_message_over_the_socket(ws_connect, user, other_user, private_room):
+    await database_sync_to_async(Membership.objects.filter(user=other_user).update)(role="moderator")
+    alice = await joined(ws_connect, user, private_room)
+    bob = await joined(ws_connect, other_user, private_room)
+    message = await post(private_room, user, "alice's words")
+    await receive(alice)
+    await receive(bob)
+
+    await send(bob, type="delete", id=message.pk)
+    for communicator in (alice, bob):
+        assert await receive(communicator) == {"type": "message_deleted", "id": message.pk, "seq": 1, "change": 1}
+
+
+async def test_read_frame_stores_the_highest_seq_seen(ws_connect, user, other_user, room):
+    for i in range(3):
+        await post(room, user, f"m{i}")
+    bob = await joined(ws_connect, other_user, room)  # connecting to a public room makes bob a member
+
+    def last_read() -> int:
+        return Membership.objects.get(room=room, user=other_user).last_read_seq
+
+    for seq in (2, 1):
+        await send(bob, type="read", seq=seq)
+    await send(bob, type="history", before=2, limit=1)  # answered after the reads are stored
+    await receive(bob)
+    assert await database_sync_to_async(last_read)() == 2
+
+    await send(bob, type="read", seq="3")
+    assert await receive(bob) == {
+        "type": "error",
+        "code": "invalid_frame",
+        "detail": '"seq" must be a whole number from 0 to 9223372036854775807.',
+        "nonce": None,
+    }
+    assert await database_sync_to_async(last_read)() == 2
+
+
+async def test_unread_counts_are_right_after_a_reconnect(ws_connect, user, other_user, room):
+    def bobs_unread() -> int:
+        return {r.slug: r.unread for r in selectors.room_list(user=other_user)}[room.slug]
+
+    bob = await joined(ws_connect, other_user, room, after=0)
+    for i in range(2):
+        await post(room, user, f"seen {i}")
+        last = await receive(bob)
+    await send(bob, type="read", seq=last["message"]["seq"])
+    await bob.disconnect()
+
+    for i in range(3):
+        await post(room, user, f"missed {i}")
+    assert await database_sync_to_async(bobs_unread)() == 3
+
+    bob = await ws_connect(other_user, room, after=2)
+    missed, ready = await receive_until_ready(bob[0])
+    assert [frame["message"]["body"] for frame in missed] == ["missed 0", "missed 1", "missed 2"]
+    await send(bob[0], type="read", seq=ready["last_seq"])
+    await send(bob[0], type="history", before=2, limit=1)  # answered after the read is stored
+    await receive(bob[0])
+    assert await database_sync_to_async(bobs_unread)() == 0

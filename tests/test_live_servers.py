@@ -23,6 +23,7 @@ from django.conf import settings
 from django.db import connection
 from websockets.exceptions import ConnectionClosed
 
+from chat import services
 from chat.models import Message
 from chat.serverprocess import ServerProcess
 from tests.conftest import session_cookie
@@ -397,3 +398,29 @@ async def test_users_of_a_killed_server_process_drop_out_of_presence(
     server1.kill()  # SIGKILL: no goodbye, nobody removes alice's entry
     presence = await sockets.recv(bob, "presence without alice, once her entry expires", timeout=6, presence=True)
     assert presence == {"type": "presence", "users": [other_user.username]}
+
+
+async def test_member_removed_on_one_process_is_closed_on_another_and_refused_everywhere(
+    daphne, sockets, user, other_user, private_room, alice_cookie, bob_cookie
+):
+    server1, server2 = await daphne.start(2)
+    alice, _, _ = await sockets.join(server1, alice_cookie, private_room.slug)
+    bob, _, _ = await sockets.join(server2, bob_cookie, private_room.slug)
+
+    await database_sync_to_async(services.member_remove)(room=private_room, actor=user, username=other_user.username)
+
+    frame = await sockets.recv(bob, "the removal, on the other process", timeout=1)
+    assert (frame["type"], frame["code"]) == ("error", "removed")
+    with pytest.raises(ConnectionClosed) as closed:
+        await asyncio.wait_for(bob.recv(), 1)
+    assert closed.value.rcvd.code == 4403
+    for server in (server1, server2):
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            await websockets.connect(
+                ws_url(server, private_room.slug),
+                origin=server.origin,
+                additional_headers={"Cookie": f"{settings.SESSION_COOKIE_NAME}={bob_cookie}"},
+                open_timeout=FRAME_TIMEOUT,
+            )
+        assert refused.value.response.status_code == 403
+    await sockets.assert_silent(alice, "alice, who stays")

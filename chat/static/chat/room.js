@@ -34,12 +34,74 @@
     ? "Enter to send · Shift+Enter for a new line" : "";
   const historyRequests = []; // "older" | "gap", answered in order
 
+  // ---- what this person has read ------------------------------------------
+  // A message counts as read once it has been on screen while the window had
+  // the person's attention; the server keeps the highest seq read per member.
+
+  const baseTitle = document.title;
+  const READ_DELAY_MS = 500; // batch the read marks of a fast scroll into one frame
+  const onScreen = new Set(); // seqs of messages visible in the pane now
+  let lastReadSent = config.lastRead;
+  let readTimer = null;
+  const visibility = new IntersectionObserver((entries) => {
+    for (const entry of entries) {
+      const seq = Number(entry.target.dataset.seq);
+      if (entry.isIntersecting) onScreen.add(seq); else onScreen.delete(seq);
+    }
+    scheduleRead();
+  }, { root: pane });
+
+  function hasAttention() {
+    return document.visibilityState === "visible" && document.hasFocus();
+  }
+
+  function scheduleRead() {
+    if (readTimer === null) readTimer = setTimeout(() => { readTimer = null; markRead(); }, READ_DELAY_MS);
+  }
+
+  function markRead() {
+    const newestSeen = onScreen.size ? Math.max(...onScreen) : 0;
+    if (hasAttention() && newestSeen > lastReadSent && send({ type: "read", seq: newestSeen })) {
+      lastReadSent = newestSeen;
+    }
+    updateTitle();
+  }
+
+  function unreadCount() {
+    let count = 0;
+    for (const [seq, item] of bySeq) {
+      if (seq > lastReadSent && item.dataset.author !== config.username && !item.classList.contains("deleted")) count += 1;
+    }
+    return count;
+  }
+
+  // The tab's title carries the unread count while the person is elsewhere.
+  function updateTitle() {
+    const count = hasAttention() ? 0 : unreadCount();
+    document.title = count ? `(${count}) ${baseTitle}` : baseTitle;
+  }
+
+  for (const event of ["focus", "blur"]) window.addEventListener(event, markRead);
+  document.addEventListener("visibilitychange", markRead);
+
   for (const item of list.querySelectorAll("li.message")) {
     bySeq.set(Number(item.dataset.seq), item);
     localiseTime(item.querySelector("time"));
+    visibility.observe(item);
   }
   // (addControls is a function declaration below, so hoisted.)
   for (const item of bySeq.values()) addControls(item);
+  markFirstUnread();
+
+  // A line above the first message that arrived since this person last read the room.
+  function markFirstUnread() {
+    const first = [...bySeq].find(([seq, item]) => seq > config.lastRead && item.dataset.author !== config.username);
+    if (!first) return;
+    const divider = document.createElement("li");
+    divider.className = "new-divider";
+    divider.textContent = "New messages";
+    list.insertBefore(divider, first[1]);
+  }
 
   // ---- connection ----------------------------------------------------------
 
@@ -66,6 +128,10 @@
     live = false;
     socket = null;
     attempt += 1;
+    if (event.code === 4403) {
+      stop("Removed", "You were removed from this room.", "/");
+      return;
+    }
     // A handshake refused again and again may mean the person was signed out
     // or the room closed; the page itself says which, so ask it before retrying.
     if (attempt >= 2 && !event.wasClean && (await explainRefusal())) return;
@@ -111,6 +177,8 @@
     anchor.textContent = link === "/" ? "Back to rooms" : "Log in";
     hint.append(anchor);
     input.disabled = true;
+    form.querySelector("button[type=submit]").disabled = true;
+    online.textContent = ""; // no longer known
   }
 
   function send(frame) {
@@ -173,6 +241,7 @@
     }
     updateComposer();
     checkGap();
+    markRead();
   }
 
   function onGap(frame) {
@@ -265,6 +334,8 @@
     const item = renderMessage(message);
     insertInOrder(item, message.seq);
     bySeq.set(message.seq, item);
+    visibility.observe(item);
+    updateTitle();
     const empty = document.getElementById("no-messages");
     if (empty) empty.remove();
     while (bySeq.has(lastContiguous + 1)) lastContiguous += 1;
@@ -311,6 +382,7 @@
     lastChange = Math.max(lastChange, frame.change);
     const item = bySeq.get(frame.seq);
     if (item) markDeleted(item);
+    updateTitle();
   }
 
   function markEdited(item) {
@@ -328,26 +400,32 @@
     item.querySelector(".body").hidden = false;
   }
 
+  // Authors edit and delete their own messages; moderators also delete others'.
   function addControls(item) {
-    const mine = item.dataset.author === config.username && item.dataset.id; // a pending send has no id yet
-    if (!mine || item.classList.contains("deleted") || item.querySelector(".controls")) return;
+    if (!item.dataset.id || item.classList.contains("deleted") || item.querySelector(".controls")) return; // pending sends have no id
+    const mine = item.dataset.author === config.username;
+    if (!mine && !config.canModerate) return;
     const controls = document.createElement("span");
     controls.className = "controls";
-    const editButton = document.createElement("button");
-    editButton.type = "button";
-    editButton.className = "link";
-    editButton.textContent = "Edit";
-    editButton.setAttribute("aria-label", "Edit this message");
-    editButton.addEventListener("click", () => startEdit(item));
+    if (mine) {
+      const editButton = document.createElement("button");
+      editButton.type = "button";
+      editButton.className = "link";
+      editButton.textContent = "Edit";
+      editButton.setAttribute("aria-label", "Edit this message");
+      editButton.addEventListener("click", () => startEdit(item));
+      controls.append(editButton);
+    }
     const deleteButton = document.createElement("button");
     deleteButton.type = "button";
     deleteButton.className = "link";
     deleteButton.textContent = "Delete";
-    deleteButton.setAttribute("aria-label", "Delete this message");
+    deleteButton.setAttribute("aria-label", mine ? "Delete this message" : `Delete this message by ${item.dataset.author}`);
+    const question = mine ? "Delete this message for everyone?" : `Delete ${item.dataset.author}'s message for everyone?`;
     deleteButton.addEventListener("click", () => {
-      if (live && confirm("Delete this message for everyone?")) send({ type: "delete", id: Number(item.dataset.id) });
+      if (live && confirm(question)) send({ type: "delete", id: Number(item.dataset.id) });
     });
-    controls.append(editButton, deleteButton);
+    controls.append(deleteButton);
     item.querySelector(".message-head").append(controls);
   }
 
