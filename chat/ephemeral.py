@@ -9,6 +9,7 @@ import asyncio
 import time
 import weakref
 
+import redis
 import redis.asyncio as aioredis
 from django.conf import settings
 
@@ -27,6 +28,49 @@ def _client() -> aioredis.Redis:
             settings.REDIS_URL, socket_timeout=5, socket_connect_timeout=5, health_check_interval=15
         )
     return client
+
+
+_sync_client: redis.Redis | None = None
+
+
+def _client_sync() -> redis.Redis:
+    """The client for sync code (views, commands); its connection pool is thread-safe."""
+    global _sync_client
+    if _sync_client is None:
+        _sync_client = redis.Redis.from_url(
+            settings.REDIS_URL, socket_timeout=5, socket_connect_timeout=5, health_check_interval=15
+        )
+    return _sync_client
+
+
+def rate_limit(key: str, limit: int, window_s: int = 60) -> int:
+    """Count one hit on `key`; return 0 if within `limit` per window, else seconds until the window ends.
+
+    A fixed window: simple and shared by all processes, at the cost of
+    allowing up to twice the limit across a window boundary.
+    """
+    now = time.time()
+    window = int(now // window_s)
+    retry_after = max(1, int((window + 1) * window_s - now + 0.999))
+    key = f"{settings.CHANNEL_LAYER_PREFIX}:rate:{key}:{window}"
+    if settings.CHANNEL_LAYER != "redis":
+        _local_counts[key] = count = _local_counts.get(key, 0) + 1
+        for stale in [k for k in _local_counts if not k.endswith(f":{window}")]:
+            del _local_counts[stale]
+        return 0 if count <= limit else retry_after
+    pipe = _client_sync().pipeline(transaction=True)
+    pipe.incr(key)
+    pipe.expire(key, window_s + 1)
+    count, _ = pipe.execute()
+    return 0 if count <= limit else retry_after
+
+
+_local_counts: dict[str, int] = {}
+
+
+def redis_ping() -> None:
+    """Raise if Redis does not answer (the health check)."""
+    _client_sync().ping()
 
 
 async def claim(key: str, ttl_ms: int) -> bool:

@@ -55,6 +55,20 @@ class LocalSocket:
         self.closed = False
 
 
+class Watch:
+    """The messages published to one room while a long-poll waits, as message payloads, in arrival order."""
+
+    __slots__ = ("published", "messages")
+
+    def __init__(self) -> None:
+        self.published = asyncio.Event()
+        self.messages: list[dict[str, Any]] = []
+
+    def add(self, message: dict[str, Any]) -> None:
+        self.messages.append(message)
+        self.published.set()
+
+
 class DirectSend:
     """ASGI middleware, outermost: keep the server's own `send` in the scope.
 
@@ -77,6 +91,8 @@ class RoomHub:
         self.layer = channel_layer
         self.max_backlog: int = settings.CHAT_SOCKET_MAX_BACKLOG
         self.rooms: dict[int, set[LocalSocket]] = {}
+        # Long-polls waiting for the next message in a room (chat/longpoll.py).
+        self.waiters: dict[int, set[Watch]] = {}
         self.channel: str | None = None
         self.reader: asyncio.Task | None = None
         self.lock = asyncio.Lock()
@@ -85,14 +101,39 @@ class RoomHub:
         """Register a socket; the room's group is subscribed before this returns."""
         socket = LocalSocket(send, user)
         async with self.lock:
-            if self.channel is None:
-                self.channel = await self.layer.new_channel(prefix="fanout.")
-                self.reader = asyncio.get_running_loop().create_task(self._read(), context=Context())
-            if room_id not in self.rooms:
-                await self.layer.group_add(realtime.room_group(room_id), self.channel)
-                self.rooms[room_id] = set()
-            self.rooms[room_id].add(socket)
+            await self._subscribe(room_id)
+            self.rooms.setdefault(room_id, set()).add(socket)
         return socket
+
+    async def watch(self, room_id: int) -> Watch:
+        """Collect the messages published to the room from now on; subscribed before this returns."""
+        watch = Watch()
+        async with self.lock:
+            await self._subscribe(room_id)
+            self.waiters.setdefault(room_id, set()).add(watch)
+        return watch
+
+    async def unwatch(self, room_id: int, watch: Watch) -> None:
+        async with self.lock:
+            waiters = self.waiters.get(room_id)
+            if waiters is not None:
+                waiters.discard(watch)
+                if not waiters:
+                    del self.waiters[room_id]
+            await self._unsubscribe_if_idle(room_id)
+
+    async def _subscribe(self, room_id: int) -> None:
+        # Called with the lock held.
+        if self.channel is None:
+            self.channel = await self.layer.new_channel(prefix="fanout.")
+            self.reader = asyncio.get_running_loop().create_task(self._read(), context=Context())
+        if room_id not in self.rooms and room_id not in self.waiters:
+            await self.layer.group_add(realtime.room_group(room_id), self.channel)
+
+    async def _unsubscribe_if_idle(self, room_id: int) -> None:
+        # Called with the lock held.
+        if room_id not in self.rooms and room_id not in self.waiters:
+            await self.layer.group_discard(realtime.room_group(room_id), self.channel)
 
     def ready(self, socket: LocalSocket, last_seq: int, last_change: int = 0) -> None:
         """Start live delivery after the replay: release held events above `last_seq` / `last_change`."""
@@ -113,10 +154,13 @@ class RoomHub:
             sockets.discard(socket)
             if not sockets:
                 del self.rooms[room_id]
-                await self.layer.group_discard(realtime.room_group(room_id), self.channel)
+                await self._unsubscribe_if_idle(room_id)
 
     async def deliver(self, event: dict[str, Any]) -> None:
         """Hand one published event to every local socket of its room it is meant for."""
+        if event["type"] == realtime.MESSAGE_EVENT:
+            for watch in self.waiters.get(event["room"], ()):
+                watch.add(event["message"])
         sockets = self.rooms.get(event["room"])
         if not sockets:
             return

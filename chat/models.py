@@ -101,3 +101,24 @@ class Membership(models.Model):
     def can_moderate(self) -> bool:
         """Moderators and owners delete others' messages and manage members."""
         return self.role in (self.Role.MODERATOR, self.Role.OWNER)
+
+
+class ApiToken(models.Model):
+    """A bearer token for the JSON API. Only a hash of the secret is stored."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=100, help_text="What the token is for, e.g. “deploy bot”.")
+    # SHA-256 of the whole secret: secrets are 256 random bits, so a fast hash is enough.
+    key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    # The secret's first characters, to tell tokens apart in lists.
+    prefix = models.CharField(max_length=16, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["user", "name"]
+        verbose_name = "API token"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"

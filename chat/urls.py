@@ -1,6 +1,6 @@
-from django.urls import path
+from django.urls import path, re_path
 
-from chat import views
+from chat import api, views
 
 urlpatterns = [
     path("", views.room_list, name="room-list"),
@@ -8,4 +8,11 @@ urlpatterns = [
     path("rooms/<slug:slug>/", views.room_detail, name="room-detail"),
     path("rooms/<slug:slug>/members/", views.member_add, name="member-add"),
     path("rooms/<slug:slug>/members/<str:username>/remove/", views.member_remove, name="member-remove"),
+    path("api/rooms/", api.rooms, name="api-rooms"),
+    path("api/rooms/<slug:slug>/messages", api.messages, name="api-messages"),
+    path("api/rooms/<slug:slug>/messages/<int:message_id>", api.message, name="api-message"),
+    path("api/rooms/<slug:slug>/poll", api.poll, name="api-poll"),
+    # Anything else under /api/ answers JSON too, never an HTML error page.
+    re_path(r"^api/", api.not_found),
+    path("healthz", api.healthz, name="healthz"),
 ]

@@ -56,7 +56,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
-    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "chatsite.middleware.StaticFilesMiddleware",  # WhiteNoise, async-capable
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -195,3 +195,10 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
 }
+
+# JSON API (docs/api.md). Requests per user per minute, shared by all processes
+# through Redis; writes (posting, editing, deleting, creating rooms) have their own, lower limit.
+CHAT_API_REQUESTS_PER_MINUTE = int(os.environ.get("CHAT_API_REQUESTS_PER_MINUTE", "600"))
+CHAT_API_WRITES_PER_MINUTE = int(os.environ.get("CHAT_API_WRITES_PER_MINUTE", "60"))
+CHAT_API_REQUEST_MAX_BYTES = 64 * 1024
+CHAT_POLL_MAX_TIMEOUT = 30  # seconds a long-poll may wait

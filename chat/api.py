@@ -1,0 +1,352 @@
+"""The JSON API (docs/api.md): request/response and long-poll, over the same services as the WebSocket."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from channels.db import database_sync_to_async
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
+from django.core.exceptions import ValidationError
+from django.db import connection
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.middleware.csrf import CsrfViewMiddleware
+from django.views.decorators.csrf import csrf_exempt
+
+from chat import ephemeral, longpoll, protocol, selectors, services, tokens
+from chat.models import Room
+
+logger = logging.getLogger(__name__)
+
+SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+MESSAGES_MAX_LIMIT = 200
+
+# Service error codes that are not plain "bad input" (400).
+STATUS_FOR_CODE = {"forbidden": 403, "room_archived": 403, "not_found": 404, "body_too_long": 413}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.code, self.detail, self.headers = status, code, detail, headers or {}
+
+    @classmethod
+    def from_chat_error(cls, error: services.ChatError) -> ApiError:
+        return cls(STATUS_FOR_CODE.get(error.code, 400), error.code, error.detail)
+
+
+def error_response(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JsonResponse:
+    return JsonResponse({"error": {"code": code, "detail": detail}}, status=status, headers=headers)
+
+
+def _error_response(error: ApiError) -> JsonResponse:
+    return error_response(error.status, error.code, error.detail, error.headers)
+
+
+# --------------------------------------------------------------------------
+# Who is asking
+# --------------------------------------------------------------------------
+
+
+def authorize(request: HttpRequest, *, write: bool = False) -> AbstractBaseUser:
+    """Return the user behind the request (token or session) once it passes CSRF and the rate limits."""
+    header = request.headers.get("Authorization")
+    if header is not None:
+        scheme, _, secret = header.partition(" ")
+        if scheme.lower() != "bearer" or not secret.strip():
+            raise ApiError(401, "invalid_credentials", "Use the header: Authorization: Bearer <token>.", _CHALLENGE)
+        user = tokens.token_user(secret.strip())
+        if user is None:
+            raise ApiError(401, "invalid_token", "This token is unknown or was revoked.", _CHALLENGE)
+        # A token is not sent by browsers on their own, so it needs no CSRF check.
+    elif request.user.is_authenticated:
+        user = request.user
+        if request.method not in SAFE_METHODS and _csrf_failure(request):
+            raise ApiError(
+                403, "csrf_failed", "CSRF check failed: send the csrftoken cookie's value in an X-CSRFToken header."
+            )
+    else:
+        raise ApiError(401, "not_authenticated", "Sign in, or send Authorization: Bearer <token>.", _CHALLENGE)
+    _check_rate(f"api:{user.pk}", settings.CHAT_API_REQUESTS_PER_MINUTE)
+    if write:
+        _check_rate(f"api-write:{user.pk}", settings.CHAT_API_WRITES_PER_MINUTE)
+    return user
+
+
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="chat"'}
+
+
+def _csrf_failure(request: HttpRequest) -> bool:
+    # The API views are csrf_exempt so that token requests pass; session
+    # requests get Django's own check here.
+    return CsrfViewMiddleware(lambda request: None).process_view(request, None, (), {}) is not None
+
+
+def _check_rate(key: str, per_minute: int) -> None:
+    retry_after = ephemeral.rate_limit(key, per_minute, 60)
+    if retry_after:
+        raise ApiError(
+            429,
+            "rate_limited",
+            f"Too many requests: at most {per_minute} a minute. Try again in {retry_after} s.",
+            {"Retry-After": str(retry_after)},
+        )
+
+
+def _room(slug: str, user: AbstractBaseUser) -> Room:
+    entered = services.room_enter(slug=slug, user=user)
+    if entered is None:
+        raise ApiError(404, "room_not_found", f'There is no room "{slug}" that you can see.')
+    return entered[0]
+
+
+# --------------------------------------------------------------------------
+# Request parsing
+# --------------------------------------------------------------------------
+
+
+def _check_size(request: HttpRequest, size: int | None = None) -> None:
+    """Refuse a request over the limit: by its Content-Length, or by `size`, the body read."""
+    limit = settings.CHAT_API_REQUEST_MAX_BYTES
+    if size is None:
+        try:
+            size = int(request.headers.get("Content-Length") or 0)
+        except ValueError:
+            size = 0
+    if size > limit:
+        raise ApiError(413, "request_too_large", f"Requests can be at most {limit} bytes.")
+
+
+def _json_body(request: HttpRequest) -> dict[str, Any]:
+    _check_size(request, len(request.body))
+    try:
+        data = json.loads(request.body or b"null")
+    except ValueError:
+        raise ApiError(400, "invalid_json", "The request body is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "invalid_json", "The request body must be a JSON object.")
+    return data
+
+
+def _int_param(request: HttpRequest, name: str, low: int, high: int, default: int | None = None) -> int | None:
+    value = request.GET.get(name)
+    if value is None or value == "":
+        return default
+    if not (value.isascii() and value.isdigit()) or not low <= int(value) <= high:
+        raise ApiError(400, "invalid_param", f'"{name}" must be a whole number from {low} to {high}.')
+    return int(value)
+
+
+def _string_field(data: dict[str, Any], name: str, *, required: bool = False) -> str:
+    value = data.get(name, "")
+    if not isinstance(value, str) or (required and not value.strip()):
+        raise ApiError(400, "invalid_field", f'"{name}" must be a{" non-empty" if required else ""} string.')
+    return value
+
+
+# --------------------------------------------------------------------------
+# Endpoints
+# --------------------------------------------------------------------------
+
+Handler = Callable[..., tuple[int, dict[str, Any]]]
+
+
+def endpoint(*methods: str, writes: tuple[str, ...] = ()) -> Callable[[Handler], Callable[..., JsonResponse]]:
+    """Make a view answer only JSON: `handler(request, user, **kwargs)` returns (status, data)."""
+
+    def decorate(handler: Handler) -> Callable[..., JsonResponse]:
+        @csrf_exempt
+        @functools.wraps(handler)
+        def view(request: HttpRequest, **kwargs: Any) -> JsonResponse:
+            try:
+                if request.method not in methods:
+                    raise ApiError(
+                        405,
+                        "method_not_allowed",
+                        f"{request.method} is not allowed here; use {', '.join(methods)}.",
+                        {"Allow": ", ".join(methods)},
+                    )
+                _check_size(request)
+                user = authorize(request, write=request.method in writes)
+                status, data = handler(request, user, **kwargs)
+            except ApiError as error:
+                return _error_response(error)
+            except services.ChatError as error:
+                return _error_response(ApiError.from_chat_error(error))
+            except Exception:
+                logger.exception("API request %s %s failed", request.method, request.path)
+                return error_response(500, "server_error", "Something went wrong on the server; try again.")
+            return JsonResponse(data, status=status)
+
+        return view
+
+    return decorate
+
+
+def room_payload(room: Room) -> dict[str, Any]:
+    return {
+        "slug": room.slug,
+        "name": room.name,
+        "topic": room.topic,
+        "is_private": room.is_private,
+        "last_seq": room.last_seq,
+        "unread": getattr(room, "unread", 0),
+    }
+
+
+@endpoint("GET", "POST", writes=("POST",))
+def rooms(request: HttpRequest, user: AbstractBaseUser) -> tuple[int, dict[str, Any]]:
+    if request.method == "GET":
+        return 200, {"rooms": [room_payload(room) for room in selectors.room_list(user=user)]}
+    data = _json_body(request)
+    is_private = data.get("is_private", False)
+    if not isinstance(is_private, bool):
+        raise ApiError(400, "invalid_field", '"is_private" must be true or false.')
+    try:
+        room = services.room_create(
+            slug=_string_field(data, "slug"),
+            name=_string_field(data, "name", required=True),
+            topic=_string_field(data, "topic"),
+            is_private=is_private,
+            created_by=user,
+        )
+    except ValidationError as error:
+        detail = " ".join(f"{field}: {' '.join(problems)}" for field, problems in error.message_dict.items())
+        raise ApiError(400, "invalid_room", detail) from None
+    return 201, room_payload(room)
+
+
+@endpoint("GET", "POST", writes=("POST",))
+def messages(request: HttpRequest, user: AbstractBaseUser, slug: str) -> tuple[int, dict[str, Any]]:
+    room = _room(slug, user)
+    if request.method == "GET":
+        page, has_more = selectors.message_list(
+            room=room,
+            after_seq=_int_param(request, "after", 0, 2**63 - 1),
+            before_seq=_int_param(request, "before", 1, 2**63 - 1),
+            limit=_int_param(request, "limit", 1, MESSAGES_MAX_LIMIT, default=50),
+        )
+        return 200, {"messages": [protocol.message_payload(m) for m in page], "has_more": has_more}
+    data = _json_body(request)
+    if "body" not in data:
+        raise ApiError(400, "missing_body", 'Send {"body": "...", "nonce": "..."}.')
+    message, created = services.message_create(room=room, author=user, body=data["body"], nonce=data.get("nonce"))
+    # A retry with the same nonce answers with the original, and creates nothing.
+    return (201 if created else 200), protocol.message_payload(message)
+
+
+@endpoint("PATCH", "DELETE", writes=("PATCH", "DELETE"))
+def message(request: HttpRequest, user: AbstractBaseUser, slug: str, message_id: int) -> tuple[int, dict[str, Any]]:
+    room = _room(slug, user)
+    if request.method == "PATCH":
+        data = _json_body(request)
+        if "body" not in data:
+            raise ApiError(400, "missing_body", 'Send {"body": "..."}.')
+        changed = services.message_edit(room=room, message_id=message_id, user=user, body=data["body"])
+    else:
+        changed = services.message_delete(room=room, message_id=message_id, user=user)
+    return 200, protocol.message_payload(changed)
+
+
+@csrf_exempt
+def not_found(request: HttpRequest, **kwargs: Any) -> JsonResponse:
+    return error_response(404, "not_found", f"There is no API endpoint at {request.path}; see docs/api.md.")
+
+
+def json_errors_under_api(default_handler: Callable[..., HttpResponse], status: int, code: str, detail: str):
+    """Wrap one of Django's error handlers (handler400 …) so that /api/ gets JSON, never an HTML page."""
+
+    def handler(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        if request.path.startswith("/api/"):
+            return error_response(status, code, detail)
+        return default_handler(request, *args, **kwargs)
+
+    return handler
+
+
+# --------------------------------------------------------------------------
+# Long-poll
+# --------------------------------------------------------------------------
+
+# Database work for a poll runs in the loop's small shared thread pool, not
+# in a thread of the request's own, and no connection stays with the poll
+# while it waits.
+in_pool = functools.partial(database_sync_to_async, thread_sensitive=False)
+
+
+@csrf_exempt
+async def poll(request: HttpRequest, slug: str) -> JsonResponse:
+    """Answer with messages after `after` as soon as there are any, or empty when `timeout` runs out."""
+    try:
+        if request.method != "GET":
+            raise ApiError(405, "method_not_allowed", "Use GET.", {"Allow": "GET"})
+        after = _int_param(request, "after", 0, 2**63 - 1, default=0)
+        timeout = _int_param(request, "timeout", 1, settings.CHAT_POLL_MAX_TIMEOUT, default=25)
+        room = await in_pool(_poll_room)(request, slug)
+    except ApiError as error:
+        return _error_response(error)
+
+    async with longpoll.watch_room(room.pk) as watch:
+        # Subscribed before reading: whatever is committed after this read is
+        # published after it, and wakes the wait below.
+        data = await in_pool(_messages_after)(room, after)
+        if data["messages"]:
+            return JsonResponse(data)
+        after = data["last_seq"]
+        try:
+            await asyncio.wait_for(watch.published.wait(), timeout)
+        except TimeoutError:
+            return JsonResponse(data)
+    # Usually the published messages are exactly the next ones: no need to ask the database.
+    published = longpoll.followers(watch.messages, after)
+    if published is not None:
+        return JsonResponse({"messages": published, "has_more": False, "last_seq": published[-1]["seq"]})
+    return JsonResponse(await in_pool(_messages_after)(room, after))
+
+
+def _poll_room(request: HttpRequest, slug: str) -> Room:
+    return _room(slug, authorize(request))
+
+
+def _messages_after(room: Room, after: int) -> dict[str, Any]:
+    last_seq, _ = selectors.room_cursors(room=room)
+    page, has_more = selectors.message_list(room=room, after_seq=after, limit=MESSAGES_MAX_LIMIT)
+    return {
+        "messages": [protocol.message_payload(m) for m in page],
+        "has_more": has_more,
+        # What to send as `after` next time.
+        "last_seq": page[-1].seq if page else min(after, last_seq),
+    }
+
+
+# --------------------------------------------------------------------------
+# Health
+# --------------------------------------------------------------------------
+
+
+def healthz(request: HttpRequest) -> JsonResponse:
+    """200 when the database and Redis both answer, else 503 naming the failing part."""
+    checks: dict[str, str] = {}
+    parts = [("database", _database_ping), ("redis", ephemeral.redis_ping)]
+    if settings.CHANNEL_LAYER != "redis":  # one process on the in-memory layer: no Redis to ask
+        parts.pop()
+        checks["redis"] = "not used"
+    for part, check in parts:
+        try:
+            check()
+            checks[part] = "ok"
+        except Exception as error:
+            logger.warning("Health check: %s is down: %s", part, error)
+            checks[part] = f"error: {type(error).__name__}"
+    healthy = all(state == "ok" for state in checks.values())
+    return JsonResponse(checks, status=200 if healthy else 503)
+
+
+def _database_ping() -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")

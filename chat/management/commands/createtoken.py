@@ -1,0 +1,22 @@
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand, CommandError
+
+from chat import tokens
+
+
+class Command(BaseCommand):
+    help = "Create an API token for a user and print its secret (shown this once; only a hash is stored)."
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("username", help="the user the token acts as")
+        parser.add_argument("--name", required=True, help='what the token is for, e.g. "deploy bot"')
+
+    def handle(self, *args, username: str, name: str, **options) -> None:
+        user = get_user_model().objects.filter(username=username).first()
+        if user is None:
+            raise CommandError(f'There is no user "{username}". Sign up first, or run manage.py createsuperuser.')
+        if not name.strip():
+            raise CommandError("--name must not be empty: say what the token is for.")
+        token, secret = tokens.token_create(user=user, name=name.strip())
+        self.stderr.write(f'Token "{token.name}" for {username} created. Copy the secret now; it is not shown again:')
+        self.stdout.write(secret)

@@ -1,0 +1,36 @@
+"""Middleware of the site's own."""
+
+from __future__ import annotations
+
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.http import HttpRequest, HttpResponse
+from whitenoise.middleware import WhiteNoiseMiddleware
+
+
+class StaticFilesMiddleware(WhiteNoiseMiddleware):
+    """WhiteNoise, able to sit in Django's async middleware chain.
+
+    WhiteNoise's middleware is sync-only, and one sync middleware makes Django
+    run everything inside it, async views included, in a thread of the
+    request's own: a long-poll would hold a thread for as long as it waits.
+    """
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response, **kwargs) -> None:
+        super().__init__(get_response, **kwargs)
+        self.async_mode = iscoroutinefunction(get_response)
+        if self.async_mode:
+            markcoroutinefunction(self)
+
+    def __call__(self, request: HttpRequest):
+        if self.async_mode:
+            return self._acall(request)
+        return super().__call__(request)
+
+    async def _acall(self, request: HttpRequest) -> HttpResponse:
+        static_file = self.find_file(request.path_info) if self.autorefresh else self.files.get(request.path_info)
+        if static_file is not None:
+            return self.serve(static_file, request)
+        return await self.get_response(request)

@@ -1,0 +1,417 @@
+"""The JSON API and long-poll (docs/api.md), against the real database and the real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+import redis
+from channels.db import database_sync_to_async
+from django.core.management import CommandError, call_command
+from django.test import AsyncClient, Client
+
+from chat import ephemeral, longpoll, realtime, services, tokens
+from chat.models import ApiToken, Membership, Message, Room
+from tests.test_consumers import joined, receive, send
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(autouse=True)
+def generous_rate_limits(settings):
+    # Users' ids repeat from test to test within one minute's window; the limits get tests of their own.
+    settings.CHAT_API_REQUESTS_PER_MINUTE = 100_000
+    settings.CHAT_API_WRITES_PER_MINUTE = 100_000
+
+
+@pytest.fixture
+def alice_api(user) -> Client:
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+@pytest.fixture
+def bob_secret(other_user) -> str:
+    return tokens.token_create(user=other_user, name="bob's bot")[1]
+
+
+def bearer(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+def post_json(client: Client, url: str, data, **kwargs):
+    return client.post(url, json.dumps(data) if not isinstance(data, str) else data, "application/json", **kwargs)
+
+
+def error_of(response) -> tuple[int, str]:
+    assert response["Content-Type"] == "application/json"
+    return response.status_code, response.json()["error"]["code"]
+
+
+# --------------------------------------------------------------------------
+# Rooms
+# --------------------------------------------------------------------------
+
+
+def test_room_list_shows_the_rooms_the_user_may_see_with_unread_counts(
+    alice_api, bob_secret, user, other_user, third_user, room, private_room
+):
+    services.room_enter(slug=room.slug, user=other_user)
+    services.message_create(room=room, author=user, body="for bob to read")
+    bobs = Client().get("/api/rooms/", headers=bearer(bob_secret)).json()["rooms"]
+    assert {r["slug"]: r["unread"] for r in bobs} == {"general": 1, "secret": 0}
+    general = next(r for r in bobs if r["slug"] == "general")
+    assert general == {
+        "slug": "general", "name": "General", "topic": "Anything goes", "is_private": False, "last_seq": 1, "unread": 1
+    }  # fmt: skip
+
+    carol = Client()
+    carol.force_login(third_user)
+    assert [r["slug"] for r in carol.get("/api/rooms/").json()["rooms"]] == ["general"]
+
+
+def test_creating_a_room_returns_201_and_makes_the_caller_its_owner(alice_api, user):
+    response = post_json(alice_api, "/api/rooms/", {"slug": "ops", "name": "Ops", "topic": "", "is_private": True})
+    assert response.status_code == 201
+    assert response.json() == {
+        "slug": "ops", "name": "Ops", "topic": "", "is_private": True, "last_seq": 0, "unread": 0
+    }  # fmt: skip
+    assert Membership.objects.get(room__slug="ops").user == user
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ("{not json", "invalid_json"),
+        ("[1]", "invalid_json"),
+        ({"slug": "x"}, "invalid_field"),  # no name
+        ({"name": "X", "is_private": "yes"}, "invalid_field"),
+        ({"name": "X", "slug": "Not A Slug!"}, "invalid_room"),
+        ({"name": "General", "slug": "general"}, "invalid_room"),  # taken
+    ],
+)
+def test_creating_a_room_with_bad_fields_is_400_and_creates_nothing(alice_api, room, body, code):
+    before = Room.objects.count()
+    assert error_of(post_json(alice_api, "/api/rooms/", body)) == (400, code)
+    assert Room.objects.count() == before
+
+
+# --------------------------------------------------------------------------
+# Messages
+# --------------------------------------------------------------------------
+
+
+def test_messages_page_in_seq_order_with_after_before_and_limit(alice_api, user, room):
+    for i in range(1, 6):
+        services.message_create(room=room, author=user, body=f"m{i}")
+    url = "/api/rooms/general/messages"
+
+    def page(query: str) -> tuple[list[int], bool]:
+        data = alice_api.get(f"{url}?{query}").json()
+        return [m["seq"] for m in data["messages"]], data["has_more"]
+
+    assert page("") == ([1, 2, 3, 4, 5], False)
+    assert page("limit=2") == ([4, 5], True)
+    assert page("after=1&limit=2") == ([2, 3], True)
+    assert page("before=3") == ([1, 2], False)
+    first = alice_api.get(url).json()["messages"][0]
+    assert set(first) == {"id", "seq", "room", "author", "body", "created_at", "edited_at", "deleted_at", "nonce"}
+
+
+@pytest.mark.parametrize("query", ["after=-1", "after=x", "limit=0", "limit=201", "before=0"])
+def test_bad_paging_parameters_are_400(alice_api, room, query):
+    assert error_of(alice_api.get(f"/api/rooms/general/messages?{query}")) == (400, "invalid_param")
+
+
+def test_an_unknown_room_and_a_private_room_of_others_are_both_404(alice_api, third_user, private_room):
+    assert error_of(alice_api.get("/api/rooms/nope/messages")) == (404, "room_not_found")
+    carol = Client()
+    carol.force_login(third_user)
+    for response in (
+        carol.get("/api/rooms/secret/messages"),
+        post_json(carol, "/api/rooms/secret/messages", {"body": "hi"}),
+        carol.get("/api/rooms/secret/poll?timeout=1"),
+    ):
+        assert error_of(response) == (404, "room_not_found")
+    assert not Message.objects.exists()
+
+
+def test_posting_returns_201_and_a_retry_with_the_same_nonce_returns_the_original(alice_api, room):
+    url = "/api/rooms/general/messages"
+    first = post_json(alice_api, url, {"body": "hello", "nonce": "n-1"})
+    retry = post_json(alice_api, url, {"body": "hello", "nonce": "n-1"})
+    assert (first.status_code, retry.status_code) == (201, 200)
+    assert first.json() == retry.json()
+    assert first.json()["seq"] == 1 and first.json()["body"] == "hello"
+    assert Message.objects.count() == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"nonce": "n"}, 400, "missing_body"),
+        ({"body": "   "}, 400, "empty_body"),
+        ({"body": 5}, 400, "invalid_body"),
+        ({"body": "x" * 4001}, 413, "body_too_long"),
+        ({"body": "x", "nonce": "n" * 65}, 400, "invalid_nonce"),
+        ({"body": "x" * 4000, "padding": "p" * 65 * 1024}, 413, "request_too_large"),
+        ("{oops", 400, "invalid_json"),
+    ],
+)
+def test_posting_bad_input_gets_the_right_error_and_stores_nothing(alice_api, room, body, status, code):
+    assert error_of(post_json(alice_api, "/api/rooms/general/messages", body)) == (status, code)
+    assert not Message.objects.exists()
+
+
+def test_posting_to_an_archived_room_is_refused(alice_api, room):
+    Room.objects.filter(pk=room.pk).update(is_archived=True)
+    assert error_of(post_json(alice_api, "/api/rooms/general/messages", {"body": "x"}))[0] == 404
+    assert not Message.objects.exists()
+
+
+def test_edit_and_delete_follow_the_websocket_permissions(alice_api, bob_secret, user, other_user, room):
+    mine, _ = services.message_create(room=room, author=user, body="helo")
+    url = f"/api/rooms/general/messages/{mine.pk}"
+    edited = alice_api.patch(url, json.dumps({"body": "hello"}), "application/json")
+    assert edited.status_code == 200
+    assert (edited.json()["body"], edited.json()["edited_at"] is not None) == ("hello", True)
+
+    bob = Client()
+    assert error_of(bob.patch(url, json.dumps({"body": "bob"}), "application/json", headers=bearer(bob_secret))) == (
+        403,
+        "forbidden",
+    )
+    assert error_of(bob.delete(url, headers=bearer(bob_secret))) == (403, "forbidden")
+    mine.refresh_from_db()
+    assert (mine.body, mine.deleted_at) == ("hello", None)
+
+    Membership.objects.filter(room=room, user=other_user).update(role="moderator")
+    deleted = bob.delete(url, headers=bearer(bob_secret))
+    assert deleted.status_code == 200
+    assert (deleted.json()["body"], deleted.json()["deleted_at"] is not None) == ("", True)
+    assert error_of(alice_api.delete(url)) == (404, "not_found")  # already deleted
+    assert error_of(alice_api.delete("/api/rooms/general/messages/999999")) == (404, "not_found")
+
+
+# --------------------------------------------------------------------------
+# Authentication, CSRF, methods, limits
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "code"),
+    [
+        ({}, "not_authenticated"),
+        ({"Authorization": "Bearer chat_not-a-real-token"}, "invalid_token"),
+        ({"Authorization": "Basic YWxpY2U6cHc="}, "invalid_credentials"),
+        ({"Authorization": "Bearer "}, "invalid_credentials"),
+    ],
+)
+def test_missing_or_bad_credentials_are_401(room, headers, code):
+    response = Client().get("/api/rooms/", headers=headers)
+    assert error_of(response) == (401, code)
+    assert response["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_a_revoked_token_is_401_and_a_used_token_records_when(other_user, bob_secret, room):
+    token = ApiToken.objects.get()
+    assert Client().get("/api/rooms/", headers=bearer(bob_secret)).status_code == 200
+    token.refresh_from_db()
+    assert token.last_used_at is not None
+    tokens.token_revoke(token)
+    assert error_of(Client().get("/api/rooms/", headers=bearer(bob_secret))) == (401, "invalid_token")
+
+
+def test_tokens_are_stored_hashed(other_user, bob_secret):
+    token = ApiToken.objects.get()
+    assert bob_secret not in (token.key_hash, token.prefix) and len(token.key_hash) == 64
+    assert bob_secret.startswith(token.prefix)
+
+
+def test_session_posts_need_the_csrf_token_and_token_posts_do_not(user, bob_secret, room):
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(user)
+    refused = post_json(browser, "/api/rooms/general/messages", {"body": "forged?"})
+    assert error_of(refused) == (403, "csrf_failed")
+    assert not Message.objects.exists()
+
+    browser.get("/")  # sets the csrftoken cookie
+    csrf = browser.cookies["csrftoken"].value
+    accepted = post_json(browser, "/api/rooms/general/messages", {"body": "real"}, headers={"X-CSRFToken": csrf})
+    assert accepted.status_code == 201
+    bot = Client(enforce_csrf_checks=True)
+    assert post_json(bot, "/api/rooms/general/messages", {"body": "bot"}, headers=bearer(bob_secret)).status_code == 201
+
+
+def test_a_wrong_method_is_405_with_allow(alice_api, room):
+    response = alice_api.put("/api/rooms/general/messages", "{}", "application/json")
+    assert error_of(response) == (405, "method_not_allowed")
+    assert response["Allow"] == "GET, POST"
+    assert error_of(alice_api.post("/api/rooms/general/poll"))[0] == 405
+
+
+def test_unknown_api_paths_answer_json_404(alice_api):
+    for path in ("/api/nope", "/api/rooms", "/api/rooms/general/messages/abc"):
+        assert error_of(alice_api.get(path)) == (404, "not_found")
+
+
+def test_writes_over_the_limit_are_429_with_retry_after(alice_api, room, settings):
+    settings.CHAT_API_WRITES_PER_MINUTE = 2
+    url = "/api/rooms/general/messages"
+    statuses = [post_json(alice_api, url, {"body": f"m{i}"}).status_code for i in range(2)]
+    limited = post_json(alice_api, url, {"body": "one too many"})
+    assert statuses == [201, 201]
+    assert error_of(limited) == (429, "rate_limited")
+    assert 1 <= int(limited["Retry-After"]) <= 60
+    assert Message.objects.count() == 2
+    assert alice_api.get(url).status_code == 200  # reads have their own, higher limit
+
+
+# --------------------------------------------------------------------------
+# Health
+# --------------------------------------------------------------------------
+
+
+def test_healthz_is_200_when_database_and_redis_answer(client):
+    response = client.get("/healthz")
+    assert (response.status_code, response.json()) == (200, {"database": "ok", "redis": "ok"})
+
+
+def test_healthz_is_503_and_names_redis_when_redis_is_down(client, monkeypatch):
+    monkeypatch.setattr(ephemeral, "_sync_client", redis.Redis(port=1, socket_connect_timeout=1))
+    response = client.get("/healthz")
+    assert response.status_code == 503
+    assert response.json()["database"] == "ok" and response.json()["redis"].startswith("error")
+
+
+# --------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------
+
+
+def test_createtoken_prints_a_secret_that_works(capsys, other_user, room):
+    call_command("createtoken", "bob", "--name", "ci bot")
+    secret = capsys.readouterr().out.strip()
+    assert Client().get("/api/rooms/", headers=bearer(secret)).status_code == 200
+    assert ApiToken.objects.get().name == "ci bot"
+
+
+def test_createtoken_for_an_unknown_user_says_so():
+    with pytest.raises(CommandError, match='no user "ghost"'):
+        call_command("createtoken", "ghost", "--name", "x")
+    assert not ApiToken.objects.exists()
+
+
+# --------------------------------------------------------------------------
+# Across paths, and the long-poll
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["fast-fanout", "channels-fanout"])
+def fanout_mode(request, settings):
+    settings.CHAT_FAST_FANOUT = request.param == "fast-fanout"
+    return request.param
+
+
+async def api_post(secret: str, slug: str, body: str, nonce: str):
+    return await AsyncClient().post(
+        f"/api/rooms/{slug}/messages", {"body": body, "nonce": nonce}, "application/json", headers=bearer(secret)
+    )
+
+
+async def test_a_message_posted_through_the_api_reaches_websockets(fanout_mode, ws_connect, user, bob_secret, room):
+    alice = await joined(ws_connect, user, room)
+    response = await api_post(bob_secret, "general", "from the api", "api-1")
+    assert response.status_code == 201
+    frame = await receive(alice)
+    assert frame["type"] == "message" and frame["message"] == response.json()
+
+
+async def poll(secret: str, query: str):
+    return await AsyncClient().get(f"/api/rooms/general/poll?{query}", headers=bearer(secret))
+
+
+async def test_poll_answers_at_once_when_newer_messages_exist(fanout_mode, user, bob_secret, room):
+    for i in range(3):
+        await database_sync_to_async(services.message_create)(room=room, author=user, body=f"m{i}")
+    started = time.monotonic()
+    response = await poll(bob_secret, "after=1&timeout=10")
+    assert time.monotonic() - started < 2
+    data = response.json()
+    assert ([m["seq"] for m in data["messages"]], data["last_seq"], data["has_more"]) == ([2, 3], 3, False)
+
+
+async def test_poll_returns_within_a_second_of_a_websocket_send(fanout_mode, ws_connect, user, bob_secret, room):
+    alice = await joined(ws_connect, user, room)
+    waiting = asyncio.ensure_future(poll(bob_secret, "after=0&timeout=20"))
+    await asyncio.sleep(0.5)  # the poll is waiting
+    assert not waiting.done()
+    await send(alice, type="send", body="wake up", nonce="ws-1")
+    sent_at = time.monotonic()
+    response = await asyncio.wait_for(waiting, 5)
+    assert time.monotonic() - sent_at < 1
+    assert [m["body"] for m in response.json()["messages"]] == ["wake up"]
+
+
+async def test_poll_returns_empty_with_the_last_seq_when_the_timeout_runs_out(fanout_mode, user, bob_secret, room):
+    await database_sync_to_async(services.message_create)(room=room, author=user, body="old")
+    started = time.monotonic()
+    response = await poll(bob_secret, "after=1&timeout=1")
+    assert 1 <= time.monotonic() - started < 3
+    assert response.json() == {"messages": [], "has_more": False, "last_seq": 1}
+
+
+@pytest.mark.parametrize("query", ["timeout=0", "timeout=31", "after=-1", "timeout=abc"])
+async def test_poll_with_bad_parameters_is_400(bob_secret, room, query):
+    response = await poll(bob_secret, query)
+    assert (response.status_code, response.json()["error"]["code"]) == (400, "invalid_param")
+
+
+async def test_poll_without_credentials_is_401(room):
+    response = await AsyncClient().get("/api/rooms/general/poll?timeout=1")
+    assert (response.status_code, response.json()["error"]["code"]) == (401, "not_authenticated")
+
+
+async def test_two_hundred_concurrent_polls_all_get_the_one_message(fanout_mode, user, bob_secret, room):
+    polls = [asyncio.ensure_future(poll(bob_secret, "after=0&timeout=20")) for _ in range(200)]
+    await asyncio.sleep(2)  # every poll is subscribed and waiting
+    assert not any(p.done() for p in polls)
+    await api_post(bob_secret, "general", "to everyone", "fan-1")
+    responses = await asyncio.wait_for(asyncio.gather(*polls), 15)
+    assert {tuple(m["body"] for m in r.json()["messages"]) for r in responses} == {("to everyone",)}
+    assert await database_sync_to_async(Message.objects.count)() == 1
+
+
+
+def seqs(messages) -> list[int] | None:
+    return None if messages is None else [m["seq"] for m in messages]
+
+
+@pytest.mark.parametrize(
+    ("published", "after", "expected"),
+    [
+        ([3, 4], 2, [3, 4]),
+        ([4, 3], 2, [3, 4]),  # two publishers crossed: still in order
+        ([3, 3, 4], 2, [3, 4]),  # nothing twice
+        ([1, 3], 2, [3]),  # already held
+        ([4], 2, None),  # 3 is missing: read the database
+        ([3, 5], 2, None),
+    ],
+)
+def test_a_woken_poll_answers_from_the_published_messages_only_without_a_hole(published, after, expected):
+    assert seqs(longpoll.followers([{"seq": seq} for seq in published], after)) == expected
+
+
+async def test_a_poll_woken_out_of_order_reads_the_database(fanout_mode, user, bob_secret, room, monkeypatch):
+    # seq 1 is committed but its publish is lost; seq 2 wakes the poll, which must not skip 1.
+    monkeypatch.setattr(realtime, "publish_message", lambda message: None)
+    waiting = asyncio.ensure_future(poll(bob_secret, "after=0&timeout=20"))
+    await asyncio.sleep(0.5)
+    await database_sync_to_async(services.message_create)(room=room, author=user, body="lost publish")
+    monkeypatch.undo()
+    await database_sync_to_async(services.message_create)(room=room, author=user, body="published")
+    response = await asyncio.wait_for(waiting, 5)
+    assert [m["body"] for m in response.json()["messages"]] == ["lost publish", "published"]
