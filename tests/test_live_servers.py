@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ from django.conf import settings
 from django.db import connection
 from websockets.exceptions import ConnectionClosed
 
-from chat import services
+from chat import services, tokens
 from chat.models import Message
 from chat.serverprocess import ServerProcess
 from tests.conftest import session_cookie
@@ -424,3 +425,37 @@ async def test_member_removed_on_one_process_is_closed_on_another_and_refused_ev
             )
         assert refused.value.response.status_code == 403
     await sockets.assert_silent(alice, "alice, who stays")
+
+
+def docs_bot_code() -> str:
+    """The bot example of docs/api.md, exactly as the docs show it."""
+    text = (Path(settings.BASE_DIR) / "docs" / "api.md").read_text()
+    section = text.split("## A bot", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+async def test_the_docs_bot_follows_a_room_by_long_poll_and_answers(
+    daphne, sockets, tmp_path, user, other_user, room, alice_cookie
+):
+    (server,) = await daphne.start(1)
+    secret = await database_sync_to_async(lambda: tokens.token_create(user=other_user, name="pingbot")[1])()
+    alice, _, _ = await sockets.join(server, alice_cookie, room.slug)
+    bot_path = tmp_path / "pingbot.py"
+    bot_path.write_text(docs_bot_code())
+    env = {**os.environ, "CHAT_URL": server.origin, "CHAT_TOKEN": secret, "CHAT_ROOM": room.slug}
+    bot = await asyncio.create_subprocess_exec(
+        sys.executable, str(bot_path), env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    try:
+        hello = await sockets.recv_message(alice, "the bot's hello, posted through the API")
+        assert (hello["author"], hello["body"]) == (other_user.username, "pingbot is here: say ping")
+        await asyncio.sleep(0.5)  # the bot is long-polling
+        await sockets.send(alice, "ping")
+        assert (await sockets.recv_message(alice, "alice's ping"))["body"] == "ping"
+        pong = await sockets.recv_message(alice, "the bot's pong, woken by the long-poll")
+        assert (pong["author"], pong["body"]) == (other_user.username, f"pong, {user.username}")
+        await sockets.assert_silent(alice, "alice, after one pong")
+    finally:
+        bot.kill()
+        output = (await bot.communicate())[0].decode()
+    assert "retrying" not in output, output
