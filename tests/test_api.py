@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 import pytest
 import redis
 from channels.db import database_sync_to_async
 from django.core.management import CommandError, call_command
+from django.db import OperationalError
 from django.test import AsyncClient, Client
 
-from chat import ephemeral, longpoll, realtime, services, tokens
+from chat import api, ephemeral, longpoll, realtime, services, tokens
 from chat.models import ApiToken, Membership, Message, Room
 from tests.test_consumers import joined, receive, send
 
@@ -385,7 +387,6 @@ async def test_two_hundred_concurrent_polls_all_get_the_one_message(fanout_mode,
     assert await database_sync_to_async(Message.objects.count)() == 1
 
 
-
 def seqs(messages) -> list[int] | None:
     return None if messages is None else [m["seq"] for m in messages]
 
@@ -415,3 +416,84 @@ async def test_a_poll_woken_out_of_order_reads_the_database(fanout_mode, user, b
     await database_sync_to_async(services.message_create)(room=room, author=user, body="published")
     response = await asyncio.wait_for(waiting, 5)
     assert [m["body"] for m in response.json()["messages"]] == ["lost publish", "published"]
+
+
+# --------------------------------------------------------------------------
+# Every endpoint, every generic error
+# --------------------------------------------------------------------------
+
+ENDPOINTS = [
+    ("get", "/api/rooms/", None),
+    ("post", "/api/rooms/", {"name": "New room"}),
+    ("get", "/api/rooms/general/messages", None),
+    ("post", "/api/rooms/general/messages", {"body": "hi"}),
+    ("patch", "/api/rooms/general/messages/{id}", {"body": "edited"}),
+    ("delete", "/api/rooms/general/messages/{id}", None),
+    ("get", "/api/rooms/general/poll?timeout=1", None),
+]
+# Most specific first: the first key found in the path wins.
+WRONG_METHOD = {"{id}": "get", "poll": "post", "messages": "put", "/api/rooms/": "delete"}
+
+
+def call(client: Client, method: str, url: str, data, **kwargs):
+    if data is None:
+        return getattr(client, method)(url, **kwargs)
+    return getattr(client, method)(url, json.dumps(data), "application/json", **kwargs)
+
+
+@pytest.fixture
+def own_message(user, room) -> Message:
+    return services.message_create(room=room, author=user, body="mine")[0]
+
+
+@pytest.mark.parametrize(("method", "path", "data"), ENDPOINTS)
+def test_every_endpoint_answers_401_without_credentials(method, path, data, own_message):
+    response = call(Client(), method, path.format(id=own_message.pk), data)
+    assert error_of(response) == (401, "not_authenticated")
+    assert Message.objects.get() == own_message and Room.objects.count() == 1
+
+
+@pytest.mark.parametrize(("method", "path", "data"), ENDPOINTS)
+def test_every_endpoint_answers_405_to_a_wrong_method(alice_api, method, path, data, own_message):
+    wrong = next(verb for key, verb in WRONG_METHOD.items() if key in path)
+    response = call(alice_api, wrong, path.format(id=own_message.pk), None)
+    assert error_of(response) == (405, "method_not_allowed")
+    assert wrong.upper() not in response["Allow"]
+
+
+@pytest.mark.parametrize(("method", "path", "data"), ENDPOINTS)
+def test_every_endpoint_answers_429_over_the_rate_limit(alice_api, settings, method, path, data, own_message):
+    settings.CHAT_API_REQUESTS_PER_MINUTE = 0  # this user's next request is over the limit
+    response = call(alice_api, method, path.format(id=own_message.pk), data)
+    assert error_of(response) == (429, "rate_limited")
+    assert int(response["Retry-After"]) >= 1
+    assert Message.objects.get().body == "mine" and Room.objects.count() == 1
+
+
+@pytest.mark.parametrize(("method", "path", "data"), [e for e in ENDPOINTS if e[0] in ("post", "patch")])
+def test_every_write_answers_413_to_a_request_over_64_kib(alice_api, method, path, data, own_message):
+    response = call(alice_api, method, path.format(id=own_message.pk), {**data, "padding": "p" * 65 * 1024})
+    assert error_of(response) == (413, "request_too_large")
+    assert Message.objects.get().body == "mine" and Room.objects.count() == 1
+
+
+def test_healthz_is_503_and_names_the_database_when_it_fails(client, monkeypatch):
+    def broken() -> None:
+        raise OperationalError("connection refused")
+
+    monkeypatch.setattr(api, "_database_ping", broken)
+    response = client.get("/healthz")
+    assert response.status_code == 503
+    assert response.json() == {"database": "error: OperationalError", "redis": "ok"}
+
+
+def test_a_token_made_in_the_admin_shows_its_secret_once(admin_client, other_user):
+    response = admin_client.post(
+        "/admin/chat/apitoken/add/", {"user": other_user.pk, "name": "from the admin"}, follow=True
+    )
+    shown = re.search(r"chat_[A-Za-z0-9_-]{20,}", response.content.decode()).group(0)
+    token = ApiToken.objects.get()
+    assert token.name == "from the admin" and shown.startswith(token.prefix)
+    assert Client().get("/api/rooms/", headers=bearer(shown)).status_code == 200
+    change_page = admin_client.get(f"/admin/chat/apitoken/{token.pk}/change/").content.decode()
+    assert shown not in change_page
