@@ -1,32 +1,191 @@
-from django.contrib import admin, messages
+"""The staff's way into rooms, history, memberships and API tokens.
 
-from chat import tokens
-from chat.models import ApiToken, Message, Room
+Changes that people in a room should see go through chat/services.py, as
+they do from the chat: archiving closes the room's sockets, and editing or
+deleting a message reaches open browsers live.
+"""
+
+from __future__ import annotations
+
+from django.contrib import admin, messages
+from django.core.paginator import Paginator
+from django.db.models import OuterRef, QuerySet, Subquery
+from django.http import HttpRequest
+from django.template.response import TemplateResponse
+from django.utils.functional import cached_property
+
+from chat import ephemeral, services, tokens
+from chat.models import ApiToken, Membership, Message, Room
+
+
+class CappedCountPaginator(Paginator):
+    """Counts at most CAP rows: past that, the changelist shows "CAP+" pages' worth, not a full COUNT(*)."""
+
+    CAP = 10_000
+
+    @cached_property
+    def count(self) -> int:
+        return self.object_list.values("pk")[: self.CAP].count()
+
+
+class MembershipInline(admin.TabularInline):
+    model = Membership
+    extra = 0
+    raw_id_fields = ("user",)
+    fields = ("user", "role", "joined_at", "last_read_seq")
+    readonly_fields = ("joined_at", "last_read_seq")
 
 
 @admin.register(Room)
 class RoomAdmin(admin.ModelAdmin):
-    list_display = ("slug", "name", "is_archived", "last_seq", "last_message_at", "created_at")
-    list_filter = ("is_archived",)
+    list_display = (
+        "slug", "name", "is_private", "is_archived", "owner", "messages_posted", "last_message_at", "online_now"
+    )  # fmt: skip
+    list_filter = ("is_private", "is_archived", "created_at")
     search_fields = ("slug", "name", "topic")
     prepopulated_fields = {"slug": ("name",)}
     raw_id_fields = ("created_by",)
-    readonly_fields = ("last_seq", "last_message_at", "created_at")
+    fields = ("name", "slug", "topic", "is_private", "is_archived", "created_by")
+    readonly_fields = ()
+    inlines = [MembershipInline]
+    actions = ["archive", "unarchive", "clear_history"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Room]:
+        owner = Membership.objects.filter(room=OuterRef("pk"), role=Membership.Role.OWNER).order_by("joined_at")
+        return super().get_queryset(request).annotate(owner_name=Subquery(owner.values("user__username")[:1]))
+
+    @admin.display(description="owner", ordering="owner_name")
+    def owner(self, room: Room) -> str:
+        return room.owner_name or "—"
+
+    @admin.display(description="messages", ordering="last_seq")
+    def messages_posted(self, room: Room) -> int:
+        # Seqs are gapless, so the last one counts the room's messages without a COUNT(*).
+        return room.last_seq
+
+    @admin.display(description="online now")
+    def online_now(self, room: Room) -> int | str:
+        # One Redis round trip per row (a page has at most 100).
+        try:
+            return len(ephemeral.presence_now([room.pk])[room.pk])
+        except Exception:
+            return "?"  # Redis is down; the page still works
+
+    def save_model(self, request: HttpRequest, room: Room, form, change: bool) -> None:
+        archive_changed = change and "is_archived" in form.changed_data
+        wants_archived = room.is_archived
+        if archive_changed:
+            room.is_archived = not wants_archived  # the service makes the change, and tells the room
+        super().save_model(request, room, form, change)
+        if archive_changed:
+            (services.room_archive if wants_archived else services.room_unarchive)(room=room)
+        if not change and room.created_by is not None:
+            Membership.objects.get_or_create(room=room, user=room.created_by, defaults={"role": Membership.Role.OWNER})
+
+    def save_formset(self, request: HttpRequest, form, formset, change: bool) -> None:
+        memberships = formset.save(commit=False)
+        for membership in formset.deleted_objects:
+            services.membership_delete(membership)  # closes the member's sockets in a private room
+        for membership in memberships:
+            membership.save()
+
+    @admin.action(description="Archive the selected rooms (read-only; open sockets close)")
+    def archive(self, request: HttpRequest, rooms: QuerySet[Room]) -> None:
+        count = sum(services.room_archive(room=room) for room in rooms)
+        self.message_user(request, f"Archived {count} room(s).", messages.SUCCESS)
+
+    @admin.action(description="Unarchive the selected rooms")
+    def unarchive(self, request: HttpRequest, rooms: QuerySet[Room]) -> None:
+        count = sum(services.room_unarchive(room=room) for room in rooms)
+        self.message_user(request, f"Unarchived {count} room(s).", messages.SUCCESS)
+
+    @admin.action(description="Clear the history of the selected rooms…")
+    def clear_history(self, request: HttpRequest, rooms: QuerySet[Room]):
+        if request.POST.get("confirm") != "yes":
+            context = {
+                **self.admin_site.each_context(request),
+                "title": "Clear history?",
+                "rooms": rooms,
+                "opts": self.model._meta,
+                "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME,
+            }
+            return TemplateResponse(request, "admin/chat/room/clear_history_confirmation.html", context)
+        deleted = sum(services.room_clear_history(room=room) for room in rooms)
+        self.message_user(request, f"Deleted {deleted} message(s) in {len(rooms)} room(s).", messages.SUCCESS)
+        return None
+
+
+class DeletedFilter(admin.SimpleListFilter):
+    title = "deleted"
+    parameter_name = "deleted"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "Deleted"), ("no", "Not deleted")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "yes":
+            return queryset.filter(deleted_at__isnull=False)
+        if self.value() == "no":
+            return queryset.filter(deleted_at__isnull=True)
+        return queryset
 
 
 @admin.register(Message)
 class MessageAdmin(admin.ModelAdmin):
-    list_display = ("room", "seq", "author", "body_start", "created_at")
+    list_display = ("room", "seq", "author", "body_start", "created_at", "edited_at", "deleted_at")
     list_select_related = ("room", "author")
-    list_filter = ("room",)
+    list_filter = (("room", admin.RelatedOnlyFieldListFilter), "created_at", DeletedFilter)
     search_fields = ("body", "author__username")
     raw_id_fields = ("room", "author")
-    readonly_fields = ("seq", "nonce", "created_at", "edited_at", "deleted_at")
+    fields = ("room", "seq", "author", "body", "nonce", "created_at", "edited_at", "deleted_at")
+    readonly_fields = ("room", "seq", "author", "nonce", "created_at", "edited_at", "deleted_at")
+    # A million messages: no COUNT(*) of the whole table, a capped count of the filtered one.
     show_full_result_count = False
+    paginator = CappedCountPaginator
 
     @admin.display(description="body")
     def body_start(self, message: Message) -> str:
         return message.body[:80]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # messages are posted in the chat, by the API, or with manage.py postmessage
+
+    def save_model(self, request: HttpRequest, message: Message, form, change: bool) -> None:
+        if "body" in form.changed_data:
+            try:
+                services.message_edit(
+                    room=message.room, message_id=message.pk, user=request.user, body=message.body, by_staff=True
+                )
+            except services.ChatError as error:
+                self.message_user(request, f"Not saved: {error.detail}", messages.ERROR)
+
+    def delete_model(self, request: HttpRequest, message: Message) -> None:
+        # A soft delete: the row keeps its seq, the body is erased, open browsers are told.
+        try:
+            services.message_delete(room=message.room, message_id=message.pk, user=request.user)
+        except services.ChatError as error:
+            self.message_user(request, f"Message {message} not deleted: {error.detail}", messages.ERROR)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Message]) -> None:
+        for message in queryset.select_related("room"):
+            self.delete_model(request, message)
+
+
+@admin.register(Membership)
+class MembershipAdmin(admin.ModelAdmin):
+    list_display = ("user", "room", "role", "joined_at", "last_read_seq")
+    list_select_related = ("user", "room")
+    list_filter = ("role", "room__is_private")
+    search_fields = ("user__username", "room__slug", "room__name")
+    raw_id_fields = ("user", "room")
+    readonly_fields = ("joined_at", "last_read_seq")
+
+    def delete_model(self, request: HttpRequest, membership: Membership) -> None:
+        services.membership_delete(membership)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Membership]) -> None:
+        for membership in queryset.select_related("room", "user"):
+            services.membership_delete(membership)
 
 
 @admin.register(ApiToken)
@@ -47,7 +206,10 @@ class ApiTokenAdmin(admin.ModelAdmin):
         created, secret = tokens.token_create(user=token.user, name=token.name)
         # The admin goes on with the form's instance (logging, redirecting): make it the saved token.
         token.pk, token.key_hash, token.prefix, token.created_at = (
-            created.pk, created.key_hash, created.prefix, created.created_at
+            created.pk,
+            created.key_hash,
+            created.prefix,
+            created.created_at,
         )
         token._state.adding = False
         messages.warning(request, f"The secret of “{created.name}” is {secret} — copy it now; it is not shown again.")

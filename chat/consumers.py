@@ -40,7 +40,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
             await self.close()
             return
         entered = await database_sync_to_async(services.room_enter)(slug=slug, user=user)
-        if entered is None:  # no such room, archived, or private to others: the same refusal
+        if entered is None or entered[0].is_archived:  # no such room, private to others, or read-only
             await self.close()
             return
         self.room = entered[0]
@@ -79,6 +79,8 @@ class RoomConsumer(AsyncWebsocketConsumer):
             )
             if resume.next_seq is not None:
                 await self.send(protocol.gap_frame(after, resume.next_seq))
+            if resume.cleared is not None:
+                await self.send(protocol.encode(protocol.history_cleared_payload(*resume.cleared)))
             for message in resume.messages:
                 await self.send(protocol.message_frame(message))
             for message in resume.changed:
@@ -200,6 +202,13 @@ class RoomConsumer(AsyncWebsocketConsumer):
             self.closing = True
             await self.send(protocol.removed_frame())
             await self.close(code=CLOSE_REMOVED)
+
+    async def chat_room_closed(self, event: dict) -> None:
+        """Close this socket: the room was archived (the fast path off)."""
+        if not self.closing:
+            self.closing = True
+            await self.send(protocol.archived_frame())
+            await self.close(code=protocol.CLOSE_ROOM_ARCHIVED)
 
     async def chat_typing(self, event: dict) -> None:
         """Relay another user's typing signal (the fast path off)."""

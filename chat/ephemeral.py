@@ -143,5 +143,19 @@ async def presence_update(
     return _users(results[0]), _users(results[-2])
 
 
+def presence_now(room_ids: list[int]) -> dict[int, list[str]]:
+    """Who is online in each room now, for the admin, commands and statistics (sync; one round trip)."""
+    now = time.time()
+    if settings.CHANNEL_LAYER != "redis":
+        return {
+            room_id: _users(m for m, until in _local_presence.get(_presence_key(room_id), {}).items() if until > now)
+            for room_id in room_ids
+        }
+    pipe = _client_sync().pipeline(transaction=False)
+    for room_id in room_ids:
+        pipe.zrangebyscore(_presence_key(room_id), now, "+inf")
+    return {room_id: _users(members) for room_id, members in zip(room_ids, pipe.execute(), strict=True)}
+
+
 def presence_member(username: str, socket_id: str) -> str:
     return f"{username}|{socket_id}"

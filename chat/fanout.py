@@ -169,6 +169,10 @@ class RoomHub:
             for socket in [s for s in sockets if s.user == event["user"]]:
                 self._close(socket, protocol.CLOSE_REMOVED, protocol.removed_frame())
             return
+        if event["type"] == realtime.ROOM_CLOSED_EVENT:
+            for socket in list(sockets):
+                self._close(socket, protocol.CLOSE_ROOM_ARCHIVED, protocol.archived_frame())
+            return
         if event["type"] == realtime.TYPING_EVENT:
             frame = protocol.typing_frame(event["user"])
             # Ephemeral: not for the typist's own tabs, and not held for a replaying socket.

@@ -1,8 +1,17 @@
 from __future__ import annotations
 
 from django import forms
+from django.contrib.auth.forms import UserCreationForm
 
-from chat.models import Membership
+from chat.models import RESERVED_USERNAMES, Membership
+
+
+class SignupForm(UserCreationForm):
+    def clean_username(self) -> str:
+        username = super().clean_username()
+        if username.lower() in RESERVED_USERNAMES:
+            raise forms.ValidationError("This name is reserved; choose another.")
+        return username
 
 
 class RoomForm(forms.Form):

@@ -4,8 +4,15 @@ from django.conf import settings
 from django.core.validators import RegexValidator
 from django.db import models
 from django.db.models import Q
+from django.utils import timezone
 
 SLUG_PATTERN = r"^[a-z0-9-]{1,64}$"
+# The author of messages posted by operators (manage.py postmessage); it cannot sign in,
+# and nobody can sign up with its name.
+SYSTEM_USERNAME = "system"
+# The author of imported messages whose author has no account here (manage.py importroom).
+PLACEHOLDER_USERNAME = "former-member"
+RESERVED_USERNAMES = {SYSTEM_USERNAME, PLACEHOLDER_USERNAME}
 
 slug_validator = RegexValidator(
     SLUG_PATTERN,
@@ -35,9 +42,14 @@ class Room(models.Model):
     # a reconnecting client asks for the changes after the last one it saw.
     last_change = models.PositiveBigIntegerField(default=0)
     last_message_at = models.DateTimeField(null=True, blank=True)
+    # The newest "clear history": every message up to this seq was deleted as change
+    # `cleared_change`. Resuming clients get one frame for it, not one per message.
+    cleared_through_seq = models.PositiveBigIntegerField(default=0)
+    cleared_change = models.PositiveBigIntegerField(default=0)
 
     class Meta:
         ordering = ["slug"]
+        indexes = [models.Index(fields=["created_at"], name="room_created_at")]
 
     def __str__(self) -> str:
         return self.slug
@@ -47,7 +59,8 @@ class Message(models.Model):
     room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="messages")
     author = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="messages")
     body = models.TextField()
-    created_at = models.DateTimeField(auto_now_add=True)
+    # A default rather than auto_now_add, so that importroom can keep the original times.
+    created_at = models.DateTimeField(default=timezone.now)
     edited_at = models.DateTimeField(null=True, blank=True)
     # Soft delete: the row keeps its seq so the sequence stays gapless.
     deleted_at = models.DateTimeField(null=True, blank=True)
@@ -67,10 +80,21 @@ class Message(models.Model):
             ),
         ]
         # The (room, seq) unique constraint is the index most reads use.
-        indexes = [models.Index(fields=["room", "change"], name="message_room_change")]
+        indexes = [
+            models.Index(fields=["room", "change"], name="message_room_change"),
+            # The admin's date filter, retention (purgemessages) and statistics.
+            models.Index(fields=["created_at"], name="message_created_at"),
+            # The admin's "deleted" filter: deleted messages are few.
+            models.Index(fields=["deleted_at"], name="message_deleted", condition=Q(deleted_at__isnull=False)),
+        ]
 
     def __str__(self) -> str:
         return f"{self.room_id}#{self.seq}"
+
+    @property
+    def is_system(self) -> bool:
+        """Posted by an operator (manage.py postmessage), not by a person."""
+        return self.author.get_username() == SYSTEM_USERNAME
 
 
 class Membership(models.Model):

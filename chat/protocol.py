@@ -29,6 +29,7 @@ def message_payload(message: Message) -> dict[str, Any]:
         "edited_at": _iso(message.edited_at),
         "deleted_at": _iso(message.deleted_at),
         "nonce": message.nonce,
+        "system": message.is_system,
     }
 
 
@@ -56,8 +57,15 @@ CLOSE_REMOVED = 4403
 CLOSE_BAD_REQUEST = 4400
 
 
+CLOSE_ROOM_ARCHIVED = 4410
+
+
 def removed_frame() -> str:
     return error_frame("removed", "You were removed from this room.")
+
+
+def archived_frame() -> str:
+    return error_frame("room_archived", "This room was archived; it is read-only now.")
 
 
 def error_frame(code: str, detail: str, nonce: Any = None) -> str:
@@ -73,6 +81,11 @@ def change_payload(message: Message) -> dict[str, Any]:
     if message.deleted_at is not None:
         return {"type": "message_deleted", "id": message.pk, "seq": message.seq, "change": message.change}
     return {"type": "message_updated", "message": message_payload(message), "change": message.change}
+
+
+def history_cleared_payload(through_seq: int, change: int) -> dict[str, Any]:
+    """Every message up to `through_seq` was deleted at once (the admin's "clear history")."""
+    return {"type": "history_cleared", "seq": through_seq, "change": change}
 
 
 def presence_frame(users: list[str]) -> str:

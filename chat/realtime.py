@@ -22,7 +22,8 @@ TYPING_EVENT = "chat.typing"
 CHANGE_EVENT = "chat.change"
 PRESENCE_EVENT = "chat.presence"
 REMOVAL_EVENT = "chat.removal"
-ROOM_EVENTS = (MESSAGE_EVENT, CHANGE_EVENT, TYPING_EVENT, PRESENCE_EVENT, REMOVAL_EVENT)
+ROOM_CLOSED_EVENT = "chat.room_closed"
+ROOM_EVENTS = (MESSAGE_EVENT, CHANGE_EVENT, TYPING_EVENT, PRESENCE_EVENT, REMOVAL_EVENT, ROOM_CLOSED_EVENT)
 
 
 def room_group(room: Room | int) -> str:
@@ -70,6 +71,22 @@ def publish_removal(*, room_id: int, username: str) -> None:
     async_to_sync(get_channel_layer().group_send)(
         room_group(room_id), {"type": REMOVAL_EVENT, "room": room_id, "user": username}
     )
+
+
+def publish_room_closed(*, room_id: int) -> None:
+    """Close every socket in the room, on every server process (it was archived)."""
+    async_to_sync(get_channel_layer().group_send)(room_group(room_id), {"type": ROOM_CLOSED_EVENT, "room": room_id})
+
+
+def publish_history_cleared(*, room_id: int, through_seq: int, change: int) -> None:
+    """Tell every socket in the room that all its messages up to `through_seq` were deleted."""
+    event = {
+        "type": CHANGE_EVENT,
+        "room": room_id,
+        "change": change,
+        "frame": protocol.history_cleared_payload(through_seq, change),
+    }
+    async_to_sync(get_channel_layer().group_send)(room_group(room_id), event)
 
 
 def backlog(channel_layer, channel_name: str) -> int:

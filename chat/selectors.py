@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db.models import Count, Exists, F, OuterRef, Q, QuerySet, Subquery, Value
-from django.db.models.functions import Coalesce
+from django.db.models.functions import Coalesce, TruncDate
+from django.utils import timezone
 
+from chat import ephemeral
 from chat.models import Membership, Message, Room
 
 
@@ -39,6 +42,50 @@ def room_list(*, user: AbstractBaseUser | AnonymousUser) -> QuerySet[Room]:
 def room_get_open(*, slug: str) -> Room | None:
     """Return the room a socket may join or a person may post in, or None."""
     return Room.objects.filter(slug=slug, is_archived=False).first()
+
+
+def room_overview() -> list[dict]:
+    """Every room, archived and private ones too, for operators: counts, activity, who is online."""
+    rooms = list(
+        Room.objects.annotate(members=Count("memberships")).order_by(F("last_message_at").desc(nulls_last=True), "slug")
+    )
+    online = ephemeral.presence_now([room.pk for room in rooms])
+    return [
+        {
+            "slug": room.slug,
+            "name": room.name,
+            "private": room.is_private,
+            "archived": room.is_archived,
+            "messages": room.last_seq,
+            "members": room.members,
+            "online": len(online[room.pk]),
+            "last_activity": room.last_message_at.isoformat() if room.last_message_at else None,
+        }
+        for room in rooms
+    ]
+
+
+def chat_stats(*, days: int = 7, top: int = 5) -> dict:
+    """Site-wide figures for operators: a handful of aggregate queries, whatever the table's size."""
+    today = timezone.now().date()
+    since = today - timedelta(days=days - 1)
+    recent = Message.objects.filter(created_at__date__gte=since)
+    per_day = dict(recent.annotate(day=TruncDate("created_at")).values_list("day").annotate(n=Count("pk")))
+    busiest = (
+        recent.values("room__slug").annotate(n=Count("pk")).order_by("-n", "room__slug").values_list("room__slug", "n")
+    )
+    open_rooms = list(Room.objects.filter(is_archived=False).values_list("pk", flat=True))
+    online = ephemeral.presence_now(open_rooms)
+    return {
+        "rooms": Room.objects.filter(is_archived=False).count(),
+        "archived_rooms": Room.objects.filter(is_archived=True).count(),
+        "messages": Message.objects.count(),
+        "messages_per_day": {
+            (since + timedelta(days=i)).isoformat(): per_day.get(since + timedelta(days=i), 0) for i in range(days)
+        },
+        "most_active_rooms": [{"room": slug, "messages": n} for slug, n in busiest[:top]],
+        "online_now": sorted({user for users in online.values() for user in users}),
+    }
 
 
 def membership_get(*, room: Room, user: AbstractBaseUser) -> Membership | None:
@@ -85,6 +132,8 @@ class Resume:
     next_seq: int | None
     # The newest seq the client holds once it has the replayed messages.
     last_seq: int
+    # (through_seq, change) of a "clear history" the client missed, else None.
+    cleared: tuple[int, int] | None = None
 
 
 def message_resume(*, room: Room, after_seq: int, limit: int, changes_after: int | None = None) -> Resume:
@@ -96,20 +145,29 @@ def message_resume(*, room: Room, after_seq: int, limit: int, changes_after: int
     # Read the room first: everything committed before this read is in the
     # queries below, and anything later reaches the socket live. A client ahead
     # of the room (it was recreated, say) is clamped to the room's last seq.
-    room_last_seq_now, last_change = Room.objects.values_list("last_seq", "last_change").get(pk=room.pk)
+    room_last_seq_now, last_change, cleared_through_seq, cleared_change = Room.objects.values_list(
+        "last_seq", "last_change", "cleared_through_seq", "cleared_change"
+    ).get(pk=room.pk)
     after_seq = min(after_seq, room_last_seq_now)
     page = list(_messages(room).filter(seq__gt=after_seq).order_by("-seq")[: limit + 1])
     truncated = len(page) > limit
     messages = page[:limit][::-1]
     changed = []
+    cleared = None
     if changes_after is not None and changes_after < last_change:
-        changed = list(_messages(room).filter(seq__lte=after_seq, change__gt=changes_after).order_by("change"))
+        changed = _messages(room).filter(seq__lte=after_seq, change__gt=changes_after)
+        if changes_after < cleared_change:
+            # One frame for the whole clear, however many messages it deleted.
+            cleared = (min(cleared_through_seq, after_seq), cleared_change)
+            changed = changed.filter(seq__gt=cleared_through_seq)
+        changed = list(changed.order_by("change"))
     return Resume(
         messages=messages,
         changed=changed,
         last_change=last_change,
         next_seq=messages[0].seq if truncated else None,
         last_seq=messages[-1].seq if messages else after_seq,
+        cleared=cleared,
     )
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import datetime
+
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
@@ -12,7 +15,7 @@ from django.utils import timezone
 from django.utils.text import slugify
 
 from chat import realtime, selectors
-from chat.models import Membership, Message, Room
+from chat.models import SYSTEM_USERNAME, Membership, Message, Room
 
 NONCE_MAX_LENGTH = 64
 
@@ -59,14 +62,67 @@ def room_create(
     return room
 
 
+def room_archive(*, room: Room) -> bool:
+    """Make the room read-only and close its open sockets (after the commit). False if it already was."""
+    with transaction.atomic():
+        archived = Room.objects.filter(pk=room.pk, is_archived=False).update(is_archived=True)
+        if archived:
+            transaction.on_commit(lambda: realtime.publish_room_closed(room_id=room.pk))
+    room.is_archived = True
+    return bool(archived)
+
+
+def room_unarchive(*, room: Room) -> bool:
+    """Open an archived room again. False if it was not archived."""
+    room.is_archived = False
+    return bool(Room.objects.filter(pk=room.pk, is_archived=True).update(is_archived=False))
+
+
+def room_clear_history(*, room: Room, batch_size: int = 10_000, progress: Callable[[int], None] | None = None) -> int:
+    """Delete every message of the room as one change, in batches; return how many were deleted.
+
+    The room records the clear first, so a client resuming meanwhile is told
+    with one `history_cleared` frame; the live frame follows the last batch.
+    """
+    with transaction.atomic():
+        Room.objects.filter(pk=room.pk).update(last_change=F("last_change") + 1)
+        through_seq, change = Room.objects.values_list("last_seq", "last_change").get(pk=room.pk)
+        Room.objects.filter(pk=room.pk).update(cleared_through_seq=through_seq, cleared_change=change)
+    now = timezone.now()
+    deleted = 0
+    for low in range(0, through_seq, batch_size):
+        deleted += Message.objects.filter(
+            room=room, seq__gt=low, seq__lte=min(low + batch_size, through_seq), deleted_at__isnull=True
+        ).update(body="", deleted_at=now, change=change)
+        if progress is not None:
+            progress(deleted)
+    realtime.publish_history_cleared(room_id=room.pk, through_seq=through_seq, change=change)
+    room.cleared_through_seq, room.cleared_change, room.last_change = through_seq, change, change
+    return deleted
+
+
+def system_user() -> AbstractBaseUser:
+    return reserved_user(SYSTEM_USERNAME)
+
+
+def reserved_user(username: str) -> AbstractBaseUser:
+    """Return a user the site itself stands for (see RESERVED_USERNAMES), made inactive and without a password."""
+    user, created = get_user_model().objects.get_or_create(username=username, defaults={"is_active": False})
+    if created:
+        user.set_unusable_password()
+        user.save(update_fields=["password"])
+    return user
+
+
 def room_enter(*, slug: str, user: AbstractBaseUser) -> tuple[Room, Membership] | None:
-    """Return the open room `user` may be in, and their membership; None for everyone else.
+    """Return the room `user` may see, and their membership; None for everyone else.
 
     Opening a public room makes the user a member, which is what their unread
     count is kept on. A private room answers None to non-members exactly as a
-    missing room does, so its existence is not given away.
+    missing room does, so its existence is not given away. Archived rooms are
+    returned too: they can be read, and every write refuses them.
     """
-    room = selectors.room_get_open(slug=slug)
+    room = Room.objects.filter(slug=slug).first()
     if room is None:
         return None
     membership = selectors.membership_get(room=room, user=user)
@@ -108,8 +164,17 @@ def member_remove(*, room: Room, actor: AbstractBaseUser, username: str) -> None
             raise ChatError("forbidden", "The room's owner cannot be removed.")
         if membership.role == Membership.Role.MODERATOR and actor_membership.role != Membership.Role.OWNER:
             raise ChatError("forbidden", "Only the room's owner can remove a moderator.")
+        membership.room, membership.user = room, user
+        membership_delete(membership)
+
+
+def membership_delete(membership: Membership) -> None:
+    """Delete a membership as staff do in the admin; in a private room the user's sockets close."""
+    with transaction.atomic():
         membership.delete()
-        transaction.on_commit(lambda: realtime.publish_removal(room_id=room.pk, username=user.get_username()))
+        if membership.room.is_private:
+            room_id, username = membership.room_id, membership.user.get_username()
+            transaction.on_commit(lambda: realtime.publish_removal(room_id=room_id, username=username))
 
 
 def _membership_moderating(*, room: Room, actor: AbstractBaseUser) -> Membership:
@@ -179,12 +244,17 @@ def _message_for_nonce(*, room: Room, author: AbstractBaseUser, nonce: str) -> M
     return message
 
 
-def message_edit(*, room: Room, message_id: object, user: AbstractBaseUser, body: object) -> Message:
-    """Replace the body of the user's own message, then publish the change once committed."""
+def message_edit(
+    *, room: Room, message_id: object, user: AbstractBaseUser, body: object, by_staff: bool = False
+) -> Message:
+    """Replace the body of the user's own message, then publish the change once committed.
+
+    `by_staff` lets staff edit anyone's message: the admin's path, not the chat's.
+    """
     body = clean_body(body)
     with transaction.atomic():
         message = _message_for_change(room=room, message_id=message_id)
-        if message.author_id != user.pk:
+        if message.author_id != user.pk and not (by_staff and user.is_staff):
             raise ChatError("forbidden", "You can only edit your own messages.")
         message.body = body
         message.edited_at = timezone.now()
@@ -233,3 +303,29 @@ def _record_change(*, room: Room, message: Message, fields: list[str]) -> None:
     message.change = Room.objects.values_list("last_change", flat=True).get(pk=room.pk)
     message.save(update_fields=[*fields, "change"])
     transaction.on_commit(lambda: realtime.publish_change(message), robust=True)
+
+
+def messages_purge(
+    *,
+    older_than: datetime,
+    room: Room | None = None,
+    dry_run: bool = False,
+    batch_size: int = 5000,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Delete the messages created before `older_than` (a retention policy), in batches; return how many.
+
+    Unlike a deletion in the chat the rows go, so a room's history then starts
+    at a later seq; the seqs after it stay gapless.
+    """
+    messages = Message.objects.filter(created_at__lt=older_than)
+    if room is not None:
+        messages = messages.filter(room=room)
+    if dry_run:
+        return messages.count()
+    purged = 0
+    while batch := list(messages.order_by("pk").values_list("pk", flat=True)[:batch_size]):
+        purged += Message.objects.filter(pk__in=batch).delete()[0]
+        if progress is not None:
+            progress(purged)
+    return purged

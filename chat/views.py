@@ -4,14 +4,13 @@ from django.conf import settings
 from django.contrib import messages as flash
 from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
-from django.contrib.auth.forms import UserCreationForm
 from django.core.exceptions import ValidationError
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render, resolve_url
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from chat import selectors, services
-from chat.forms import MemberForm, RoomForm
+from chat.forms import MemberForm, RoomForm, SignupForm
 from chat.models import Membership, Room
 
 
@@ -64,6 +63,7 @@ def room_detail(request: HttpRequest, slug: str) -> HttpResponse:
             "username": request.user.get_username(),
             "lastRead": membership.last_read_seq,
             "canModerate": can_moderate,
+            "archived": room.is_archived,
             "maxLength": settings.CHAT_MESSAGE_MAX_LENGTH,
             "loginUrl": f"{resolve_url(settings.LOGIN_URL)}?next={request.path}",
         },
@@ -103,14 +103,14 @@ def member_remove(request: HttpRequest, slug: str, username: str) -> HttpRespons
 
 def _enter_or_404(request: HttpRequest, slug: str) -> tuple[Room, Membership]:
     entered = services.room_enter(slug=slug, user=request.user)
-    if entered is None:  # missing, archived, or private to this user: all look the same
+    if entered is None:  # missing, or private to this user: both look the same
         raise Http404("No such room.")
     return entered
 
 
 @require_http_methods(["GET", "POST"])
 def signup(request: HttpRequest) -> HttpResponse:
-    form = UserCreationForm(request.POST or None)
+    form = SignupForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         user = form.save()
         login(request, user, backend="django.contrib.auth.backends.ModelBackend")

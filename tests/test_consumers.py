@@ -135,7 +135,9 @@ async def test_message_frame_carries_the_shared_message_object(ws_connect, user,
         "edited_at",
         "deleted_at",
         "nonce",
+        "system",
     }
+    assert frame["message"]["system"] is False
 
 
 def message_payload_of(message):

@@ -93,11 +93,19 @@ def test_room_page_needs_a_signed_in_user(client, room):
     assert response.status_code == 302 and reverse("login") in response.url
 
 
-def test_unknown_or_archived_room_page_is_404(client, user, room):
+def test_unknown_room_page_is_404(client, user, room):
     client.force_login(user)
     assert client.get(reverse("room-detail", args=["nope"])).status_code == 404
-    Room.objects.filter(pk=room.pk).update(is_archived=True)
-    assert client.get(reverse("room-detail", args=[room.slug])).status_code == 404
+
+
+def test_archived_room_page_shows_the_history_read_only(client, user, room):
+    services.message_create(room=room, author=user, body="before the archive")
+    services.room_archive(room=room)
+    client.force_login(user)
+    response = client.get(reverse("room-detail", args=[room.slug]))
+    assert response.status_code == 200
+    assert "before the archive" in response.content.decode()
+    assert response.context["client_config"]["archived"] is True
 
 
 def test_room_page_renders_the_last_50_messages_in_seq_order(client, user, room):

@@ -15,32 +15,50 @@ def creators_own_their_rooms(apps, schema_editor):
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('chat', '0002_message_changes'),
+        ("chat", "0002_message_changes"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='room',
-            name='is_private',
+            model_name="room",
+            name="is_private",
             field=models.BooleanField(default=False),
         ),
         migrations.CreateModel(
-            name='Membership',
+            name="Membership",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('role', models.CharField(choices=[('member', 'Member'), ('moderator', 'Moderator'), ('owner', 'Owner')], default='member', max_length=16)),
-                ('joined_at', models.DateTimeField(auto_now_add=True)),
-                ('last_read_seq', models.PositiveBigIntegerField(default=0)),
-                ('room', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='memberships', to='chat.room')),
-                ('user', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='memberships', to=settings.AUTH_USER_MODEL)),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                (
+                    "role",
+                    models.CharField(
+                        choices=[("member", "Member"), ("moderator", "Moderator"), ("owner", "Owner")],
+                        default="member",
+                        max_length=16,
+                    ),
+                ),
+                ("joined_at", models.DateTimeField(auto_now_add=True)),
+                ("last_read_seq", models.PositiveBigIntegerField(default=0)),
+                (
+                    "room",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE, related_name="memberships", to="chat.room"
+                    ),
+                ),
+                (
+                    "user",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="memberships",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
             options={
-                'ordering': ['room', 'user'],
-                'indexes': [models.Index(fields=['user', 'room'], name='membership_user_room')],
-                'constraints': [models.UniqueConstraint(fields=('room', 'user'), name='membership_unique_room_user')],
+                "ordering": ["room", "user"],
+                "indexes": [models.Index(fields=["user", "room"], name="membership_user_room")],
+                "constraints": [models.UniqueConstraint(fields=("room", "user"), name="membership_unique_room_user")],
             },
         ),
         migrations.RunPython(creators_own_their_rooms, migrations.RunPython.noop),

@@ -1,7 +1,7 @@
-from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
 from chat import tokens
+from chat.management.commands._arguments import user_named
 
 
 class Command(BaseCommand):
@@ -12,9 +12,7 @@ class Command(BaseCommand):
         parser.add_argument("--name", required=True, help='what the token is for, e.g. "deploy bot"')
 
     def handle(self, *args, username: str, name: str, **options) -> None:
-        user = get_user_model().objects.filter(username=username).first()
-        if user is None:
-            raise CommandError(f'There is no user "{username}". Sign up first, or run manage.py createsuperuser.')
+        user = user_named(username)
         if not name.strip():
             raise CommandError("--name must not be empty: say what the token is for.")
         token, secret = tokens.token_create(user=user, name=name.strip())

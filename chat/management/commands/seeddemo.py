@@ -1,20 +1,41 @@
-from django.core.management.base import BaseCommand
+import time
 
-from chat import services
-from chat.models import Room
+from django.core.management.base import BaseCommand, CommandError
 
-DEMO_ROOMS = [
-    ("lobby", "Lobby", "Say hello: everyone who signs up can chat here."),
-]
+from chat import demo
 
 
 class Command(BaseCommand):
-    help = "Create the demo rooms if they are missing (safe to run again)."
+    help = (
+        "Create the Lobby if it is missing (safe to run again). With --rooms N --messages M, also add N demo rooms "
+        "holding M generated messages in all (bulk inserts, gapless seqs): for trying the site out and for benchmarks."
+    )
 
-    def handle(self, *args, **options) -> None:
-        for slug, name, topic in DEMO_ROOMS:
-            if Room.objects.filter(slug=slug).exists():
-                self.stdout.write(f"Room {slug!r} already exists.")
-                continue
-            services.room_create(slug=slug, name=name, topic=topic, created_by=None)
-            self.stdout.write(self.style.SUCCESS(f"Created room {slug!r}."))
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("--rooms", type=int, default=0, help="demo rooms to add (0)")
+        parser.add_argument("--messages", type=int, default=0, help="messages in all, spread over the rooms (0)")
+
+    def handle(self, *args, rooms: int, messages: int, **options) -> None:
+        if rooms < 0 or messages < 0 or (messages and not rooms):
+            raise CommandError("--rooms and --messages must be 0 or more, and messages need at least one room.")
+        room, created = demo.lobby()
+        self.stdout.write(
+            self.style.SUCCESS(f'Created room "{room.slug}".') if created else f'Room "{room.slug}" already exists.'
+        )
+        if not rooms:
+            return
+        started = time.monotonic()
+        last_report = [started]
+
+        def progress(written: int, total: int) -> None:
+            now = time.monotonic()
+            if now - last_report[0] >= 2 or written == total:
+                last_report[0] = now
+                self.stdout.write(f"  {written:,}/{total:,} messages ({written / max(now - started, 1e-9):,.0f}/s)")
+
+        made = demo.seed_rooms(rooms=rooms, messages=messages, progress=progress)
+        seconds = time.monotonic() - started
+        names = ", ".join(room.slug for room in made)
+        self.stdout.write(
+            self.style.SUCCESS(f"Added {len(made)} room(s) ({names}) with {messages:,} messages in {seconds:.1f} s.")
+        )

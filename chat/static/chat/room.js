@@ -132,6 +132,10 @@
       stop("Removed", "You were removed from this room.", "/");
       return;
     }
+    if (event.code === 4410) {
+      stop("Archived", "This room was archived; it is read-only now.", "/");
+      return;
+    }
     // A handshake refused again and again may mean the person was signed out
     // or the room closed; the page itself says which, so ask it before retrying.
     if (attempt >= 2 && !event.wasClean && (await explainRefusal())) return;
@@ -219,6 +223,9 @@
         break;
       case "message_deleted":
         onDeleted(frame);
+        break;
+      case "history_cleared":
+        onCleared(frame);
         break;
     }
   }
@@ -345,7 +352,7 @@
   function renderMessage(message) {
     // Built with textContent only: a message body is never parsed as HTML.
     const item = document.createElement("li");
-    item.className = "message";
+    item.className = message.system ? "message system" : "message";
     item.dataset.seq = String(message.seq);
     item.dataset.id = String(message.id);
     item.dataset.author = message.author;
@@ -382,6 +389,12 @@
     lastChange = Math.max(lastChange, frame.change);
     const item = bySeq.get(frame.seq);
     if (item) markDeleted(item);
+    updateTitle();
+  }
+
+  function onCleared(frame) {
+    lastChange = Math.max(lastChange, frame.change);
+    for (const [seq, item] of bySeq) if (seq <= frame.seq) markDeleted(item);
     updateTitle();
   }
 
@@ -578,5 +591,6 @@
   }
 
   scrollToBottom();
-  connect();
+  if (config.archived) stop("Archived", "This room is archived; it is read-only.", "/");
+  else connect();
 })();
