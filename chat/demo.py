@@ -45,6 +45,8 @@ def seed_rooms(
     now = timezone.now()
     step = timedelta(days=30) / max(1, max(per_room, default=1))
     randomness = random.Random(42)
+    author_ids = [author.pk for author in authors]
+    bodies = [" ".join(randomness.choices(WORDS, k=randomness.randint(3, 14))) for _ in range(997)]
     written = 0
     for room, count in zip(made, per_room, strict=True):
         for first in range(1, count + 1, batch_size):
@@ -53,9 +55,9 @@ def seed_rooms(
                 Message.objects.bulk_create(
                     (
                         Message(
-                            room=room,
-                            author=authors[seq % len(authors)],
-                            body=" ".join(randomness.choices(WORDS, k=randomness.randint(3, 14))),
+                            room_id=room.pk,
+                            author_id=author_ids[seq % len(author_ids)],
+                            body=bodies[seq % len(bodies)],
                             created_at=now - (count - seq) * step,
                             seq=seq,
                         )

@@ -56,7 +56,8 @@ class Room(models.Model):
 
 
 class Message(models.Model):
-    room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="messages")
+    # No index of its own: the (room, seq) unique constraint's index starts with room.
+    room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="messages", db_index=False)
     author = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="messages")
     body = models.TextField()
     # A default rather than auto_now_add, so that importroom can keep the original times.
