@@ -73,7 +73,8 @@ class Message(models.Model):
     change = models.PositiveBigIntegerField(default=0)
 
     class Meta:
-        ordering = ["room", "seq"]
+        # By the column, not the relation: "room" would sort by the Room's own ordering, through a join.
+        ordering = ["room_id", "seq"]
         constraints = [
             models.UniqueConstraint(fields=["room", "seq"], name="message_unique_room_seq"),
             models.UniqueConstraint(

@@ -316,3 +316,10 @@ def test_seeddemo_refuses_bad_counts(args):
     with pytest.raises(CommandError, match="must be 0 or more"):
         run("seeddemo", *args)
     assert not Room.objects.filter(slug__startswith="demo-").exists()
+
+
+def test_postmessage_reaches_a_private_room_as_system_but_not_as_a_non_member(third_user, private_room):
+    run("postmessage", "secret", "Maintenance tonight")
+    with pytest.raises(CommandError, match="You are not a member of this room."):
+        run("postmessage", "secret", "let me in", "--as", "carol")
+    assert list(Message.objects.values_list("body", flat=True)) == ["Maintenance tonight"]
