@@ -47,6 +47,8 @@ def room_detail(request: HttpRequest, slug: str) -> HttpResponse:
     messages, has_more = selectors.message_list(room=room, limit=settings.CHAT_PAGE_MESSAGES)
     context = {
         "room": room,
+        # The sidebar: the rooms this user may see, with unread counts (one query).
+        "rooms": selectors.room_list(user=request.user),
         "membership": membership,
         "members": members,
         "member_form": MemberForm(),

@@ -159,3 +159,25 @@ def test_room_page_shows_deleted_messages_as_placeholders_and_marks_edits(client
     assert "Message deleted" in content and "(edited)" in content
     config = json.loads(re.search(r'<script id="chat-config" type="application/json">(.*?)</script>', content).group(1))
     assert config["lastChange"] == 2
+
+
+def test_message_links_are_clickable_and_nothing_else_is_html(client, user, room):
+    services.message_create(room=room, author=user, body='see https://example.com/a?b=1&c=2. <a href="x">no</a>')
+    client.force_login(user)
+    content = client.get(reverse("room-detail", args=[room.slug])).content.decode()
+    assert (
+        'see <a href="https://example.com/a?b=1&amp;c=2" rel="noopener noreferrer" target="_blank">'
+        "https://example.com/a?b=1&amp;c=2</a>. &lt;a href=&quot;x&quot;&gt;no&lt;/a&gt;"
+    ) in content
+
+
+def test_room_page_sidebar_lists_the_users_rooms_with_unread_and_marks_the_current(
+    client, user, other_user, room, other_room
+):
+    services.room_enter(slug=other_room.slug, user=other_user)
+    services.message_create(room=other_room, author=user, body="unread for bob")
+    client.force_login(other_user)
+    content = client.get(reverse("room-detail", args=[room.slug])).content.decode()
+    sidebar = re.search(r'<nav class="sidebar".*?</nav>', content, re.S).group(0)
+    assert re.search(r'href="/rooms/general/" class="current" aria-current="page"', sidebar)
+    assert re.search(r'href="/rooms/random/">.*?aria-label="1 unread"', sidebar, re.S)

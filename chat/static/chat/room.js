@@ -16,6 +16,8 @@
   const loadOlder = document.getElementById("load-older");
   const typingLine = document.getElementById("typing");
   const online = document.getElementById("online");
+  const jumpButton = document.getElementById("jump-new");
+  const sendButton = document.getElementById("send-button");
 
   const GAP_GRACE_MS = 1000; // frames from two publishers may cross; wait before asking
   const HISTORY_LIMIT = 100;
@@ -367,7 +369,7 @@
     head.append(author, " ", time);
     const body = document.createElement("div");
     body.className = "body";
-    body.textContent = message.body;
+    setBody(body, message.body);
     item.append(head, body);
     if (message.deleted_at) markDeleted(item);
     else if (message.edited_at) markEdited(item);
@@ -381,7 +383,7 @@
     lastChange = Math.max(lastChange, frame.change);
     const item = bySeq.get(frame.message.seq);
     if (!item || item.classList.contains("deleted")) return;
-    item.querySelector(".body").textContent = frame.message.body;
+    setBody(item.querySelector(".body"), frame.message.body);
     markEdited(item);
   }
 
@@ -484,7 +486,9 @@
     }
     const firstPending = list.querySelector("li.pending");
     list.insertBefore(item, next || firstPending);
+    scheduleDecorate();
     if (stick) scrollToBottom();
+    else if (!next && !firstPending) jumpButton.hidden = false; // a new message below what is being read
   }
 
   function scheduleGapCheck() {
@@ -500,13 +504,20 @@
     scheduleGapCheck(); // checks again once the answer has had time to arrive
   }
 
-  loadOlder.addEventListener("click", () => {
+  function requestOlder() {
     const first = Math.min(...bySeq.keys(), lastContiguous + 1);
-    if (first <= 1 || !live) return;
+    if (first <= 1 || !live || loadOlder.disabled || loadOlder.hidden) return;
     loadOlder.disabled = true;
     historyRequests.push("older");
     send({ type: "history", before: first, limit: 50 });
-  });
+  }
+
+  loadOlder.addEventListener("click", requestOlder);
+  jumpButton.addEventListener("click", () => { scrollToBottom(); jumpButton.hidden = true; });
+  pane.addEventListener("scroll", () => {
+    if (pane.scrollTop < 80) requestOlder(); // reaching the top loads the page of history above it
+    if (isAtBottom()) jumpButton.hidden = true;
+  }, { passive: true });
 
   // ---- composing ------------------------------------------------------------
 
@@ -546,8 +557,10 @@
   function updateComposer() {
     const stick = isAtBottom(); // the composer may change height; keep the newest message in view
     const remaining = config.maxLength - input.value.length;
+    // Offline the button is off; Enter still queues the message, sent (once) when the page is live again.
+    sendButton.disabled = !live;
     if (!live) {
-      hint.textContent = "Offline: messages you send now go out when the connection is back.";
+      hint.textContent = "Offline: press Enter to queue a message; it is sent when the connection is back.";
     } else if (remaining < 200) {
       hint.textContent = `${remaining} characters left`;
     } else {
@@ -575,6 +588,63 @@
 
   // ---- helpers ----------------------------------------------------------------
 
+  // Text, with http(s) links made clickable; never HTML (chat/templatetags/chat_text.py does the same).
+  const URL_PATTERN = /https?:\/\/[^\s<>"']+/g;
+  function setBody(element, text) {
+    element.replaceChildren();
+    let position = 0;
+    for (const match of text.matchAll(URL_PATTERN)) {
+      const url = match[0].replace(/[.,;:!?)\]}'"]+$/, "");
+      element.append(text.slice(position, match.index));
+      const link = document.createElement("a");
+      link.href = url;
+      link.rel = "noopener noreferrer";
+      link.target = "_blank";
+      link.textContent = url;
+      element.append(link);
+      position = match.index + url.length;
+    }
+    element.append(text.slice(position));
+  }
+
+  // Day separators, and consecutive messages by one author within five minutes shown as one group.
+  const GROUP_MS = 5 * 60 * 1000;
+  let decorateQueued = false;
+  function scheduleDecorate() {
+    if (decorateQueued) return;
+    decorateQueued = true;
+    queueMicrotask(() => { decorateQueued = false; decorate(); });
+  }
+
+  function decorate() {
+    let previous = null;
+    for (const item of [...list.children]) {
+      if (item.classList.contains("day-separator")) { item.remove(); continue; }
+      if (!item.classList.contains("message") || item.classList.contains("pending")) continue;
+      const moment = new Date(item.querySelector("time").dateTime);
+      const day = moment.toDateString();
+      if (!previous || previous.day !== day) {
+        const separator = document.createElement("li");
+        separator.className = "day-separator";
+        separator.textContent = dayLabel(moment);
+        list.insertBefore(separator, item);
+      }
+      const continued = previous && previous.day === day && previous.author === item.dataset.author &&
+        moment - previous.moment < GROUP_MS && !item.classList.contains("system");
+      item.classList.toggle("continued", Boolean(continued));
+      previous = { day: day, author: item.dataset.author, moment: moment };
+    }
+  }
+
+  function dayLabel(moment) {
+    const today = new Date();
+    const yesterday = new Date(today);
+    yesterday.setDate(today.getDate() - 1);
+    if (moment.toDateString() === today.toDateString()) return "Today";
+    if (moment.toDateString() === yesterday.toDateString()) return "Yesterday";
+    return moment.toLocaleDateString([], { weekday: "long", year: "numeric", month: "long", day: "numeric" });
+  }
+
   function localiseTime(time) {
     if (!time) return;
     const moment = new Date(time.dateTime);
@@ -590,6 +660,7 @@
     pane.scrollTop = pane.scrollHeight;
   }
 
+  decorate();
   scrollToBottom();
   if (config.archived) stop("Archived", "This room is archived; it is read-only.", "/");
   else connect();
