@@ -298,7 +298,7 @@ def test_revoketoken_says_which_tokens_exist(other_user):
 
 
 def test_seeddemo_makes_rooms_with_gapless_seqs(user):
-    output = run("seeddemo", "--rooms", "2", "--messages", "25")
+    output = run("seeddemo", "--rooms", "2", "--messages", "25", "--workers", "1")
     assert 'Created room "lobby"' in output and "Added 2 room(s)" in output
     for slug, count in (("demo-1", 13), ("demo-2", 12)):
         room = Room.objects.get(slug=slug)
@@ -307,13 +307,30 @@ def test_seeddemo_makes_rooms_with_gapless_seqs(user):
     # The rooms work like any other: the next message takes the next seq.
     message, _ = services.message_create(room=Room.objects.get(slug="demo-1"), author=user, body="after the seed")
     assert message.seq == 14
-    again = run("seeddemo", "--rooms", "1", "--messages", "1")
+    again = run("seeddemo", "--rooms", "1", "--messages", "1", "--workers", "1")
     assert 'Room "lobby" already exists.' in again and Room.objects.filter(slug="demo-3").exists()
 
 
-@pytest.mark.parametrize("args", [["--rooms", "-1"], ["--messages", "5"], ["--rooms", "1", "--messages", "-2"]])
-def test_seeddemo_refuses_bad_counts(args):
-    with pytest.raises(CommandError, match="must be 0 or more"):
+@pytest.mark.django_db(transaction=True)  # the workers are other processes: they see committed rows only
+def test_seeddemo_workers_insert_side_by_side_with_gapless_seqs():
+    run("seeddemo", "--rooms", "3", "--messages", "2000", "--workers", "2")
+    for room in Room.objects.filter(slug__startswith="demo-"):
+        seqs = list(Message.objects.filter(room=room).order_by("seq").values_list("seq", flat=True))
+        assert seqs == list(range(1, room.last_seq + 1)) and room.last_seq in (666, 667)
+    assert Message.objects.count() == 2000
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--rooms", "-1"], "must be 0 or more"),
+        (["--messages", "5"], "must be 0 or more"),
+        (["--rooms", "1", "--messages", "-2"], "must be 0 or more"),
+        (["--rooms", "1", "--workers", "0"], "--workers must be from 1 to 16"),
+    ],
+)
+def test_seeddemo_refuses_bad_counts(args, message):
+    with pytest.raises(CommandError, match=message):
         run("seeddemo", *args)
     assert not Room.objects.filter(slug__startswith="demo-").exists()
 
