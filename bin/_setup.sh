@@ -50,3 +50,30 @@ ensure_redis() {
   echo "redis-server was started but does not answer at ${REDIS_URL:-redis://127.0.0.1:6379/0}; see var/redis.log" >&2
   return 1
 }
+
+# The browser tests (tests/e2e) drive Debian's Chromium with Playwright and run
+# axe-core (an npm package, in node_modules/) in the pages. Install either when
+# it is missing and this machine allows (root with apt-get; npm), else stop
+# and say what to install: the browser tests are part of every run.
+E2E_CHROMIUM="${E2E_CHROMIUM:-/usr/bin/chromium}"
+AXE_CORE="axe-core@4.14.1"  # keep in step with tests/e2e/test_pages.py's message
+ensure_e2e_tools() {
+  if [ ! -x "$E2E_CHROMIUM" ]; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+      echo "Installing Debian's chromium for the browser tests ..."
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+        || die "apt-get could not install chromium (needed by tests/e2e)."
+      [ -x "$E2E_CHROMIUM" ] || die "chromium is installed but $E2E_CHROMIUM is not there; set E2E_CHROMIUM to its binary."
+    else
+      die "the browser tests (tests/e2e) need Chromium at $E2E_CHROMIUM: install it (sudo apt-get install chromium), or set E2E_CHROMIUM to a Chromium binary."
+    fi
+  fi
+  if [ ! -f node_modules/axe-core/axe.min.js ]; then
+    command -v npm >/dev/null \
+      || die "the accessibility tests need $AXE_CORE from npm, and npm is not installed: install Node.js and npm (sudo apt-get install npm), then rerun."
+    echo "Installing $AXE_CORE into node_modules/ for the accessibility tests ..."
+    npm install --prefix "$PWD" --no-save --no-audit --no-fund --loglevel=error "$AXE_CORE" >/dev/null \
+      || die "npm could not install $AXE_CORE (needed by tests/e2e)."
+  fi
+  export E2E_CHROMIUM
+}

@@ -1,0 +1,217 @@
+"""Chatting in real browsers: live delivery, history, reconnecting, presence, typing, edits."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from channels.db import database_sync_to_async
+from playwright.async_api import expect
+
+from chat import services
+from tests.e2e.conftest import (
+    RECONNECT_TIMEOUT_MS,
+    expect_live,
+    expect_messages,
+    open_room,
+    send,
+    shown_messages,
+    sign_in_by_form,
+)
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio(loop_scope="session")]
+
+
+async def test_sign_up_create_a_room_and_chat_live_with_the_room_only(server, browsers, other_user, third_user, room):
+    # dave signs up and creates a room, all through the forms.
+    dave = await browsers.new_page()
+    await dave.goto(f"{server.origin}/accounts/signup/")
+    await dave.fill("#id_username", "dave")
+    await dave.fill("#id_password1", "a-long-pass-42")
+    await dave.fill("#id_password2", "a-long-pass-42")
+    await dave.get_by_role("button", name="Sign up").click()
+    await expect(dave).to_have_url(f"{server.origin}/")
+    await expect(dave.locator(".whoami")).to_contain_text("dave")
+
+    await dave.fill("#id_name", "Book Club")
+    await dave.fill("#id_slug", "book-club")
+    await dave.fill("#id_topic", "One book a month")
+    await dave.get_by_role("button", name="Create room").click()
+    await expect(dave).to_have_url(f"{server.origin}/rooms/book-club/")
+    await expect(dave.locator("h1")).to_have_text("Book Club")
+    await expect_live(dave)
+
+    # bob (signed in through the login form) joins dave's room; carol sits in another room.
+    bob = await browsers.new_page()
+    await sign_in_by_form(bob, server, "bob", "pw-bob-123")
+    await open_room(bob, server, "book-club")
+    carol = await browsers.new_page(third_user)
+    await open_room(carol, server, room.slug)
+
+    await send(dave, "Welcome to the book club!")
+    await expect_messages(dave, [(1, "Welcome to the book club!")])
+
+    # bob sees it live, by dave ...
+    await expect_messages(bob, [(1, "Welcome to the book club!")])
+    await expect(bob.locator("#messages li.message .author")).to_have_text(["dave"])
+    # ... and carol, live in her own room all along, never does.
+    await carol.wait_for_timeout(1000)
+    await expect_live(carol)
+    await expect(carol.locator("#messages li.message")).to_have_count(0)
+    await expect(carol.locator("#messages")).not_to_contain_text("book club")
+
+
+async def test_reloading_shows_the_history_once_and_in_order(server, browsers, user, other_user, room):
+    alice = await browsers.new_page(user)
+    bob = await browsers.new_page(other_user)
+    await open_room(alice, server, room.slug)
+    await open_room(bob, server, room.slug)
+
+    for page, body in [(alice, "a1"), (bob, "b1"), (alice, "a2"), (bob, "b2"), (alice, "a3")]:
+        await send(page, body)
+    # A burst without waiting for each acknowledgement.
+    box = alice.locator("#message-input")
+    for body in ("burst 1", "burst 2", "burst 3"):
+        await box.fill(body)
+        await box.press("Enter")
+    expected = list(enumerate(["a1", "b1", "a2", "b2", "a3", "burst 1", "burst 2", "burst 3"], start=1))
+    await expect_messages(alice, expected)
+    await expect_messages(bob, expected)
+
+    for page in (alice, bob):
+        await page.reload()
+        await expect_live(page)
+        await expect_messages(page, expected)
+        await page.wait_for_timeout(500)  # a replay after "live" would show up as duplicates here
+        assert await shown_messages(page) == expected
+        await expect(page.locator("#messages li.message.pending")).to_have_count(0)
+
+
+# Keeps the page's WebSockets in window.__sockets, so that a test can close them.
+KEEP_SOCKETS = """
+(() => {
+  const Native = window.WebSocket;
+  window.__sockets = [];
+  window.WebSocket = class extends Native {
+    constructor(...args) { super(...args); window.__sockets.push(this); }
+  };
+})();
+"""
+
+
+async def test_reconnecting_after_a_restart_and_a_dropped_socket_shows_missed_messages_once(
+    cluster, browsers, user, other_user, room
+):
+    alice_server, bob_server = await cluster.start(2)
+    alice = await browsers.new_page(user, server=alice_server)
+    await alice.add_init_script(KEEP_SOCKETS)
+    bob = await browsers.new_page(other_user, server=bob_server)
+    await open_room(alice, alice_server, room.slug)
+    await open_room(bob, bob_server, room.slug)
+    await send(alice, "before")
+    expected = [(1, "before")]
+    await expect_messages(bob, expected)
+    state = alice.locator("#connection-state")
+
+    # 1. alice's server process dies and comes back while bob, on another process, talks.
+    alice_server.kill()
+    await expect(state).to_have_attribute("data-state", "reconnecting")
+    for body in ("while down 1", "while down 2", "while down 3"):
+        await send(bob, body)
+    expected += [(2, "while down 1"), (3, "while down 2"), (4, "while down 3")]
+    await expect(state).to_have_attribute("data-state", "reconnecting")  # still: nothing reached alice yet
+    assert await shown_messages(alice) == [(1, "before")]
+    await cluster.restart(alice_server)  # same port
+    await expect_live(alice, timeout=RECONNECT_TIMEOUT_MS)
+    await expect_messages(alice, expected)
+
+    # 2. alice's network drops while bob talks again. Going offline does not end
+    # an open WebSocket in Chromium (it only stops new connections), so close it too.
+    await alice.context.set_offline(True)
+    await alice.evaluate("window.__sockets.filter(s => s.readyState === WebSocket.OPEN).forEach(s => s.close())")
+    await expect(state).to_have_attribute("data-state", "reconnecting")
+    for body in ("while offline 1", "while offline 2", "while offline 3"):
+        await send(bob, body)
+    expected += [(5, "while offline 1"), (6, "while offline 2"), (7, "while offline 3")]
+    await alice.wait_for_timeout(1500)  # the page retries meanwhile, and fails
+    await expect(state).to_have_attribute("data-state", "reconnecting")
+    assert await shown_messages(alice) == expected[:4]
+    await alice.context.set_offline(False)
+    await expect_live(alice, timeout=RECONNECT_TIMEOUT_MS)
+    await expect_messages(alice, expected)
+
+    await alice.wait_for_timeout(500)  # nothing arrives twice late
+    assert await shown_messages(alice) == expected
+    await expect_messages(bob, expected)
+
+
+@database_sync_to_async
+def seed_messages(room, author, count: int) -> None:
+    for number in range(1, count + 1):
+        services.message_create(room=room, author=author, body=f"seeded {number}")
+
+
+async def test_scrolling_to_the_top_loads_older_history(server, browsers, user, room):
+    await seed_messages(room, user, 80)
+    alice = await browsers.new_page(user)
+    await open_room(alice, server, room.slug)
+    await expect_messages(alice, [(seq, f"seeded {seq}") for seq in range(31, 81)])  # the newest 50
+
+    await alice.locator("#messages-pane").evaluate("pane => { pane.scrollTop = 0; }")
+    older = alice.locator("#load-older")
+    items = alice.locator("#messages li.message[data-seq]")
+    try:  # reaching the top loads the older page by itself ...
+        await expect(items).to_have_count(80, timeout=2000)
+    except AssertionError:  # ... or the "Load older messages" button does
+        await older.click()
+    await expect_messages(alice, [(seq, f"seeded {seq}") for seq in range(1, 81)])
+    await expect(older).to_be_hidden()  # nothing older is left
+
+
+async def test_presence_typing_edits_and_deletions_show_on_the_other_page(server, browsers, user, other_user, room):
+    alice = await browsers.new_page(user)
+    await open_room(alice, server, room.slug)
+    online = alice.locator("#online")
+    typing = alice.locator("#typing")
+    await expect(online).to_contain_text("alice")
+    await expect(online).not_to_contain_text("bob")
+
+    # bob arrives: alice sees him online.
+    bob = await browsers.new_page(other_user)
+    await open_room(bob, server, room.slug)
+    await expect(online).to_contain_text("bob")
+
+    # bob types: alice sees it, and it goes away by itself after a few seconds.
+    await bob.locator("#message-input").press_sequentially("hel")
+    await expect(typing).to_have_text("bob is typing…")
+    await expect(typing).to_have_text("", timeout=7000)
+    # bob types again and sends: the notice goes as his message arrives.
+    await bob.locator("#message-input").press_sequentially("lo alice")
+    await expect(typing).to_have_text("bob is typing…")
+    await bob.locator("#message-input").press("Enter")
+    await expect_messages(alice, [(1, "hello alice")])
+    await expect(typing).to_have_text("", timeout=1000)  # well before the notice would expire
+
+    # alice edits her message: bob sees the new text and the "(edited)" marker.
+    await send(alice, "helo bob")
+    await expect_messages(bob, [(1, "hello alice"), (2, "helo bob")])
+    mine = alice.locator("#messages li.message[data-seq='2']")
+    await mine.hover()
+    await mine.get_by_role("button", name="Edit this message").click()
+    await mine.locator(".edit-form textarea").fill("hello bob")
+    await mine.locator(".edit-form button[type=submit]").click()
+    on_bob = bob.locator("#messages li.message[data-seq='2']")
+    await expect(on_bob.locator(".body")).to_have_text("hello bob")
+    await expect(on_bob.locator(".edited")).to_have_text("(edited)")
+
+    # alice deletes it (confirming): bob sees it deleted.
+    await mine.hover()
+    await mine.get_by_role("button", name="Delete this message").click()
+    await expect(on_bob).to_have_class(re.compile(r"\bdeleted\b"))
+    await expect(on_bob.locator(".body")).to_have_text("Message deleted")
+    await expect(on_bob.locator(".edited")).to_have_count(0)
+
+    # bob leaves: alice's online list drops him.
+    await bob.close()
+    await expect(online).not_to_contain_text("bob")
+    await expect(online).to_contain_text("alice")
