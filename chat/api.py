@@ -27,7 +27,9 @@ SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 MESSAGES_MAX_LIMIT = 200
 
 # Service error codes that are not plain "bad input" (400).
-STATUS_FOR_CODE = {"forbidden": 403, "room_archived": 403, "not_found": 404, "body_too_long": 413}
+STATUS_FOR_CODE = {
+    "forbidden": 403, "room_archived": 403, "not_found": 404, "body_too_long": 413, "rate_limited": 429
+}  # fmt: skip
 
 
 class ApiError(Exception):
@@ -37,7 +39,8 @@ class ApiError(Exception):
 
     @classmethod
     def from_chat_error(cls, error: services.ChatError) -> ApiError:
-        return cls(STATUS_FOR_CODE.get(error.code, 400), error.code, error.detail)
+        headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
+        return cls(STATUS_FOR_CODE.get(error.code, 400), error.code, error.detail, headers)
 
 
 def error_response(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JsonResponse:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from urllib.parse import parse_qs
@@ -8,6 +9,7 @@ from urllib.parse import parse_qs
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
+from redis.exceptions import RedisError
 
 from chat import ephemeral, fanout, protocol, realtime, selectors, services
 
@@ -28,11 +30,44 @@ class RoomConsumer(AsyncWebsocketConsumer):
     presence = None
     heartbeat = None
     closing = False
+    accepted = False
+    # Set once this socket counts against its user's cap (CHAT_MAX_SOCKETS_PER_USER).
+    socket_id = None
     # Live events at or below these were already sent by the resume replay.
     replayed_through = 0
     changes_through = 0
 
     async def connect(self) -> None:
+        try:
+            await self.join()
+        except LAYER_ERRORS as error:
+            # Redis is away: nothing was stored for this socket, and the client
+            # resumes from the database once it is back.
+            _log_layer_down(error)
+            for cleanup in (self.unsubscribe, self.release_socket):
+                with contextlib.suppress(*LAYER_ERRORS):
+                    await cleanup()
+            if not self.accepted:
+                await self.accept()
+            await self.send(protocol.error_frame("unavailable", "The chat is briefly unavailable; reconnecting."))
+            await self.close(code=protocol.CLOSE_SERVICE_RESTART)  # 1000 under daphne: see close()
+        else:
+            _layer_back()
+
+    async def accept(self, subprotocol: str | None = None) -> None:
+        await super().accept(subprotocol)
+        self.accepted = True
+
+    async def close(self, code: int | None = None, reason: str | None = None) -> None:
+        try:
+            await super().close(code=code, reason=reason)
+        except Exception:
+            # daphne (autobahn) refuses close codes other than 1000 and 3000-4999,
+            # such as 1012 and 1013: close with its 1000. The client reconnects
+            # either way, and the error frame before the close said why.
+            await super().close()
+
+    async def join(self) -> None:
         user = self.scope["user"]
         slug = self.scope["url_route"]["kwargs"]["slug"]
         # Closing before accept() refuses the handshake: the client gets no frames.
@@ -48,17 +83,23 @@ class RoomConsumer(AsyncWebsocketConsumer):
             after = _query_seq(self.scope, "after")
             changes_after = _query_seq(self.scope, "changes_after")
         except ValueError as error:
-            await self.accept()
-            await self.send(protocol.error_frame("invalid_after", f'"{error}" must be a whole number of 0 or more.'))
-            await self.close(code=CLOSE_BAD_REQUEST)
+            await self.refuse(CLOSE_BAD_REQUEST, "invalid_after", f'"{error}" must be a whole number of 0 or more.')
             return
+        socket_id = uuid.uuid4().hex
+        cap = settings.CHAT_MAX_SOCKETS_PER_USER
+        if not await ephemeral.socket_open(user_id=user.pk, socket_id=socket_id, cap=cap):
+            detail = f"You have {cap} chat windows open already; close one and reload."
+            await self.refuse(protocol.CLOSE_TOO_MANY_SOCKETS, "too_many_sockets", detail)
+            return
+        self.socket_id = socket_id
 
         # Subscribe before querying: events published meanwhile are held
         # (by the hub, or in this consumer's queue, as dispatch is sequential)
         # until the replay is sent, so none is lost or sent twice.
         if settings.CHAT_FAST_FANOUT:
             send = self.scope.get("fanout.send", self.base_send)
-            self.local = await fanout.hub_for(self.channel_layer).join(self.room.pk, send, user.get_username())
+            session = self.scope["session"].session_key or ""
+            self.local = await fanout.hub_for(self.channel_layer).join(self.room.pk, send, user.get_username(), session)
         else:
             await self.channel_layer.group_add(realtime.room_group(self.room), self.channel_name)
         if self.room.is_private and not await database_sync_to_async(selectors.membership_get)(
@@ -67,6 +108,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
             # Removed between the check above and the subscription, so the
             # removal's broadcast came too early to close this socket.
             await self.unsubscribe()
+            await self.release_socket()
             await self.close()
             return
         await self.accept()
@@ -93,9 +135,15 @@ class RoomConsumer(AsyncWebsocketConsumer):
             self.replayed_through, self.changes_through = last_seq, last_change
         await self.arrive()
 
+    async def refuse(self, code: int, error: str, detail: str) -> None:
+        """Accept only to say why, then close: a refused handshake would tell the client nothing."""
+        await self.accept()
+        await self.send(protocol.error_frame(error, detail))
+        await self.close(code=code)
+
     async def arrive(self) -> None:
         """Count this socket as present, and keep it counted while it lives."""
-        self.presence = ephemeral.presence_member(self.scope["user"].get_username(), uuid.uuid4().hex)
+        self.presence = ephemeral.presence_member(self.scope["user"].get_username(), self.socket_id)
         users, published = await self.update_presence(add=self.presence)
         if not published:  # a published list reaches this socket too
             await self.send(protocol.presence_frame(users))
@@ -107,6 +155,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
             await asyncio.sleep(settings.CHAT_PRESENCE_TTL / 3)
             try:
                 await self.update_presence(add=self.presence)
+                await ephemeral.socket_refresh(user_id=self.scope["user"].pk, socket_id=self.socket_id)
             except Exception:
                 logger.warning("Refreshing presence in room %s failed", self.room.slug, exc_info=True)
 
@@ -126,6 +175,12 @@ class RoomConsumer(AsyncWebsocketConsumer):
         if self.presence is not None:
             await self.leave()
         await self.unsubscribe()
+        await self.release_socket()
+
+    async def release_socket(self) -> None:
+        if self.socket_id is not None:
+            socket_id, self.socket_id = self.socket_id, None
+            await ephemeral.socket_close(user_id=self.scope["user"].pk, socket_id=socket_id)
 
     async def unsubscribe(self) -> None:
         if self.local is not None:
@@ -140,6 +195,16 @@ class RoomConsumer(AsyncWebsocketConsumer):
         except protocol.FrameError as error:
             await self.send(protocol.error_frame(error.code, error.detail, error.nonce))
             return
+        try:
+            await self.handle(command)
+        except LAYER_ERRORS as error:
+            # A saved message is safe whatever happens here (it is published
+            # after its commit, robustly); the client reconnects and resumes.
+            _log_layer_down(error)
+            await self.send(protocol.error_frame("unavailable", "The chat is briefly unavailable; reconnecting."))
+            await self.close(code=protocol.CLOSE_SERVICE_RESTART)  # 1000 under daphne: see close()
+
+    async def handle(self, command: protocol.ClientCommand) -> None:
         if isinstance(command, protocol.SendCommand):
             await self.send_message(command)
         elif isinstance(command, protocol.EditCommand | protocol.DeleteCommand):
@@ -162,7 +227,9 @@ class RoomConsumer(AsyncWebsocketConsumer):
                 room=self.room, author=self.scope["user"], body=command.body, nonce=command.nonce
             )
         except services.ChatError as error:
-            await self.send(protocol.error_frame(error.code, error.detail, command.nonce))
+            await self.send(
+                protocol.error_frame(error.code, error.detail, command.nonce, retry_after=error.retry_after)
+            )
             return
         except Exception:
             logger.exception("Saving a message in room %s failed", self.room.slug)
@@ -203,6 +270,13 @@ class RoomConsumer(AsyncWebsocketConsumer):
             await self.send(protocol.removed_frame())
             await self.close(code=CLOSE_REMOVED)
 
+    async def chat_signed_out(self, event: dict) -> None:
+        """Close this socket if its browser session signed out (the fast path off)."""
+        if event["session"] == self.scope["session"].session_key and not self.closing:
+            self.closing = True
+            await self.send(protocol.signed_out_frame())
+            await self.close(code=protocol.CLOSE_SIGNED_OUT)
+
     async def chat_room_closed(self, event: dict) -> None:
         """Close this socket: the room was archived (the fast path off)."""
         if not self.closing:
@@ -225,6 +299,25 @@ class RoomConsumer(AsyncWebsocketConsumer):
             await self.close(code=CLOSE_TRY_AGAIN_LATER)
             return
         await self.send(protocol.message_frame_from_payload(event["message"]))
+
+
+LAYER_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+_layer_down = False
+
+
+def _log_layer_down(error: BaseException) -> None:
+    """Log an outage of the channel layer once, not once per socket."""
+    global _layer_down
+    if not _layer_down:
+        _layer_down = True
+        logger.error("The channel layer (Redis) is unreachable; sockets are told to reconnect: %r", error)
+
+
+def _layer_back() -> None:
+    global _layer_down
+    if _layer_down:
+        _layer_down = False
+        logger.warning("The channel layer (Redis) answers again.")
 
 
 def _query_seq(scope: dict, name: str) -> int | None:

@@ -6,12 +6,17 @@ With CHANNEL_LAYER=memory (one process) the same state lives in this process.
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import time
+import uuid
 import weakref
 
 import redis
 import redis.asyncio as aioredis
 from django.conf import settings
+
+logger = logging.getLogger(__name__)
 
 TYPING_INTERVAL_MS = 2000
 
@@ -43,29 +48,43 @@ def _client_sync() -> redis.Redis:
     return _sync_client
 
 
+# A sliding window: the times of the hits in the last window, in a sorted set.
+# Counting and adding is one Lua script, so no window ever holds more than the
+# limit, however the hits fall and however many processes take them.
+_RATE_LIMIT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1] - ARGV[2])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  if #oldest == 0 then return ARGV[2] end  -- a limit of 0
+  return tostring(oldest[2] + ARGV[2] - ARGV[1])
+end
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[4])
+redis.call('EXPIRE', KEYS[1], math.ceil(ARGV[2]) + 1)
+return '0'
+"""
+_local_hits: dict[str, list[float]] = {}
+
+
 def rate_limit(key: str, limit: int, window_s: int = 60) -> int:
-    """Count one hit on `key`; return 0 if within `limit` per window, else seconds until the window ends.
+    """Count one hit on `key` unless `limit` hits fell in the last `window_s` seconds.
 
-    A fixed window: simple and shared by all processes, at the cost of
-    allowing up to twice the limit across a window boundary.
+    Returns 0 when the hit counts, else the whole seconds until one is allowed.
     """
-    now = time.time()
-    window = int(now // window_s)
-    retry_after = max(1, int((window + 1) * window_s - now + 0.999))
-    key = f"{settings.CHANNEL_LAYER_PREFIX}:rate:{key}:{window}"
+    key, now = f"{settings.CHANNEL_LAYER_PREFIX}:rate:{key}", time.time()
     if settings.CHANNEL_LAYER != "redis":
-        _local_counts[key] = count = _local_counts.get(key, 0) + 1
-        for stale in [k for k in _local_counts if not k.endswith(f":{window}")]:
-            del _local_counts[stale]
-        return 0 if count <= limit else retry_after
-    pipe = _client_sync().pipeline(transaction=True)
-    pipe.incr(key)
-    pipe.expire(key, window_s + 1)
-    count, _ = pipe.execute()
-    return 0 if count <= limit else retry_after
-
-
-_local_counts: dict[str, int] = {}
+        hits = _local_hits.setdefault(key, [])
+        hits[:] = [hit for hit in hits if hit > now - window_s]
+        if len(hits) >= limit:
+            return max(1, math.ceil(hits[0] + window_s - now)) if hits else window_s
+        hits.append(now)
+        return 0
+    try:
+        wait = float(_client_sync().eval(_RATE_LIMIT, 1, key, now, window_s, limit, f"{now}:{uuid.uuid4().hex[:8]}"))
+    except redis.RedisError:
+        # Fail open: a limit is not worth refusing every message while Redis is away.
+        logger.warning("Rate limit %s not checked: Redis is unreachable", key, exc_info=True)
+        return 0
+    return max(1, math.ceil(wait)) if wait > 0 else 0
 
 
 def redis_ping() -> None:
@@ -155,6 +174,57 @@ def presence_now(room_ids: list[int]) -> dict[int, list[str]]:
     for room_id in room_ids:
         pipe.zrangebyscore(_presence_key(room_id), now, "+inf")
     return {room_id: _users(members) for room_id, members in zip(room_ids, pipe.execute(), strict=True)}
+
+
+# ---- open sockets per user -----------------------------------------------------
+#
+# One sorted set per user: a member per open socket, scored with the time it
+# expires, refreshed with presence. Checking the count and adding the socket
+# is one Lua script, so two tabs opening at once cannot both slip past the cap.
+
+_SOCKET_OPEN = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
+_local_sockets: dict[str, dict[str, float]] = {}
+
+
+def _sockets_key(user_id: int) -> str:
+    return f"{settings.CHANNEL_LAYER_PREFIX}:sockets:{user_id}"
+
+
+async def socket_open(*, user_id: int, socket_id: str, cap: int) -> bool:
+    """Count a new socket of the user; False (and nothing counted) if they already have `cap` open."""
+    key, now = _sockets_key(user_id), time.time()
+    expires = now + settings.CHAT_PRESENCE_TTL
+    if settings.CHANNEL_LAYER != "redis":
+        sockets = _local_sockets.setdefault(key, {})
+        for stale in [s for s, until in sockets.items() if until <= now]:
+            del sockets[stale]
+        if len(sockets) >= cap:
+            return False
+        sockets[socket_id] = expires
+        return True
+    ttl = int(settings.CHAT_PRESENCE_TTL * 2) + 1
+    return bool(await _client().eval(_SOCKET_OPEN, 1, key, now, cap, expires, socket_id, ttl))
+
+
+async def socket_refresh(*, user_id: int, socket_id: str) -> None:
+    expires = time.time() + settings.CHAT_PRESENCE_TTL
+    if settings.CHANNEL_LAYER != "redis":
+        _local_sockets.setdefault(_sockets_key(user_id), {})[socket_id] = expires
+        return
+    await _client().zadd(_sockets_key(user_id), {socket_id: expires}, xx=True)
+
+
+async def socket_close(*, user_id: int, socket_id: str) -> None:
+    if settings.CHANNEL_LAYER != "redis":
+        _local_sockets.get(_sockets_key(user_id), {}).pop(socket_id, None)
+        return
+    await _client().zrem(_sockets_key(user_id), socket_id)
 
 
 def presence_member(username: str, socket_id: str) -> str:

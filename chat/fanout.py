@@ -11,6 +11,15 @@ that exists only while that socket has frames waiting.
 Redis pub/sub through the channel layer stays the only path between
 processes. `CHAT_FAST_FANOUT = False` turns this off and the consumer joins
 the group itself (docs/performance.md has the measurements).
+
+The channel layer is at most once: while the hub's subscription is down
+(Redis killed, frozen or unreachable), messages published meanwhile never
+reach this process. The pub/sub layer hides that (its own reader logs and
+retries, and redis-py re-subscribes on reconnect), so the hub checks its
+subscription itself: it publishes a probe to its own channel every second and
+expects to hear it. When a probe cannot be published or is not heard, every
+local socket is closed with 1012 and resumes from the database; once a probe
+comes back, the hub re-joins its rooms' groups and accepts sockets again.
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ from contextvars import Context
 from typing import Any
 
 from django.conf import settings
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 
 from chat import protocol, realtime
 
@@ -31,17 +42,27 @@ logger = logging.getLogger(__name__)
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
+# What a channel layer raises while Redis is away or not answering.
+LAYER_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+PROBE_EVENT = "fanout.probe"
+PROBE_INTERVAL = 1.0  # seconds between probes of the hub's subscription
+PROBE_TIMEOUT = 2.0  # seconds a probe's publish may take before Redis counts as away
+PROBES_MISSED = 3  # probes published but not heard back: the subscription is lost
+
 
 class LocalSocket:
     """One socket of this process, as the hub sees it."""
 
     __slots__ = (
-        "send", "user", "writable", "replayed_through", "changes_through", "held", "outbox", "writer", "closed"
+        "send", "user", "session", "writable", "replayed_through", "changes_through", "held", "outbox", "writer",
+        "closed",
     )  # fmt: skip
 
-    def __init__(self, send: Send, user: str) -> None:
+    def __init__(self, send: Send, user: str, session: str = "") -> None:
         self.send = send
         self.user = user
+        # The browser session's key: signing out closes that session's sockets only.
+        self.session = session
         self.writable = _writable_event(send)
         # None while the consumer replays missed messages: events are held
         # until then, and afterwards only those above this seq are sent.
@@ -96,12 +117,18 @@ class RoomHub:
         self.channel: str | None = None
         self.reader: asyncio.Task | None = None
         self.lock = asyncio.Lock()
+        # Set when the subscription was lost, until a probe published after that is heard.
+        self.down = False
+        self.probes_sent = self.probes_heard = self.down_since = 0
 
-    async def join(self, room_id: int, send: Send, user: str = "") -> LocalSocket:
+    async def join(self, room_id: int, send: Send, user: str = "", session: str = "") -> LocalSocket:
         """Register a socket; the room's group is subscribed before this returns."""
-        socket = LocalSocket(send, user)
+        socket = LocalSocket(send, user, session)
         async with self.lock:
-            await self._subscribe(room_id)
+            if not self.down:
+                await self._subscribe(room_id)
+            if self.down:  # "subscribed" would not be true: the consumer closes with 1012, the client retries
+                raise RedisConnectionError("The fan-out's channel-layer subscription is not back yet.")
             self.rooms.setdefault(room_id, set()).add(socket)
         return socket
 
@@ -169,6 +196,10 @@ class RoomHub:
             for socket in [s for s in sockets if s.user == event["user"]]:
                 self._close(socket, protocol.CLOSE_REMOVED, protocol.removed_frame())
             return
+        if event["type"] == realtime.SIGNED_OUT_EVENT:
+            for socket in [s for s in sockets if s.session and s.session == event["session"]]:
+                self._close(socket, protocol.CLOSE_SIGNED_OUT, protocol.signed_out_frame())
+            return
         if event["type"] == realtime.ROOM_CLOSED_EVENT:
             for socket in list(sockets):
                 self._close(socket, protocol.CLOSE_ROOM_ARCHIVED, protocol.archived_frame())
@@ -194,20 +225,96 @@ class RoomHub:
                     socket.closed = True
 
     async def _read(self) -> None:
+        monitor = asyncio.get_running_loop().create_task(self._monitor(), context=Context())
+        try:
+            while True:
+                try:
+                    event = await self.layer.receive(self.channel)
+                    if event.get("type") in realtime.ROOM_EVENTS:
+                        await self.deliver(event)
+                        # receive() does not suspend while events are queued; let the
+                        # writers send this one before the next, so an outbox only
+                        # grows for a socket whose client is not reading.
+                        await asyncio.sleep(0)
+                    elif event.get("type") == PROBE_EVENT:
+                        self.probes_heard = max(self.probes_heard, event["n"])
+                except asyncio.CancelledError:
+                    raise
+                except LAYER_ERRORS as error:  # layers whose receive() talks to Redis itself
+                    self._lost(error)
+                    await asyncio.sleep(PROBE_INTERVAL)
+                except Exception:
+                    logger.exception("Fan-out reader failed; retrying")
+                    await asyncio.sleep(0.5)
+        finally:
+            monitor.cancel()
+
+    async def _monitor(self) -> None:
+        """Probe the subscription every second: publish to the hub's own channel and expect to hear it."""
         while True:
+            await asyncio.sleep(PROBE_INTERVAL)
+            self.probes_sent += 1
             try:
-                event = await self.layer.receive(self.channel)
-                if event.get("type") in realtime.ROOM_EVENTS:
-                    await self.deliver(event)
-                    # receive() does not suspend while events are queued; let the
-                    # writers send this one before the next, so an outbox only
-                    # grows for a socket whose client is not reading.
-                    await asyncio.sleep(0)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("Fan-out reader failed; retrying")
-                await asyncio.sleep(0.5)
+                probe = {"type": PROBE_EVENT, "n": self.probes_sent}
+                await asyncio.wait_for(self.layer.send(self.channel, probe), PROBE_TIMEOUT)
+            except LAYER_ERRORS as error:
+                self._lost(error)
+                continue
+            if self.probes_sent - self.probes_heard > PROBES_MISSED:
+                self._lost(TimeoutError(f"{PROBES_MISSED} probes of the subscription were not heard back"))
+            elif self.down and self.probes_heard > self.down_since:
+                try:
+                    await self._rejoin()
+                except LAYER_ERRORS:
+                    continue  # still away; the next probe tries again
+
+    def _lost(self, error: BaseException) -> None:
+        """Messages may have been published that this process never heard: every local socket resumes.
+
+        The error frame and 1012 make clients reconnect (with backoff) and
+        resume from the database; long-polls wake and read it again. Logged
+        once per outage.
+        """
+        if self.down:
+            return
+        self.down, self.down_since = True, self.probes_sent
+        count = sum(len(sockets) for sockets in self.rooms.values())
+        logger.error(
+            "Fan-out lost its channel-layer subscription (%s: %s); closing %d local sockets so they resume",
+            type(error).__name__,
+            error,
+            count,
+        )
+        frame = protocol.error_frame("unavailable", "The chat is briefly unavailable; reconnecting.")
+        for sockets in self.rooms.values():
+            for socket in list(sockets):
+                self._close(socket, protocol.CLOSE_SERVICE_RESTART, frame)
+        self._wake_waiters()
+
+    async def _rejoin(self) -> None:
+        """The subscription is back: re-join the groups of rooms still in use, forget closed sockets.
+
+        The pub/sub layer's connection re-subscribes by itself on reconnect (in
+        redis-py), so there this only repairs a group_add that failed; the core
+        layer keeps groups in Redis, which a restart empties.
+        """
+        async with self.lock:
+            for room_id in list(self.rooms):
+                # Consumers that could not leave while Redis was away left closed sockets behind.
+                self.rooms[room_id] = {socket for socket in self.rooms[room_id] if not socket.closed}
+                if not self.rooms[room_id]:
+                    del self.rooms[room_id]
+                    await self._unsubscribe_if_idle(room_id)
+            for room_id in {*self.rooms, *self.waiters}:
+                await self.layer.group_add(realtime.room_group(room_id), self.channel)
+            self.down = False
+        logger.warning("Fan-out's channel-layer subscription is back; accepting sockets again")
+        self._wake_waiters()  # a poll that started meanwhile reads the database again
+
+    def _wake_waiters(self) -> None:
+        for watches in self.waiters.values():
+            for watch in watches:
+                watch.published.set()
 
     def _offer(self, socket: LocalSocket, frame: str, *, seq: int | None = None, change: int | None = None) -> bool:
         """Queue a frame for a socket; True when the caller should send it right away instead.
@@ -264,7 +371,13 @@ class RoomHub:
         try:
             if last_frame is not None:
                 await socket.send({"type": "websocket.send", "text": last_frame})
-            await socket.send({"type": "websocket.close", "code": code})
+            try:
+                await socket.send({"type": "websocket.close", "code": code})
+            except Exception:
+                # Daphne (autobahn) refuses codes other than 1000 and 3000-4999,
+                # so 1012 and 1013 raise there: close anyway, with its 1000. The
+                # client reconnects on either; `last_frame` said why.
+                await socket.send({"type": "websocket.close"})
         except Exception:
             logger.debug("Closing a closed socket failed", exc_info=True)
 

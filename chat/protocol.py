@@ -52,24 +52,34 @@ def message_frame_from_payload(payload: dict[str, Any]) -> str:
 
 
 # Close codes (RFC 6455, and 4000-4999 for this application).
+CLOSE_SERVICE_RESTART = 1012
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_REMOVED = 4403
 CLOSE_BAD_REQUEST = 4400
 
 
 CLOSE_ROOM_ARCHIVED = 4410
+CLOSE_TOO_MANY_SOCKETS = 4429
+CLOSE_SIGNED_OUT = 4401
 
 
 def removed_frame() -> str:
     return error_frame("removed", "You were removed from this room.")
 
 
+def signed_out_frame() -> str:
+    return error_frame("signed_out", "You signed out. Log in again to keep chatting.")
+
+
 def archived_frame() -> str:
     return error_frame("room_archived", "This room was archived; it is read-only now.")
 
 
-def error_frame(code: str, detail: str, nonce: Any = None) -> str:
-    return encode({"type": "error", "code": code, "detail": detail, "nonce": nonce})
+def error_frame(code: str, detail: str, nonce: Any = None, *, retry_after: int | None = None) -> str:
+    frame = {"type": "error", "code": code, "detail": detail, "nonce": nonce}
+    if retry_after is not None:
+        frame["retry_after"] = retry_after
+    return encode(frame)
 
 
 def history_frame(messages: list[Message], has_more: bool) -> str:

@@ -23,7 +23,10 @@ CHANGE_EVENT = "chat.change"
 PRESENCE_EVENT = "chat.presence"
 REMOVAL_EVENT = "chat.removal"
 ROOM_CLOSED_EVENT = "chat.room_closed"
-ROOM_EVENTS = (MESSAGE_EVENT, CHANGE_EVENT, TYPING_EVENT, PRESENCE_EVENT, REMOVAL_EVENT, ROOM_CLOSED_EVENT)
+SIGNED_OUT_EVENT = "chat.signed_out"
+ROOM_EVENTS = (
+    MESSAGE_EVENT, CHANGE_EVENT, TYPING_EVENT, PRESENCE_EVENT, REMOVAL_EVENT, ROOM_CLOSED_EVENT, SIGNED_OUT_EVENT
+)  # fmt: skip
 
 
 def room_group(room: Room | int) -> str:
@@ -71,6 +74,13 @@ def publish_removal(*, room_id: int, username: str) -> None:
     async_to_sync(get_channel_layer().group_send)(
         room_group(room_id), {"type": REMOVAL_EVENT, "room": room_id, "user": username}
     )
+
+
+def publish_signed_out(*, room_ids: list[int], session_key: str) -> None:
+    """Close the sockets of a browser session that signed out, in each of these rooms, on every process."""
+    send = async_to_sync(get_channel_layer().group_send)
+    for room_id in room_ids:
+        send(room_group(room_id), {"type": SIGNED_OUT_EVENT, "room": room_id, "session": session_key})
 
 
 def publish_room_closed(*, room_id: int) -> None:

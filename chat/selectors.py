@@ -88,6 +88,11 @@ def chat_stats(*, days: int = 7, top: int = 5) -> dict:
     }
 
 
+def member_room_ids(*, user: AbstractBaseUser) -> list[int]:
+    """The rooms the user may have sockets in: opening any room makes them a member."""
+    return list(Membership.objects.filter(user=user).values_list("room_id", flat=True))
+
+
 def membership_get(*, room: Room, user: AbstractBaseUser) -> Membership | None:
     return Membership.objects.filter(room=room, user=user).first()
 

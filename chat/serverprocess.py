@@ -16,6 +16,9 @@ from pathlib import Path
 from django.conf import settings
 
 LOG_TAIL_CHARS = 4000
+# The server refuses (closes with 1009) a WebSocket message over this many bytes without
+# buffering it; the consumer answers frames over CHAT_FRAME_MAX_BYTES (64 KiB) with an error frame.
+WS_MAX_MESSAGE_BYTES = 1024 * 1024
 # uvicorn's WebSocket protocol implementations, by --server name; "uvicorn" is how bin/serve runs the site.
 UVICORN_WS = {"uvicorn": "websockets-sansio", "uvicorn-legacy-ws": "websockets", "uvicorn-wsproto": "wsproto"}
 
@@ -48,12 +51,16 @@ class ServerProcess:
 
     def command(self) -> list[str]:
         if self.kind == "daphne":
-            return [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), self.app]
+            return [
+                sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port),
+                "--websocket-max-message-size", str(WS_MAX_MESSAGE_BYTES), self.app,
+            ]  # fmt: skip
         ws = UVICORN_WS[self.kind]
         return [
             sys.executable, "-m", "uvicorn", self.app,
             "--host", "127.0.0.1", "--port", str(self.port),
             "--no-access-log", "--log-level", "warning", "--loop", "uvloop", "--ws", ws,
+            "--ws-max-size", str(WS_MAX_MESSAGE_BYTES),
         ]  # fmt: skip
 
     def spawn(self) -> None:

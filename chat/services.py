@@ -14,7 +14,7 @@ from django.db.models.functions import Greatest, Least
 from django.utils import timezone
 from django.utils.text import slugify
 
-from chat import realtime, selectors
+from chat import ephemeral, realtime, selectors
 from chat.models import SYSTEM_USERNAME, Membership, Message, Room
 
 NONCE_MAX_LENGTH = 64
@@ -23,10 +23,12 @@ NONCE_MAX_LENGTH = 64
 class ChatError(Exception):
     """A request the site refuses; `code` is the machine-readable reason."""
 
-    def __init__(self, code: str, detail: str) -> None:
+    def __init__(self, code: str, detail: str, *, retry_after: int | None = None) -> None:
         super().__init__(detail)
         self.code = code
         self.detail = detail
+        # Seconds until the request may succeed (rate limits).
+        self.retry_after = retry_after
 
 
 def clean_body(body: object) -> str:
@@ -207,6 +209,7 @@ def message_create(*, room: Room, author: AbstractBaseUser, body: object, nonce:
     """
     body = clean_body(body)
     nonce = clean_nonce(nonce)
+    _check_message_rate(author)
     if (
         room.is_private
         and author.get_username() != SYSTEM_USERNAME  # operators post in any room
@@ -239,6 +242,20 @@ def message_create(*, room: Room, author: AbstractBaseUser, body: object, nonce:
     room.last_seq = seq
     room.last_message_at = now
     return message, True
+
+
+def _check_message_rate(author: AbstractBaseUser) -> None:
+    """At most CHAT_MESSAGE_RATE_LIMIT messages per CHAT_MESSAGE_RATE_WINDOW seconds per user, on every path."""
+    if author.get_username() == SYSTEM_USERNAME:
+        return
+    limit, window = settings.CHAT_MESSAGE_RATE_LIMIT, settings.CHAT_MESSAGE_RATE_WINDOW
+    retry_after = ephemeral.rate_limit(f"messages:{author.pk}", limit, window)
+    if retry_after:
+        raise ChatError(
+            "rate_limited",
+            f"Slow down: at most {limit} messages every {window} seconds. Try again in {retry_after} s.",
+            retry_after=retry_after,
+        )
 
 
 def _message_for_nonce(*, room: Room, author: AbstractBaseUser, nonce: str) -> Message | None:

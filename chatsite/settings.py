@@ -41,6 +41,27 @@ if not SECRET_KEY:
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", "")
 
+# Behind TLS (HTTPS=1): secure cookies, HTTPS redirects and HSTS; `manage.py check
+# --deploy --fail-level WARNING` passes with DEBUG off, HTTPS=1 and a strong SECRET_KEY.
+HTTPS = env_bool("HTTPS")
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = HTTPS
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", default=HTTPS)
+SECURE_HSTS_SECONDS = int(os.environ.get("SECURE_HSTS_SECONDS", 31_536_000 if HTTPS else 0))
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=HTTPS)
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", default=HTTPS)
+# A TLS-terminating proxy in front says so with this header (X-Forwarded-Proto: https).
+if env_bool("BEHIND_TLS_PROXY"):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SESSION_COOKIE_HTTPONLY = True
+X_FRAME_OPTIONS = "DENY"
+# No inline script anywhere: the pages load their code from /static/ and pass
+# data in <script type="application/json">. The admin needs inline styles.
+CONTENT_SECURITY_POLICY = os.environ.get(
+    "CONTENT_SECURITY_POLICY",
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'self'; form-action 'self'; object-src 'none'",
+)
+
 INSTALLED_APPS = [
     # daphne first, so that `manage.py runserver` serves WebSockets too.
     "daphne",
@@ -56,6 +77,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "chatsite.middleware.ContentSecurityPolicyMiddleware",
     "chatsite.middleware.StaticFilesMiddleware",  # WhiteNoise, async-capable
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -201,4 +223,9 @@ LOGGING = {
 CHAT_API_REQUESTS_PER_MINUTE = int(os.environ.get("CHAT_API_REQUESTS_PER_MINUTE", "600"))
 CHAT_API_WRITES_PER_MINUTE = int(os.environ.get("CHAT_API_WRITES_PER_MINUTE", "60"))
 CHAT_API_REQUEST_MAX_BYTES = 64 * 1024
+# Messages per user, on every path (WebSocket, API, commands), shared by all processes through Redis.
+CHAT_MESSAGE_RATE_LIMIT = int(os.environ.get("CHAT_MESSAGE_RATE_LIMIT", "20"))
+CHAT_MESSAGE_RATE_WINDOW = int(os.environ.get("CHAT_MESSAGE_RATE_WINDOW", "10"))  # seconds
+# Open WebSockets per user, all processes together.
+CHAT_MAX_SOCKETS_PER_USER = int(os.environ.get("CHAT_MAX_SOCKETS_PER_USER", "20"))
 CHAT_POLL_MAX_TIMEOUT = 30  # seconds a long-poll may wait

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -26,6 +27,13 @@ if "CONFIG" in settings.CHANNEL_LAYERS["default"] and "hosts" in settings.CHANNE
 # the test database. The site's persistent connections are a production
 # setting; the tests open a connection per use, as Django's default does.
 settings.DATABASES["default"]["CONN_MAX_AGE"] = 0
+
+# Tests post faster, and open more sockets per user, than people do; the limits
+# have tests of their own that set them back. Server processes the tests start
+# inherit these through the environment.
+for name, value in (("CHAT_MESSAGE_RATE_LIMIT", 100_000), ("CHAT_MAX_SOCKETS_PER_USER", 1_000)):
+    os.environ[name] = str(value)
+    setattr(settings, name, value)
 
 ORIGIN = "http://localhost"
 

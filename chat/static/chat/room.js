@@ -134,6 +134,14 @@
       stop("Removed", "You were removed from this room.", "/");
       return;
     }
+    if (event.code === 4401) {
+      stop("Signed out", "You signed out. Log in again to keep chatting.", config.loginUrl);
+      return;
+    }
+    if (event.code === 4429) {
+      stop("Too many windows", "You have too many chat windows open; close some, then", location.pathname, "reload");
+      return;
+    }
     if (event.code === 4410) {
       stop("Archived", "This room was archived; it is read-only now.", "/");
       return;
@@ -175,12 +183,12 @@
     return false;
   }
 
-  function stop(state, message, link) {
+  function stop(state, message, link, label) {
     setState("stopped", state);
     hint.textContent = `${message} `;
     const anchor = document.createElement("a");
     anchor.href = link;
-    anchor.textContent = link === "/" ? "Back to rooms" : "Log in";
+    anchor.textContent = label || (link === "/" ? "Back to rooms" : "Log in");
     hint.append(anchor);
     input.disabled = true;
     form.querySelector("button[type=submit]").disabled = true;

@@ -1,0 +1,17 @@
+"""Receivers of Django's signals."""
+
+from __future__ import annotations
+
+from django.contrib.auth.signals import user_logged_out
+from django.dispatch import receiver
+
+from chat import realtime, selectors
+
+
+@receiver(user_logged_out)
+def close_the_sessions_sockets(sender, request, user, **kwargs) -> None:
+    """Signing out closes the sockets this browser session has open, on every process, at once."""
+    session_key = getattr(getattr(request, "session", None), "session_key", None)
+    if user is None or not session_key:
+        return
+    realtime.publish_signed_out(room_ids=selectors.member_room_ids(user=user), session_key=session_key)
