@@ -8,21 +8,34 @@ from django.http import HttpRequest, HttpResponse
 from whitenoise.middleware import WhiteNoiseMiddleware
 
 
-class ContentSecurityPolicyMiddleware:
-    """Sends settings.CONTENT_SECURITY_POLICY with every response (Django 5.2 has no CSP of its own)."""
+class SyncAndAsync:
+    """Runs natively in Django's sync and async middleware chains.
+
+    Django runs a sync-only middleware, and everything inside it, async views
+    included, in a thread of the request's own: a long-poll would hold a
+    thread for as long as it waits.
+    """
 
     sync_capable = True
     async_capable = True
 
-    def __init__(self, get_response) -> None:
-        self.get_response = get_response
+    def _choose_mode(self, get_response) -> None:
         self.async_mode = iscoroutinefunction(get_response)
         if self.async_mode:
             markcoroutinefunction(self)
 
     def __call__(self, request: HttpRequest):
-        if self.async_mode:
-            return self._acall(request)
+        return self._acall(request) if self.async_mode else self._call(request)
+
+
+class ContentSecurityPolicyMiddleware(SyncAndAsync):
+    """Sends settings.CONTENT_SECURITY_POLICY with every response (Django 5.2 has no CSP of its own)."""
+
+    def __init__(self, get_response) -> None:
+        self.get_response = get_response
+        self._choose_mode(get_response)
+
+    def _call(self, request: HttpRequest) -> HttpResponse:
         return self._with_policy(self.get_response(request))
 
     async def _acall(self, request: HttpRequest) -> HttpResponse:
@@ -35,27 +48,15 @@ class ContentSecurityPolicyMiddleware:
         return response
 
 
-class StaticFilesMiddleware(WhiteNoiseMiddleware):
-    """WhiteNoise, able to sit in Django's async middleware chain.
-
-    WhiteNoise's middleware is sync-only, and one sync middleware makes Django
-    run everything inside it, async views included, in a thread of the
-    request's own: a long-poll would hold a thread for as long as it waits.
-    """
-
-    sync_capable = True
-    async_capable = True
+class StaticFilesMiddleware(SyncAndAsync, WhiteNoiseMiddleware):
+    """WhiteNoise (sync-only as it comes), able to sit in the async chain."""
 
     def __init__(self, get_response, **kwargs) -> None:
-        super().__init__(get_response, **kwargs)
-        self.async_mode = iscoroutinefunction(get_response)
-        if self.async_mode:
-            markcoroutinefunction(self)
+        WhiteNoiseMiddleware.__init__(self, get_response, **kwargs)
+        self._choose_mode(get_response)
 
-    def __call__(self, request: HttpRequest):
-        if self.async_mode:
-            return self._acall(request)
-        return super().__call__(request)
+    def _call(self, request: HttpRequest) -> HttpResponse:
+        return WhiteNoiseMiddleware.__call__(self, request)
 
     async def _acall(self, request: HttpRequest) -> HttpResponse:
         static_file = self.find_file(request.path_info) if self.autorefresh else self.files.get(request.path_info)
