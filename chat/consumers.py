@@ -172,10 +172,13 @@ class RoomConsumer(AsyncWebsocketConsumer):
         return users, True
 
     async def disconnect(self, code: int) -> None:
-        if self.presence is not None:
-            await self.leave()
-        await self.unsubscribe()
-        await self.release_socket()
+        # Each step on its own: with Redis away one failing must not skip the others.
+        steps = [self.leave] if self.presence is not None else []
+        for step in [*steps, self.unsubscribe, self.release_socket]:
+            try:
+                await step()
+            except LAYER_ERRORS as error:
+                _log_layer_down(error)
 
     async def release_socket(self) -> None:
         if self.socket_id is not None:

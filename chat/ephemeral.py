@@ -43,9 +43,25 @@ def _client_sync() -> redis.Redis:
     global _sync_client
     if _sync_client is None:
         _sync_client = redis.Redis.from_url(
-            settings.REDIS_URL, socket_timeout=5, socket_connect_timeout=5, health_check_interval=15
+            # Short: every caller fails open or reports, and a frozen Redis must not stall the
+            # thread that all consumers' database work shares.
+            settings.REDIS_URL,
+            socket_timeout=0.5,
+            socket_connect_timeout=0.5,
+            health_check_interval=15,
         )
     return _sync_client
+
+
+_warned_at = 0.0
+
+
+def _warn_once(message: str, every: float = 60.0) -> None:
+    """Log a warning at most once a minute: an outage is one event, not one per message."""
+    global _warned_at
+    if time.monotonic() - _warned_at >= every:
+        _warned_at = time.monotonic()
+        logger.warning(message)
 
 
 # A sliding window: the times of the hits in the last window, in a sorted set.
@@ -80,9 +96,9 @@ def rate_limit(key: str, limit: int, window_s: int = 60) -> int:
         return 0
     try:
         wait = float(_client_sync().eval(_RATE_LIMIT, 1, key, now, window_s, limit, f"{now}:{uuid.uuid4().hex[:8]}"))
-    except redis.RedisError:
+    except redis.RedisError as error:
         # Fail open: a limit is not worth refusing every message while Redis is away.
-        logger.warning("Rate limit %s not checked: Redis is unreachable", key, exc_info=True)
+        _warn_once(f"Rate limits are not checked while Redis is unreachable: {error!r}")
         return 0
     return max(1, math.ceil(wait)) if wait > 0 else 0
 

@@ -31,6 +31,7 @@
   let attempt = 0;
   let gapTimer = null;
   let retryTimer = null; // ticks the "reconnecting in N s" countdown
+  let lastErrorCode = null; // the code of the last error frame, which says why a close came
   // Only where there is a physical keyboard; touch keyboards have their own Enter.
   const KEYBOARD_HINT = window.matchMedia && matchMedia("(hover: hover) and (pointer: fine)").matches
     ? "Enter to send · Shift+Enter for a new line" : "";
@@ -150,7 +151,9 @@
     // or the room closed; the page itself says which, so ask it before retrying.
     if (attempt >= 2 && !event.wasClean && (await explainRefusal())) return;
     // Exponential backoff with jitter, capped, so a restarted server is not stampeded.
-    const delay = Math.min(15000, 500 * 2 ** Math.min(attempt - 1, 5)) * (0.75 + Math.random() / 2);
+    // After "unavailable" (Redis restarting) the server comes back within seconds: retry often.
+    const cap = lastErrorCode === "unavailable" ? 3000 : 15000;
+    const delay = Math.min(cap, 500 * 2 ** Math.min(attempt - 1, 5)) * (0.75 + Math.random() / 2);
     const due = Date.now() + delay;
     // Short enough for the pill on a phone; the composer hint says what offline means.
     const why = event.code === 1013 ? "Catching up — reconnecting" : "Reconnecting";
@@ -249,6 +252,7 @@
     }
     live = true;
     attempt = 0;
+    lastErrorCode = null;
     setState("live", "Live");
     // Sends that were never acknowledged go again with the same nonce; the
     // server stores each nonce once, so a retry cannot duplicate a message.
@@ -283,6 +287,7 @@
   }
 
   function onError(frame) {
+    lastErrorCode = frame.code;
     const item = frame.nonce != null ? pending.get(frame.nonce) : null;
     if (item) {
       pending.delete(frame.nonce);
