@@ -9,7 +9,6 @@ from urllib.parse import parse_qs
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
-from redis.exceptions import RedisError
 
 from chat import ephemeral, fanout, protocol, realtime, selectors, services
 
@@ -49,8 +48,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
                     await cleanup()
             if not self.accepted:
                 await self.accept()
-            await self.send(protocol.error_frame("unavailable", "The chat is briefly unavailable; reconnecting."))
-            await self.close(code=protocol.CLOSE_SERVICE_RESTART)  # 1000 under daphne: see close()
+            await self.close_with(protocol.CLOSE_SERVICE_RESTART, protocol.unavailable_frame())
         else:
             _layer_back()
 
@@ -138,7 +136,14 @@ class RoomConsumer(AsyncWebsocketConsumer):
     async def refuse(self, code: int, error: str, detail: str) -> None:
         """Accept only to say why, then close: a refused handshake would tell the client nothing."""
         await self.accept()
-        await self.send(protocol.error_frame(error, detail))
+        await self.close_with(code, protocol.error_frame(error, detail))
+
+    async def close_with(self, code: int, frame: str) -> None:
+        """Send the error frame that says why, then close (once, however many events ask)."""
+        if self.closing:
+            return
+        self.closing = True
+        await self.send(frame)
         await self.close(code=code)
 
     async def arrive(self) -> None:
@@ -204,8 +209,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
             # A saved message is safe whatever happens here (it is published
             # after its commit, robustly); the client reconnects and resumes.
             _log_layer_down(error)
-            await self.send(protocol.error_frame("unavailable", "The chat is briefly unavailable; reconnecting."))
-            await self.close(code=protocol.CLOSE_SERVICE_RESTART)  # 1000 under daphne: see close()
+            await self.close_with(protocol.CLOSE_SERVICE_RESTART, protocol.unavailable_frame())
 
     async def handle(self, command: protocol.ClientCommand) -> None:
         if isinstance(command, protocol.SendCommand):
@@ -268,24 +272,17 @@ class RoomConsumer(AsyncWebsocketConsumer):
 
     async def chat_removal(self, event: dict) -> None:
         """Close this socket if its user was removed from the room (the fast path off)."""
-        if event["user"] == self.scope["user"].get_username() and not self.closing:
-            self.closing = True
-            await self.send(protocol.removed_frame())
-            await self.close(code=CLOSE_REMOVED)
+        if event["user"] == self.scope["user"].get_username():
+            await self.close_with(CLOSE_REMOVED, protocol.removed_frame())
 
     async def chat_signed_out(self, event: dict) -> None:
         """Close this socket if its browser session signed out (the fast path off)."""
-        if event["session"] == self.scope["session"].session_key and not self.closing:
-            self.closing = True
-            await self.send(protocol.signed_out_frame())
-            await self.close(code=protocol.CLOSE_SIGNED_OUT)
+        if event["session"] == self.scope["session"].session_key:
+            await self.close_with(protocol.CLOSE_SIGNED_OUT, protocol.signed_out_frame())
 
     async def chat_room_closed(self, event: dict) -> None:
         """Close this socket: the room was archived (the fast path off)."""
-        if not self.closing:
-            self.closing = True
-            await self.send(protocol.archived_frame())
-            await self.close(code=protocol.CLOSE_ROOM_ARCHIVED)
+        await self.close_with(protocol.CLOSE_ROOM_ARCHIVED, protocol.archived_frame())
 
     async def chat_typing(self, event: dict) -> None:
         """Relay another user's typing signal (the fast path off)."""
@@ -304,7 +301,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
         await self.send(protocol.message_frame_from_payload(event["message"]))
 
 
-LAYER_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+LAYER_ERRORS = fanout.LAYER_ERRORS
 _layer_down = False
 
 

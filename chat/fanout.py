@@ -285,7 +285,7 @@ class RoomHub:
             error,
             count,
         )
-        frame = protocol.error_frame("unavailable", "The chat is briefly unavailable; reconnecting.")
+        frame = protocol.unavailable_frame()
         for sockets in self.rooms.values():
             for socket in list(sockets):
                 self._close(socket, protocol.CLOSE_SERVICE_RESTART, frame)

@@ -67,6 +67,10 @@ def removed_frame() -> str:
     return error_frame("removed", "You were removed from this room.")
 
 
+def unavailable_frame() -> str:
+    return error_frame("unavailable", "The chat is briefly unavailable; reconnecting.")
+
+
 def signed_out_frame() -> str:
     return error_frame("signed_out", "You signed out. Log in again to keep chatting.")
 
