@@ -7,6 +7,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from multiprocessing.synchronize import Lock
 
 from django.contrib.auth import get_user_model
 from django.db import connections
@@ -54,10 +55,10 @@ def seed_rooms(
 ) -> list[Room]:
     """Create `rooms` demo rooms holding `messages` messages in all, with gapless seqs, over the past 30 days.
 
-    Rows go in with bulk_create, a batch per transaction, from `workers`
-    processes: nearly all the time goes to Django preparing rows, which
-    processes do side by side (SQLite still takes one writer at a time).
-    Each room's last_seq is set once all its batches are in.
+    Rows go in with bulk_create from `workers` processes: nearly all the time
+    goes to Django preparing rows, which processes do side by side (see
+    _insert_into_sqlite for SQLite's one writer). Each room's last_seq is set
+    once all its batches are in.
     """
     authors = [_demo_author(name) for name in DEMO_AUTHORS]
     start = Room.objects.filter(slug__startswith="demo-").count() + 1
@@ -77,7 +78,8 @@ def seed_rooms(
     written = 0
     if workers > 1 and len(batches) > 1:
         connections.close_all()  # each forked worker opens its own
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+        context = multiprocessing.get_context("fork")
+        with context.Pool(workers, initializer=_start_worker, initargs=(context.Lock(),)) as pool:
             for inserted in pool.imap_unordered(_insert_in_worker, batches):
                 written += inserted
                 if progress is not None:
@@ -94,8 +96,8 @@ def seed_rooms(
     return made
 
 
-def _insert(batch: Batch) -> int:
-    Message.objects.bulk_create(
+def _messages(batch: Batch) -> list[Message]:
+    return [
         Message(
             room_id=batch.room_id,
             author_id=batch.author_ids[seq % len(batch.author_ids)],
@@ -104,15 +106,65 @@ def _insert(batch: Batch) -> int:
             seq=seq,
         )
         for seq in range(batch.first, batch.last + 1)
-    )  # one transaction
+    ]
+
+
+def _insert(batch: Batch) -> int:
+    Message.objects.bulk_create(_messages(batch))  # one transaction
     return batch.last - batch.first + 1
+
+
+_write_lock: Lock | None = None  # shared by the workers, set in each by _start_worker
+
+
+def _start_worker(write_lock: Lock) -> None:
+    global _write_lock
+    _write_lock = write_lock
 
 
 def _insert_in_worker(batch: Batch) -> int:
     try:
+        if connections["default"].vendor == "sqlite":
+            return _insert_into_sqlite(batch)
         return _insert(batch)
     finally:
         connections.close_all()  # a worker's connection must not outlive the pool
+
+
+def _insert_into_sqlite(batch: Batch) -> int:
+    """Prepare rows side by side with the other workers, and write one worker at a time.
+
+    SQLite takes one writer at a time, and makes a waiting one back off in
+    sleeps of up to 100 ms: a lock between the workers hands over at once.
+    Django prepares each INSERT's rows just before running it, so a transaction
+    per INSERT keeps the preparing outside the lock; BEGIN DEFERRED (not the
+    settings' IMMEDIATE) takes SQLite's write lock at the INSERT too.
+    """
+    assert _write_lock is not None
+    connection = connections["default"]
+    connection.ensure_connection()
+    connection.transaction_mode = None  # set again on each connect
+    holding = False
+
+    def take_write_lock(execute, sql, params, many, context):
+        nonlocal holding
+        if not holding and sql != "BEGIN":  # a DEFERRED BEGIN takes no lock
+            _write_lock.acquire()
+            holding = True
+        return execute(sql, params, many, context)
+
+    messages = _messages(batch)
+    fields = [field for field in Message._meta.concrete_fields if not field.primary_key]
+    per_insert = connection.ops.bulk_batch_size(fields, messages)
+    with connection.execute_wrapper(take_write_lock):
+        for start in range(0, len(messages), per_insert):
+            try:
+                Message.objects.bulk_create(messages[start : start + per_insert])  # committed on return
+            finally:
+                if holding:
+                    _write_lock.release()
+                    holding = False
+    return len(messages)
 
 
 def _demo_author(username: str):
