@@ -8,6 +8,7 @@ from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.layers import get_channel_layer
 from django.conf import settings
 
 from chat import ephemeral, fanout, protocol, realtime, selectors, services
@@ -36,13 +37,21 @@ class RoomConsumer(AsyncWebsocketConsumer):
     replayed_through = 0
     changes_through = 0
 
+    async def __call__(self, scope, receive, send) -> None:
+        if settings.CHAT_FAST_FANOUT:
+            # The hub hands this socket its frames: no channel of its own, so no
+            # Redis subscription per socket, and no handshake that fails (HTTP
+            # 500) before connect() can say "unavailable" while Redis is away.
+            self.channel_layer_alias = None
+        await super().__call__(scope, receive, send)
+
     async def connect(self) -> None:
         try:
             await self.join()
         except LAYER_ERRORS as error:
             # Redis is away: nothing was stored for this socket, and the client
             # resumes from the database once it is back.
-            _log_layer_down(error)
+            realtime.layer_down(error)
             for cleanup in (self.unsubscribe, self.release_socket):
                 with contextlib.suppress(*LAYER_ERRORS):
                     await cleanup()
@@ -50,7 +59,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
                 await self.accept()
             await self.close_with(protocol.CLOSE_SERVICE_RESTART, protocol.unavailable_frame())
         else:
-            _layer_back()
+            realtime.layer_back()
 
     async def accept(self, subprotocol: str | None = None) -> None:
         await super().accept(subprotocol)
@@ -97,7 +106,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
         if settings.CHAT_FAST_FANOUT:
             send = self.scope.get("fanout.send", self.base_send)
             session = self.scope["session"].session_key or ""
-            self.local = await fanout.hub_for(self.channel_layer).join(self.room.pk, send, user.get_username(), session)
+            self.local = await _hub().join(self.room.pk, send, user.get_username(), session)
         else:
             await self.channel_layer.group_add(realtime.room_group(self.room), self.channel_name)
         if self.room.is_private and not await database_sync_to_async(selectors.membership_get)(
@@ -128,7 +137,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
             last_seq, last_change = resume.last_seq, resume.last_change
         await self.send(protocol.ready_frame(last_seq, last_change))
         if self.local is not None:
-            fanout.hub_for(self.channel_layer).ready(self.local, last_seq, last_change)
+            _hub().ready(self.local, last_seq, last_change)
         else:
             self.replayed_through, self.changes_through = last_seq, last_change
         await self.arrive()
@@ -183,7 +192,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
             try:
                 await step()
             except LAYER_ERRORS as error:
-                _log_layer_down(error)
+                realtime.layer_down(error)
 
     async def release_socket(self) -> None:
         if self.socket_id is not None:
@@ -193,8 +202,8 @@ class RoomConsumer(AsyncWebsocketConsumer):
     async def unsubscribe(self) -> None:
         if self.local is not None:
             local, self.local = self.local, None
-            await fanout.hub_for(self.channel_layer).leave(self.room.pk, local)
-        elif self.room is not None:
+            await _hub().leave(self.room.pk, local)
+        elif self.room is not None and self.channel_layer is not None:
             await self.channel_layer.group_discard(realtime.room_group(self.room), self.channel_name)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
@@ -208,7 +217,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
         except LAYER_ERRORS as error:
             # A saved message is safe whatever happens here (it is published
             # after its commit, robustly); the client reconnects and resumes.
-            _log_layer_down(error)
+            realtime.layer_down(error)
             await self.close_with(protocol.CLOSE_SERVICE_RESTART, protocol.unavailable_frame())
 
     async def handle(self, command: protocol.ClientCommand) -> None:
@@ -301,23 +310,12 @@ class RoomConsumer(AsyncWebsocketConsumer):
         await self.send(protocol.message_frame_from_payload(event["message"]))
 
 
-LAYER_ERRORS = fanout.LAYER_ERRORS
-_layer_down = False
+LAYER_ERRORS = realtime.LAYER_ERRORS
 
 
-def _log_layer_down(error: BaseException) -> None:
-    """Log an outage of the channel layer once, not once per socket."""
-    global _layer_down
-    if not _layer_down:
-        _layer_down = True
-        logger.error("The channel layer (Redis) is unreachable; sockets are told to reconnect: %r", error)
-
-
-def _layer_back() -> None:
-    global _layer_down
-    if _layer_down:
-        _layer_down = False
-        logger.warning("The channel layer (Redis) answers again.")
+def _hub() -> fanout.RoomHub:
+    """This process's fast path: one subscription per room for all its sockets."""
+    return fanout.hub_for(get_channel_layer())
 
 
 def _query_seq(scope: dict, name: str) -> int | None:

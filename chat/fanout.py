@@ -34,7 +34,6 @@ from typing import Any
 
 from django.conf import settings
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 
 from chat import protocol, realtime
 
@@ -42,8 +41,7 @@ logger = logging.getLogger(__name__)
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
-# What a channel layer raises while Redis is away or not answering.
-LAYER_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+LAYER_ERRORS = realtime.LAYER_ERRORS
 PROBE_EVENT = "fanout.probe"
 PROBE_INTERVAL = 1.0  # seconds between probes of the hub's subscription
 PROBE_TIMEOUT = 2.0  # seconds a probe's publish may take before Redis counts as away

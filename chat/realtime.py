@@ -7,10 +7,15 @@ to the sockets of each server process.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
+from collections.abc import Callable
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
+from django.db import transaction
+from redis.exceptions import RedisError
 
 from chat import protocol
 from chat.models import Message, Room
@@ -24,9 +29,50 @@ PRESENCE_EVENT = "chat.presence"
 REMOVAL_EVENT = "chat.removal"
 ROOM_CLOSED_EVENT = "chat.room_closed"
 SIGNED_OUT_EVENT = "chat.signed_out"
+# What a channel layer raises while Redis is away or not answering.
+LAYER_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+
 ROOM_EVENTS = (
     MESSAGE_EVENT, CHANGE_EVENT, TYPING_EVENT, PRESENCE_EVENT, REMOVAL_EVENT, ROOM_CLOSED_EVENT, SIGNED_OUT_EVENT
 )  # fmt: skip
+
+
+def publish_after_commit(publish: Callable[[], None]) -> None:
+    """Publish once the transaction commits (at once outside one), whatever becomes of the publish.
+
+    What was saved stays saved: clients that miss the event get it when they
+    resume from the database, and while Redis is away every socket is told to
+    do so (chat/fanout.py). So a publish that fails for want of Redis is only
+    logged, once for the outage rather than once per event.
+    """
+    transaction.on_commit(functools.partial(_publish_saved, publish), robust=True)
+
+
+def _publish_saved(publish: Callable[[], None]) -> None:
+    try:
+        publish()
+    except LAYER_ERRORS as error:
+        layer_down(error)
+    else:
+        layer_back()
+
+
+_layer_down = False
+
+
+def layer_down(error: BaseException) -> None:
+    """Log an outage of the channel layer once, not once per socket or per publish."""
+    global _layer_down
+    if not _layer_down:
+        _layer_down = True
+        logger.error("The channel layer (Redis) is unreachable; sockets are told to reconnect: %r", error)
+
+
+def layer_back() -> None:
+    global _layer_down
+    if _layer_down:
+        _layer_down = False
+        logger.warning("The channel layer (Redis) answers again.")
 
 
 def room_group(room: Room | int) -> str:

@@ -69,7 +69,7 @@ def room_archive(*, room: Room) -> bool:
     with transaction.atomic():
         archived = Room.objects.filter(pk=room.pk, is_archived=False).update(is_archived=True)
         if archived:
-            transaction.on_commit(lambda: realtime.publish_room_closed(room_id=room.pk))
+            realtime.publish_after_commit(lambda: realtime.publish_room_closed(room_id=room.pk))
     room.is_archived = True
     return bool(archived)
 
@@ -98,7 +98,9 @@ def room_clear_history(*, room: Room, batch_size: int = 10_000, progress: Callab
         ).update(body="", deleted_at=now, change=change)
         if progress is not None:
             progress(deleted)
-    realtime.publish_history_cleared(room_id=room.pk, through_seq=through_seq, change=change)
+    realtime.publish_after_commit(
+        lambda: realtime.publish_history_cleared(room_id=room.pk, through_seq=through_seq, change=change)
+    )
     room.cleared_through_seq, room.cleared_change, room.last_change = through_seq, change, change
     return deleted
 
@@ -176,7 +178,7 @@ def membership_delete(membership: Membership) -> None:
         membership.delete()
         if membership.room.is_private:
             room_id, username = membership.room_id, membership.user.get_username()
-            transaction.on_commit(lambda: realtime.publish_removal(room_id=room_id, username=username))
+            realtime.publish_after_commit(lambda: realtime.publish_removal(room_id=room_id, username=username))
 
 
 def _membership_moderating(*, room: Room, actor: AbstractBaseUser) -> Membership:
@@ -231,9 +233,7 @@ def message_create(*, room: Room, author: AbstractBaseUser, body: object, nonce:
                 raise ChatError("room_archived", "This room is archived and read-only.")
             seq = Room.objects.values_list("last_seq", flat=True).get(pk=room.pk)
             message = Message.objects.create(room=room, author=author, body=body, seq=seq, nonce=nonce)
-            # robust: the message is saved whatever happens to the publish;
-            # clients that missed it get it when they resume from the database.
-            transaction.on_commit(lambda: realtime.publish_message(message), robust=True)
+            realtime.publish_after_commit(lambda: realtime.publish_message(message))
     except IntegrityError:
         # A retry, or a concurrent send with the same nonce: the stored row is the answer.
         if nonce is not None and (existing := _message_for_nonce(room=room, author=author, nonce=nonce)):
@@ -323,7 +323,7 @@ def _message_for_change(*, room: Room, message_id: object) -> Message:
 def _record_change(*, room: Room, message: Message, fields: list[str]) -> None:
     message.change = Room.objects.values_list("last_change", flat=True).get(pk=room.pk)
     message.save(update_fields=[*fields, "change"])
-    transaction.on_commit(lambda: realtime.publish_change(message), robust=True)
+    realtime.publish_after_commit(lambda: realtime.publish_change(message))
 
 
 def messages_purge(

@@ -14,4 +14,5 @@ def close_the_sessions_sockets(sender, request, user, **kwargs) -> None:
     session_key = getattr(getattr(request, "session", None), "session_key", None)
     if user is None or not session_key:
         return
-    realtime.publish_signed_out(room_ids=selectors.member_room_ids(user=user), session_key=session_key)
+    room_ids = selectors.member_room_ids(user=user)
+    realtime.publish_after_commit(lambda: realtime.publish_signed_out(room_ids=room_ids, session_key=session_key))

@@ -214,8 +214,11 @@ CHAT_PRESENCE_TTL = float(os.environ.get("CHAT_PRESENCE_TTL", "45"))
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
+    "filters": {"once_a_minute": {"()": "chatsite.logfilters.AtMostEvery", "seconds": 60}},
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
+    # Its reader logs a traceback a second while Redis is away; the site logs the outage itself.
+    "loggers": {"channels_redis.pubsub": {"filters": ["once_a_minute"]}},
 }
 
 # JSON API (docs/api.md). Requests per user per minute, shared by all processes

@@ -435,6 +435,11 @@ async def test_redis_killed_and_restarted_under_load_loses_nothing(cluster, own_
     assert closed_during == CLIENTS, f"only {closed_during} clients were disconnected\n{load.describe()}"
     assert recovery <= RECOVERY_LIMIT
     assert_logged_once_per_server(servers, "Fan-out lost its channel-layer subscription")
+    assert_logged_once_per_server(servers, "The channel layer (Redis) is unreachable")
+    for server in servers:  # once for the outage, not once a second or once per message
+        log = server.log_text()
+        assert log.count("Unexpected exception in receive task") <= 1, server.log_tail()
+        assert "in on_commit()" not in log, server.log_tail()
     report("redis-kill", recovery_s=round(recovery, 2), **numbers, load=load.describe())
 
 
@@ -566,3 +571,30 @@ async def test_a_hub_that_stops_hearing_its_subscription_closes_its_sockets_and_
         await hub.join(7, send, "bob")
     finally:
         hub.reader.cancel()
+
+
+async def test_a_socket_opened_while_redis_is_down_is_told_unavailable_then_works_once_it_is_back(cluster, own_redis):
+    (server,) = await cluster.start(1)
+    slug, [(_, cookie)] = await database_sync_to_async(make_room_and_users)(1)
+    client = ChatClient("solo", cookie, slug, [server], 0)
+    own_redis.kill()
+
+    async with asyncio.timeout(30):
+        # The handshake is answered (no HTTP 500), with the frame the page retries on.
+        ws = await client.connect()
+        frame = json.loads(await ws.recv())
+        assert frame["type"] == "error" and frame["code"] == "unavailable"
+        with pytest.raises(ConnectionClosed):
+            await ws.recv()
+
+        own_redis.start()
+        while True:  # the hub re-subscribes within its probe interval
+            ws = await client.connect()
+            frame = json.loads(await ws.recv())
+            if frame["type"] != "error":
+                break
+            await ws.close()
+            await asyncio.sleep(0.5)
+        assert frame["type"] == "ready"
+        await ws.close()
+    assert "Exception inside application" not in server.log_text()
