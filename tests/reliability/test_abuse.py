@@ -175,7 +175,7 @@ async def test_a_frame_over_the_servers_maximum_is_refused_and_the_server_stays_
 async def test_a_flooding_user_is_throttled_and_the_others_still_get_through(
     daphne, sockets, user, other_user, third_user, room, alice_cookie, bob_cookie
 ):
-    limit, window = 20, 10
+    limit, window = 50, 10  # above the 43 each measuring user sends
     daphne.env.update(CHAT_MESSAGE_RATE_LIMIT=str(limit), CHAT_MESSAGE_RATE_WINDOW=str(window))
     (server,) = await daphne.start(1)
     flooder, _, _ = await sockets.join(server, alice_cookie, room.slug)
@@ -185,7 +185,7 @@ async def test_a_flooding_user_is_throttled_and_the_others_still_get_through(
     watcher, _, _ = await sockets.join(server, alice_cookie, room.slug)
 
     async def latencies(sender, count: int) -> list[float]:
-        """Milliseconds from a send to the watcher seeing it, for `count` messages 100 ms apart (under the limit)."""
+        """Milliseconds from a send to the watcher seeing it, for `count` messages 80 ms apart (under the limit)."""
         measured = []
         for n in range(count):
             body = f"{n} {uuid.uuid4().hex}"
@@ -196,10 +196,11 @@ async def test_a_flooding_user_is_throttled_and_the_others_still_get_through(
                 if frame["type"] == "message" and frame["message"]["body"] == body:
                     measured.append((time.perf_counter() - sent) * 1000)
                     break
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.08)
         return measured
 
-    quiet = await latencies(bob, 15)
+    await latencies(bob, 3)  # the first messages pay for warming up, flood or not
+    quiet = await latencies(bob, 40)
 
     replies: list[dict] = []
 
@@ -215,7 +216,7 @@ async def test_a_flooding_user_is_throttled_and_the_others_still_get_through(
 
     flooding = asyncio.gather(flood(), read_flooder())
     await asyncio.sleep(0.5)
-    loud = await latencies(carol, 15)
+    loud = await latencies(carol, 40)  # within the 5 s of flood
     await flooding
 
     stored = await database_sync_to_async(Message.objects.filter(author=user).count)()
@@ -223,7 +224,8 @@ async def test_a_flooding_user_is_throttled_and_the_others_still_get_through(
     assert stored <= limit
     assert len(refused) >= 500 - limit and all(1 <= r["retry_after"] <= window for r in refused)
     quiet_p95, loud_p95 = percentile(quiet, 95), percentile(loud, 95)
-    # Twice the quiet figure, with a floor of a few milliseconds for timer noise at this scale.
+    # Twice the quiet figure (~6 ms here), with a floor of 10 ms for timer noise at this scale.
+    print(f"\n[flood] quiet p95 {quiet_p95:.1f} ms, flooded p95 {loud_p95:.1f} ms")
     assert loud_p95 < max(2 * quiet_p95, 10.0), (quiet, loud)
 
 
