@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
@@ -45,6 +47,30 @@ class ContentSecurityPolicyMiddleware(SyncAndAsync):
     def _with_policy(response: HttpResponse) -> HttpResponse:
         if settings.CONTENT_SECURITY_POLICY:
             response.headers.setdefault("Content-Security-Policy", settings.CONTENT_SECURITY_POLICY)
+        return response
+
+
+class ServerTimeMiddleware(SyncAndAsync):
+    """Stamps API responses with the server's clock when they leave (X-Server-Time, ms since the epoch).
+
+    A client that measures delivery delay against a message's created_at
+    corrects its own clock with it (the patterns page does).
+    """
+
+    def __init__(self, get_response) -> None:
+        self.get_response = get_response
+        self._choose_mode(get_response)
+
+    def _call(self, request: HttpRequest) -> HttpResponse:
+        return self._stamped(request, self.get_response(request))
+
+    async def _acall(self, request: HttpRequest) -> HttpResponse:
+        return self._stamped(request, await self.get_response(request))
+
+    @staticmethod
+    def _stamped(request: HttpRequest, response: HttpResponse) -> HttpResponse:
+        if request.path_info.startswith("/api/"):
+            response.headers["X-Server-Time"] = f"{time.time() * 1000:.1f}"
         return response
 
 

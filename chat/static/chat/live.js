@@ -1,0 +1,191 @@
+// How a page follows a room (docs/messaging-patterns.md), shared by the room
+// page and the patterns page as window.ChatLive:
+//
+// - RoomSocket: publish/subscribe. The WebSocket (docs/protocol.md), resumed
+//   from the page's cursor on every (re)connect, with capped, jittered backoff.
+// - LongPoll: asynchronous messaging. GET …/poll in a loop, each answered as
+//   soon as there is something after the page's last seq.
+// - postMessage / getJSON: request/response through the JSON API (docs/api.md).
+//
+// All three carry the same messages with the same seqs, so a page can switch
+// between them without losing or repeating one: it keeps messages by seq.
+(function () {
+  "use strict";
+
+  const SOCKET_BACKOFF_CAP_MS = 15000;
+  // After "unavailable" (Redis restarting) the server is back within seconds.
+  const UNAVAILABLE_BACKOFF_CAP_MS = 3000;
+  const POLL_TIMEOUT_S = 25;
+
+  function apiUrl(room, path) {
+    return `/api/rooms/${encodeURIComponent(room)}/${path}`;
+  }
+
+  // The session's CSRF token, from the {% csrf_token %} the page renders.
+  function csrfToken() {
+    const field = document.querySelector("input[name=csrfmiddlewaretoken]");
+    return field ? field.value : "";
+  }
+
+  // Exponential backoff with jitter, capped, so a restarted server is not stampeded.
+  function backoff(attempt, capMs) {
+    return Math.min(capMs, 500 * 2 ** Math.min(Math.max(attempt - 1, 0), 5)) * (0.75 + Math.random() / 2);
+  }
+
+  // GET a JSON API path; resolves to {response, data} (data null unless JSON).
+  async function getJSON(url, options = {}) {
+    const response = await fetch(url, { credentials: "same-origin", cache: "no-store", ...options });
+    const data = (response.headers.get("Content-Type") || "").startsWith("application/json") ? await response.json() : null;
+    return { response, data };
+  }
+
+  // Post a message through the API; the nonce makes a retry return the original.
+  async function postMessage(room, body, nonce) {
+    return getJSON(apiUrl(room, "messages"), {
+      method: "POST",
+      headers: { "Content-Type": "application/json", "X-CSRFToken": csrfToken() },
+      body: JSON.stringify({ body: body, nonce: nonce }),
+    });
+  }
+
+  // One room's WebSocket, reconnected until stop() or until onClose says "stop".
+  //   cursor()            -> {after, changesAfter}: where the page's view ends
+  //   onFrame(frame)      every frame, parsed
+  //   onClose(event)      may return (or resolve to) "stop"
+  //   onRetry(due, event) a reconnect is scheduled for Date.now() === due
+  //   onConnecting(first) a connection attempt starts
+  class RoomSocket {
+    constructor(options) {
+      this.options = options;
+      this.socket = null;
+      this.attempt = 0;
+      this.live = false; // between "ready" and the close
+      this.frames = 0; // frames received, all connections together
+      this.lastErrorCode = null;
+      this.stopped = false;
+      this.retryTimer = null;
+    }
+
+    start() {
+      this.stopped = false;
+      this.connect();
+    }
+
+    stop() {
+      this.stopped = true;
+      clearTimeout(this.retryTimer);
+      if (this.socket) this.socket.close();
+    }
+
+    connect() {
+      clearTimeout(this.retryTimer);
+      const { after, changesAfter } = this.options.cursor();
+      const scheme = location.protocol === "https:" ? "wss" : "ws";
+      const room = encodeURIComponent(this.options.room);
+      const url = `${scheme}://${location.host}/ws/rooms/${room}/?after=${after}&changes_after=${changesAfter}`;
+      if (this.options.onConnecting) this.options.onConnecting(this.attempt === 0);
+      this.live = false;
+      const socket = (this.socket = new WebSocket(url));
+      socket.addEventListener("message", (event) => {
+        if (socket !== this.socket) return;
+        this.frames += 1;
+        const frame = JSON.parse(event.data);
+        if (frame.type === "ready") {
+          this.live = true;
+          this.attempt = 0;
+          this.lastErrorCode = null;
+        } else if (frame.type === "error") {
+          this.lastErrorCode = frame.code;
+        }
+        this.options.onFrame(frame);
+      });
+      socket.addEventListener("close", (event) => this.closed(socket, event));
+    }
+
+    async closed(socket, event) {
+      if (socket !== this.socket) return;
+      this.socket = null;
+      this.live = false;
+      this.attempt += 1;
+      if (this.stopped) return;
+      if (this.options.onClose && (await this.options.onClose(event)) === "stop") {
+        this.stopped = true;
+        return;
+      }
+      if (this.stopped) return;
+      const cap = this.lastErrorCode === "unavailable" ? UNAVAILABLE_BACKOFF_CAP_MS : SOCKET_BACKOFF_CAP_MS;
+      const delay = backoff(this.attempt, cap);
+      if (this.options.onRetry) this.options.onRetry(Date.now() + delay, event);
+      this.retryTimer = setTimeout(() => this.connect(), delay);
+    }
+
+    send(frame) {
+      if (this.socket && this.socket.readyState === WebSocket.OPEN) {
+        this.socket.send(JSON.stringify(frame));
+        return true;
+      }
+      return false;
+    }
+  }
+
+  // A room followed by long-poll, until stop().
+  //   after()                  the last seq the page holds without a hole
+  //   onMessages(messages, data)  each answer's messages (maybe none), in seq order
+  //   onResponse(response)     every HTTP response, before its body is read
+  //   onTrouble(response|error) a failed poll; the loop retries with backoff
+  //   onStop(response)         401/403/404: polling cannot go on
+  class LongPoll {
+    constructor(options) {
+      this.options = options;
+      this.requests = 0;
+      this.running = false;
+      this.controller = null;
+    }
+
+    start() {
+      if (this.running) return;
+      this.running = true;
+      this.loop();
+    }
+
+    stop() {
+      this.running = false;
+      if (this.controller) this.controller.abort();
+    }
+
+    async loop() {
+      let failures = 0;
+      while (this.running) {
+        const url = apiUrl(this.options.room, `poll?after=${this.options.after()}&timeout=${POLL_TIMEOUT_S}`);
+        this.controller = new AbortController();
+        let trouble = null;
+        try {
+          this.requests += 1;
+          const { response, data } = await getJSON(url, { signal: this.controller.signal });
+          if (this.options.onResponse) this.options.onResponse(response);
+          if (!this.running) return;
+          if (response.ok && data) {
+            failures = 0;
+            this.options.onMessages(data.messages, data);
+            continue;
+          }
+          if ([401, 403, 404].includes(response.status)) {
+            this.running = false;
+            if (this.options.onStop) this.options.onStop(response);
+            return;
+          }
+          trouble = response;
+        } catch (error) {
+          if (!this.running) return; // aborted by stop()
+          trouble = error;
+        }
+        failures += 1;
+        if (this.options.onTrouble) this.options.onTrouble(trouble);
+        const retryAfter = trouble instanceof Response ? Number(trouble.headers.get("Retry-After")) * 1000 : 0;
+        await new Promise((resolve) => setTimeout(resolve, Math.max(retryAfter || 0, backoff(failures, 10000))));
+      }
+    }
+  }
+
+  window.ChatLive = { RoomSocket, LongPoll, postMessage, getJSON, apiUrl, csrfToken, backoff };
+})();
