@@ -60,6 +60,7 @@
       this.socket = null;
       this.attempt = 0;
       this.live = false; // between "ready" and the close
+      this.opened = false; // the latest connection got through the handshake
       this.frames = 0; // frames received, all connections together
       this.lastErrorCode = null;
       this.stopped = false;
@@ -85,7 +86,11 @@
       const url = `${scheme}://${location.host}/ws/rooms/${room}/?after=${after}&changes_after=${changesAfter}`;
       if (this.options.onConnecting) this.options.onConnecting(this.attempt === 0);
       this.live = false;
+      this.opened = false;
       const socket = (this.socket = new WebSocket(url));
+      socket.addEventListener("open", () => {
+        if (socket === this.socket) this.opened = true;
+      });
       socket.addEventListener("message", (event) => {
         if (socket !== this.socket) return;
         this.frames += 1;
@@ -155,8 +160,11 @@
 
     async loop() {
       let failures = 0;
+      // The first poll, and the first after trouble, is answered within a
+      // second even when the room is quiet: the page learns at once that polling works.
+      let timeout = 1;
       while (this.running) {
-        const url = apiUrl(this.options.room, `poll?after=${this.options.after()}&timeout=${POLL_TIMEOUT_S}`);
+        const url = apiUrl(this.options.room, `poll?after=${this.options.after()}&timeout=${timeout}`);
         this.controller = new AbortController();
         let trouble = null;
         try {
@@ -166,6 +174,7 @@
           if (!this.running) return;
           if (response.ok && data) {
             failures = 0;
+            timeout = POLL_TIMEOUT_S;
             this.options.onMessages(data.messages, data);
             continue;
           }
@@ -180,6 +189,7 @@
           trouble = error;
         }
         failures += 1;
+        timeout = 1;
         if (this.options.onTrouble) this.options.onTrouble(trouble);
         const retryAfter = trouble instanceof Response ? Number(trouble.headers.get("Retry-After")) * 1000 : 0;
         await new Promise((resolve) => setTimeout(resolve, Math.max(retryAfter || 0, backoff(failures, 10000))));

@@ -26,12 +26,13 @@
   const pending = new Map(); // nonce -> {body, element}
   let lastContiguous = config.lastSeq; // every seq in (first shown, lastContiguous] is held
   let lastChange = config.lastChange; // edits and deletions up to here are applied
-  let socket = null;
-  let live = false;
-  let attempt = 0;
+  let live = false; // the socket is past "ready"
   let gapTimer = null;
   let retryTimer = null; // ticks the "reconnecting in N s" countdown
-  let lastErrorCode = null; // the code of the last error frame, which says why a close came
+  const FALLBACK_AFTER = 2; // failed handshakes in a row before following the room by long-poll
+  let failedHandshakes = 0;
+  let fallback = null; // the LongPoll while the socket cannot connect
+  let fallbackLive = false; // the long-poll answers: messages arrive, sends go through the API
   // Only where there is a physical keyboard; touch keyboards have their own Enter.
   const KEYBOARD_HINT = window.matchMedia && matchMedia("(hover: hover) and (pointer: fine)").matches
     ? "Enter to send · Shift+Enter for a new line" : "";
@@ -114,47 +115,40 @@
     document.body.dataset.connection = state;
   }
 
-  function connect() {
-    clearInterval(retryTimer);
-    retryTimer = null;
-    const scheme = location.protocol === "https:" ? "wss" : "ws";
-    const url = `${scheme}://${location.host}/ws/rooms/${encodeURIComponent(config.room)}/?after=${lastContiguous}&changes_after=${lastChange}`;
-    setState(attempt === 0 ? "connecting" : "reconnecting", attempt === 0 ? "Connecting…" : "Reconnecting…");
-    live = false;
-    historyRequests.length = 0;
-    socket = new WebSocket(url);
-    socket.addEventListener("message", (event) => handleFrame(JSON.parse(event.data)));
-    socket.addEventListener("close", onClose);
-  }
+  const socket = new ChatLive.RoomSocket({
+    room: config.room,
+    cursor: () => ({ after: lastContiguous, changesAfter: lastChange }),
+    onConnecting: (first) => {
+      clearInterval(retryTimer);
+      retryTimer = null;
+      historyRequests.length = 0;
+      if (!fallbackLive) setState(first ? "connecting" : "reconnecting", first ? "Connecting…" : "Reconnecting…");
+    },
+    onFrame: handleFrame,
+    onClose: onClose,
+    onRetry: onRetry,
+  });
 
   async function onClose(event) {
     live = false;
-    socket = null;
-    attempt += 1;
-    if (event.code === 4403) {
-      stop("Removed", "You were removed from this room.", "/");
-      return;
-    }
-    if (event.code === 4401) {
-      stop("Signed out", "You signed out. Log in again to keep chatting.", config.loginUrl);
-      return;
-    }
+    if (event.code === 4403) return stop("Removed", "You were removed from this room.", "/");
+    if (event.code === 4401) return stop("Signed out", "You signed out. Log in again to keep chatting.", config.loginUrl);
     if (event.code === 4429) {
-      stop("Too many windows", "You have too many chat windows open; close some, then", location.pathname, "reload");
-      return;
+      return stop("Too many windows", "You have too many chat windows open; close some, then", location.pathname, "reload");
     }
-    if (event.code === 4410) {
-      stop("Archived", "This room was archived; it is read-only now.", "/");
-      return;
-    }
+    if (event.code === 4410) return stop("Archived", "This room was archived; it is read-only now.", "/");
     // A handshake refused again and again may mean the person was signed out
     // or the room closed; the page itself says which, so ask it before retrying.
-    if (attempt >= 2 && !event.wasClean && (await explainRefusal())) return;
-    // Exponential backoff with jitter, capped, so a restarted server is not stampeded.
-    // After "unavailable" (Redis restarting) the server comes back within seconds: retry often.
-    const cap = lastErrorCode === "unavailable" ? 3000 : 15000;
-    const delay = Math.min(cap, 500 * 2 ** Math.min(attempt - 1, 5)) * (0.75 + Math.random() / 2);
-    const due = Date.now() + delay;
+    if (socket.attempt >= 2 && !event.wasClean && (await explainRefusal())) return "stop";
+    // Handshakes that keep failing while the site answers (a proxy that strips
+    // the Upgrade header, say): follow the room by long-poll meanwhile.
+    failedHandshakes = socket.opened ? 0 : failedHandshakes + 1;
+    if (failedHandshakes >= FALLBACK_AFTER) startFallback();
+    updateComposer();
+  }
+
+  function onRetry(due, event) {
+    if (fallbackLive) return; // the state says "long-poll"; the socket retries quietly
     // Short enough for the pill on a phone; the composer hint says what offline means.
     const why = event.code === 1013 ? "Catching up — reconnecting" : "Reconnecting";
     const showCountdown = () => {
@@ -164,8 +158,60 @@
     showCountdown();
     clearInterval(retryTimer);
     retryTimer = setInterval(showCountdown, 1000);
-    updateComposer();
-    setTimeout(connect, delay);
+  }
+
+  // ---- fallback: long-poll to receive, the API to send ------------------------
+  // Both resume from the same seq as the socket, and messages are kept by seq,
+  // so switching either way neither loses nor repeats one.
+
+  function startFallback() {
+    if (fallback) return;
+    fallback = new ChatLive.LongPoll({
+      room: config.room,
+      after: () => lastContiguous,
+      onMessages: (messages) => {
+        if (!fallbackLive && !live) {
+          fallbackLive = true;
+          clearInterval(retryTimer);
+          setState("fallback", "Live (long-poll)");
+          for (const [nonce, item] of pending) sendByApi(nonce, item);
+          updateComposer();
+        }
+        for (const message of messages) addMessage(message);
+      },
+      onTrouble: () => {
+        if (!fallbackLive) return;
+        fallbackLive = false;
+        setState("reconnecting", "Reconnecting…");
+        updateComposer();
+      },
+      onStop: () => {
+        stopFallback();
+        explainRefusal();
+      },
+    });
+    fallback.start();
+  }
+
+  function stopFallback() {
+    if (fallback) fallback.stop();
+    fallback = null;
+    fallbackLive = false;
+  }
+
+  async function sendByApi(nonce, item) {
+    markPending(item, "Sending…");
+    let result;
+    try {
+      result = await ChatLive.postMessage(config.room, item.body, nonce);
+    } catch (error) {
+      markPending(item, "Waiting for connection…"); // sent again, same nonce, when a transport is back
+      return;
+    }
+    const { response, data } = result;
+    if (response.ok && data) addMessage(data);
+    else if (response.status < 500 && data && data.error) onError({ nonce: nonce, ...data.error });
+    else markPending(item, "Waiting for connection…");
   }
 
   async function explainRefusal() {
@@ -186,7 +232,10 @@
     return false;
   }
 
+  // The end of this page's connection: say why, and where to go.
   function stop(state, message, link, label) {
+    socket.stop();
+    stopFallback();
     setState("stopped", state);
     hint.textContent = `${message} `;
     const anchor = document.createElement("a");
@@ -196,14 +245,11 @@
     input.disabled = true;
     form.querySelector("button[type=submit]").disabled = true;
     online.textContent = ""; // no longer known
+    return "stop";
   }
 
   function send(frame) {
-    if (socket && socket.readyState === WebSocket.OPEN) {
-      socket.send(JSON.stringify(frame));
-      return true;
-    }
-    return false;
+    return socket.send(frame);
   }
 
   // ---- frames from the server ----------------------------------------------
@@ -251,8 +297,8 @@
       return;
     }
     live = true;
-    attempt = 0;
-    lastErrorCode = null;
+    failedHandshakes = 0;
+    stopFallback();
     setState("live", "Live");
     // Sends that were never acknowledged go again with the same nonce; the
     // server stores each nonce once, so a retry cannot duplicate a message.
@@ -287,7 +333,6 @@
   }
 
   function onError(frame) {
-    lastErrorCode = frame.code;
     const item = frame.nonce != null ? pending.get(frame.nonce) : null;
     if (item) {
       pending.delete(frame.nonce);
@@ -561,7 +606,8 @@
     scrollToBottom();
     const item = { body: body, element: element };
     pending.set(nonce, item);
-    markPending(item, send({ type: "send", body: body, nonce: nonce }) ? "Sending…" : "Waiting for connection…");
+    if (fallbackLive) sendByApi(nonce, item);
+    else markPending(item, send({ type: "send", body: body, nonce: nonce }) ? "Sending…" : "Waiting for connection…");
     input.value = "";
     input.focus();
     updateComposer();
@@ -571,8 +617,10 @@
     const stick = isAtBottom(); // the composer may change height; keep the newest message in view
     const remaining = config.maxLength - input.value.length;
     // Offline the button is off; Enter still queues the message, sent (once) when the page is live again.
-    sendButton.disabled = !live;
-    if (!live) {
+    sendButton.disabled = !live && !fallbackLive;
+    if (fallbackLive) {
+      hint.textContent = "Connected by long-poll: messages still arrive and send; editing waits for the live connection.";
+    } else if (!live) {
       hint.textContent = "Offline: press Enter to queue a message; it is sent when the connection is back.";
     } else if (remaining < 200) {
       hint.textContent = `${remaining} characters left`;
@@ -676,5 +724,5 @@
   decorate();
   scrollToBottom();
   if (config.archived) stop("Archived", "This room is archived; it is read-only.", "/");
-  else connect();
+  else socket.start();
 })();
