@@ -6,6 +6,7 @@ urlpatterns = [
     path("", views.room_list, name="room-list"),
     path("rooms/new/", views.room_create, name="room-create"),
     path("rooms/<slug:slug>/", views.room_detail, name="room-detail"),
+    path("rooms/<slug:slug>/patterns/", views.room_patterns, name="room-patterns"),
     path("rooms/<slug:slug>/members/", views.member_add, name="member-add"),
     path("rooms/<slug:slug>/members/<str:username>/remove/", views.member_remove, name="member-remove"),
     path("api/rooms/", api.rooms, name="api-rooms"),

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 from django.conf import settings
 from django.contrib import messages as flash
 from django.contrib.auth import login
@@ -71,6 +73,50 @@ def room_detail(request: HttpRequest, slug: str) -> HttpResponse:
         },
     }
     return render(request, "chat/room_detail.html", context)
+
+
+# The patterns page's panels, in the order they are shown.
+PATTERNS = ("short", "long", "socket")
+SHORT_POLL_INTERVAL_S = 3.0
+# 240 polls a minute at most, well inside CHAT_API_REQUESTS_PER_MINUTE with the page's other requests.
+SHORT_POLL_INTERVAL_RANGE_S = (0.25, 60.0)
+
+
+@require_GET
+@login_required
+def room_patterns(request: HttpRequest, slug: str) -> HttpResponse:
+    """Show the room through short polling, long-polling and the WebSocket side by side, with delays and costs."""
+    room, _ = _enter_or_404(request, slug)
+    # ?panels=short,socket runs only those (a benchmark measures one pattern's cost alone); none known: all.
+    asked = set(request.GET.get("panels", "").split(","))
+    panels = [pattern for pattern in PATTERNS if pattern in asked] or list(PATTERNS)
+    context = {
+        "room": room,
+        "panels": panels,
+        "client_config": {
+            "room": room.slug,
+            # Every panel starts here: it shows what arrives while the page is open.
+            "lastSeq": room.last_seq,
+            "lastChange": room.last_change,
+            "panels": panels,
+            "interval": _short_poll_interval(request.GET.get("interval")),
+            "intervalRange": SHORT_POLL_INTERVAL_RANGE_S,
+            "maxLength": settings.CHAT_MESSAGE_MAX_LENGTH,
+            "loginUrl": f"{resolve_url(settings.LOGIN_URL)}?next={request.path}",
+        },
+    }
+    return render(request, "chat/patterns.html", context)
+
+
+def _short_poll_interval(value: str | None) -> float:
+    try:
+        seconds = float(value or SHORT_POLL_INTERVAL_S)
+    except ValueError:
+        return SHORT_POLL_INTERVAL_S
+    if math.isnan(seconds):
+        return SHORT_POLL_INTERVAL_S
+    low, high = SHORT_POLL_INTERVAL_RANGE_S
+    return min(max(seconds, low), high)
 
 
 @require_POST

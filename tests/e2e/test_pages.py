@@ -205,12 +205,17 @@ def chat_a_little(room, private_room, user, other_user) -> None:
     services.message_create(room=private_room, author=other_user, body="psst")
 
 
-@pytest.mark.parametrize("where", ["room list", "room page"])
+@pytest.mark.parametrize("where", ["room list", "room page", "patterns page"])
 async def test_no_serious_accessibility_violations(where, server, browsers, user, other_user, room, private_room):
     await chat_a_little(room, private_room, user, other_user)
     alice = await browsers.new_page(user)
     if where == "room list":
         await alice.goto(f"{server.origin}/")
+    elif where == "patterns page":
+        await alice.goto(f"{server.origin}/rooms/{room.slug}/patterns/")
+        await expect(alice.locator(".pattern-panel[data-pattern='socket']")).to_have_attribute("data-state", "live")
+        await alice.locator(".pattern-panel[data-pattern='long'] .pattern-send-button").click()
+        await expect(alice.locator(".pattern-panel li.message")).to_have_count(3)
     else:
         await open_room(alice, server, room.slug)
         await expect(alice.locator("#online")).to_contain_text("alice")

@@ -27,6 +27,13 @@
     return field ? field.value : "";
   }
 
+  // A send's nonce: the server stores each (author, nonce) once, so a retry cannot duplicate.
+  function newNonce() {
+    if (window.crypto && crypto.randomUUID) return crypto.randomUUID();
+    // randomUUID exists only in secure contexts (https, or localhost).
+    return Array.from(crypto.getRandomValues(new Uint8Array(16)), (byte) => byte.toString(16).padStart(2, "0")).join("");
+  }
+
   // Exponential backoff with jitter, capped, so a restarted server is not stampeded.
   function backoff(attempt, capMs) {
     return Math.min(capMs, 500 * 2 ** Math.min(Math.max(attempt - 1, 0), 5)) * (0.75 + Math.random() / 2);
@@ -197,5 +204,5 @@
     }
   }
 
-  window.ChatLive = { RoomSocket, LongPoll, postMessage, getJSON, apiUrl, csrfToken, backoff };
+  window.ChatLive = { RoomSocket, LongPoll, postMessage, getJSON, apiUrl, csrfToken, backoff, newNonce };
 })();

@@ -579,11 +579,6 @@
 
   // ---- composing ------------------------------------------------------------
 
-  function newNonce() {
-    if (window.crypto && crypto.randomUUID) return crypto.randomUUID();
-    return `${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}`;
-  }
-
   function markPending(item, text) {
     item.element.querySelector(".status").textContent = text;
   }
@@ -595,7 +590,7 @@
       hint.textContent = `Messages can be at most ${config.maxLength} characters.`;
       return;
     }
-    const nonce = newNonce();
+    const nonce = ChatLive.newNonce();
     const element = renderMessage({ seq: 0, id: "", author: config.username, body: body, created_at: new Date().toISOString() });
     element.classList.add("pending");
     delete element.dataset.seq;
