@@ -385,6 +385,7 @@ class StepRaw:
     sent_numbers: list[list[int]] = field(default_factory=list)  # per room
     not_sent: int = 0  # sends skipped because the sender's socket had closed
     open_at_start: list[list[int]] = field(default_factory=list)  # per room, indexes into plan.sockets
+    sender_of: dict[int, int] = field(default_factory=dict)  # message number -> its sender's index in plan.sockets
     received: list[array] = field(default_factory=list)  # per socket
     close_codes: dict[int, int | None] = field(default_factory=dict)  # socket index -> code, for those that closed
     recorder: Recorder | None = None
@@ -401,9 +402,11 @@ async def run_step(plan: StepPlan, on_window_start: Callable[[], None], on_windo
     raw = StepRaw(recorder=recorder)
     raw.sent_numbers = [[] for _ in range(plan.rooms)]
     raw.open_at_start = [[] for _ in range(plan.rooms)]
+    index_of: dict[int, int] = {}
     for index, sock in enumerate(plan.sockets):
         sock.received = array("q")
         sock.recorder = recorder
+        index_of[id(sock)] = index
         if sock.is_open:
             raw.open_at_start[sock.room].append(index)
     per_room = max(1, round(plan.rate * plan.duration))
@@ -431,6 +434,7 @@ async def run_step(plan: StepPlan, on_window_start: Callable[[], None], on_windo
                         {"type": "send", "body": make_body(number, body_size), "nonce": f"{nonce_prefix}{number}"}
                     )
                     raw.sent_numbers[room].append(number)
+                    raw.sender_of[number] = index_of[id(sock)]
                     lag = (now - (offsets[room] + index * interval)) * 1000
                     if lag > raw.max_send_lag_ms:
                         raw.max_send_lag_ms = lag

@@ -67,6 +67,7 @@ from chat import benchclient
 from chat.benchclient import (
     HandshakeError,
     StepPlan,
+    StepRaw,
     open_socket,
     parse_body,
     percentile,
@@ -580,6 +581,20 @@ class Command(BaseCommand):
     # -- measuring (async) -----------------------------------------------------
 
     async def measure_phase(self, phase: dict, servers, rooms, path: str, expect_ready: bool) -> None:
+        sockets: list[benchclient.BenchSocket | None] = [None] * self.options["sockets"]
+        try:
+            self.targets = await self.connect_sockets(phase, servers, rooms, path, expect_ready, sockets)
+            await self.run_steps(phase, servers, rooms, sockets)
+        finally:
+            for sock in sockets:
+                if sock is not None:
+                    sock.close()
+            await asyncio.sleep(0.2)  # let the close frames go out
+
+    async def connect_sockets(
+        self, phase: dict, servers, rooms, path: str, expect_ready: bool, sockets: list
+    ) -> list[tuple[int, int, ServerProcess, str]]:
+        """Fill `sockets` (None where a connect failed); returns each one's (room, j, server, session id)."""
         o = self.options
         name = phase["name"]
         count = o["sockets"]
@@ -593,7 +608,6 @@ class Command(BaseCommand):
             session = self.sessions[i % len(self.sessions)]
             targets.append((room, j, server, session.session_id))
 
-        sockets: list[benchclient.BenchSocket | None] = [None] * count
         failures: Counter[str] = Counter()
         started = time.monotonic()
         progress = {"done": 0, "next": max(1, count // 4)}
@@ -620,69 +634,87 @@ class Command(BaseCommand):
                 connected = sum(s is not None for s in sockets)
                 self.say(f"{name}: sockets {connected}/{count} connected ({time.monotonic() - started:.1f} s)")
 
-        try:
-            await asyncio.gather(*(connect(i) for i in range(count)))
-            connected = [s for s in sockets if s is not None]
-            phase["sockets_connected"] = len(connected)
-            phase["connect_failures"] = dict(failures)
-            phase["connect_s"] = round(time.monotonic() - started, 2)
-            if not connected:
-                logs = "\n".join(server.log_tail() for server in servers)
-                raise CommandError(f"{name}: no socket could connect to {path}: {dict(failures)}\n{logs}")
-            if failures:
-                self.say(f"{name}: {len(failures)} kind(s) of connect failure: {dict(failures)}")
-            senders = [[] for _ in rooms]
-            for i, sock in enumerate(sockets):
-                room, j, _, _ = targets[i]
-                if sock is not None and j < o["senders"]:
-                    senders[room].append(sock)
-            phase["senders_per_room"] = [len(s) for s in senders]
-            known_last_seq = [0] * n_rooms  # fresh rooms
+        await asyncio.gather(*(connect(i) for i in range(count)))
+        phase["sockets_connected"] = sum(s is not None for s in sockets)
+        phase["connect_failures"] = dict(failures)
+        phase["connect_s"] = round(time.monotonic() - started, 2)
+        if not phase["sockets_connected"]:
+            logs = "\n".join(server.log_tail() for server in servers)
+            raise CommandError(f"{name}: no socket could connect to {path}: {dict(failures)}\n{logs}")
+        if failures:
+            self.say(f"{name}: {len(failures)} kind(s) of connect failure: {dict(failures)}")
+        return targets
 
-            async def measure(tag: str, rate: float, duration: float) -> dict:
-                plan = StepPlan(
-                    rate=rate,
-                    duration=duration,
-                    senders=senders,
-                    sockets=connected,
-                    rooms=n_rooms,
-                    nonce_prefix=f"{self.run_id}-{name[0]}{tag}-",
-                    first_number=self.number,
-                    body_size=o["body_size"],
-                    drain=o["drain"],
-                )
-                marks: dict = {}
-                raw = await run_step(
-                    plan,
-                    lambda: marks.update(start=self.usage_snapshot(servers)),
-                    lambda: marks.update(end=self.usage_snapshot(servers)),
-                )
-                self.number += max(1, round(rate * duration)) * n_rooms
-                return await self.check_step(plan, raw, marks, servers, rooms, known_last_seq)
+    def pick_senders(self, sockets: list, n_rooms: int) -> list[list[benchclient.BenchSocket]]:
+        """Per room, the open sockets among its first --senders."""
+        senders = [[] for _ in range(n_rooms)]
+        for i, sock in enumerate(sockets):
+            room, j, _, _ = self.targets[i]
+            if sock is not None and j < self.options["senders"]:
+                senders[room].append(sock)
+        return senders
 
-            if o["warmup"] > 0:
-                # Not reported in the table: first database connections, thread pools, caches.
-                phase["warmup"] = await measure("w", self.rates[0], o["warmup"])
-                self.say(f"{name}: warmed up ({o['warmup']:g} s at {self.rates[0]:g} msg/s per room)")
+    async def measure(
+        self,
+        phase: dict,
+        servers,
+        rooms,
+        sockets: list,
+        known_last_seq: list[int],
+        tag: str,
+        rate: float,
+        duration: float,
+    ) -> tuple[dict, StepRaw]:
+        """One step: send at `rate` per room for `duration` s, then check it against the database."""
+        senders = self.pick_senders(sockets, len(rooms))
+        plan = StepPlan(
+            rate=rate,
+            duration=duration,
+            senders=senders,
+            sockets=[s for s in sockets if s is not None],
+            rooms=len(rooms),
+            nonce_prefix=f"{self.run_id}-{phase['name'][0]}{tag}-",
+            first_number=self.number,
+            body_size=self.options["body_size"],
+            drain=self.options["drain"],
+        )
+        marks: dict = {}
+        raw = await run_step(
+            plan,
+            lambda: marks.update(start=self.usage_snapshot(servers)),
+            lambda: marks.update(end=self.usage_snapshot(servers)),
+        )
+        self.number += max(1, round(rate * duration)) * len(rooms)
+        return await self.check_step(plan, raw, marks, servers, rooms, known_last_seq), raw
+
+    async def run_steps(self, phase: dict, servers, rooms, sockets: list) -> None:
+        """The warm-up, then one step per rate (stopping at the first failure under --find-max)."""
+        o = self.options
+        name = phase["name"]
+        phase["senders_per_room"] = [len(s) for s in self.pick_senders(sockets, len(rooms))]
+        known_last_seq = [0] * len(rooms)  # fresh rooms
+        if o["warmup"] > 0:
+            # Not reported in the table: first database connections, thread pools, caches.
+            phase["warmup"], _ = await self.measure(
+                phase, servers, rooms, sockets, known_last_seq, "w", self.rates[0], o["warmup"]
+            )
+            self.say(f"{name}: warmed up ({o['warmup']:g} s at {self.rates[0]:g} msg/s per room)")
+            await asyncio.sleep(STEP_PAUSE)
+        self.say(self.table_header(name))
+        for step_no, rate in enumerate(self.rates):
+            self.remaining(f"the {name} measurement")
+            step, _ = await self.measure(
+                phase, servers, rooms, sockets, known_last_seq, str(step_no), rate, o["duration"]
+            )
+            phase["steps"].append(step)
+            self.say(self.table_row(step))
+            if step["ok"]:
+                phase["max_rate"] = rate if o["find_max"] else None
+            elif o["find_max"]:
+                self.say(f"{name}: stopped at {rate:g} msg/s per room: {'; '.join(step['fail_reasons'])}")
+                break
+            if step_no + 1 < len(self.rates):
                 await asyncio.sleep(STEP_PAUSE)
-            self.say(self.table_header(name))
-            for step_no, rate in enumerate(self.rates):
-                self.remaining(f"the {name} measurement")
-                step = await measure(str(step_no), rate, o["duration"])
-                phase["steps"].append(step)
-                self.say(self.table_row(step))
-                if step["ok"]:
-                    phase["max_rate"] = rate if o["find_max"] else None
-                elif o["find_max"]:
-                    self.say(f"{name}: stopped at {rate:g} msg/s per room: {'; '.join(step['fail_reasons'])}")
-                    break
-                if step_no + 1 < len(self.rates):
-                    await asyncio.sleep(STEP_PAUSE)
-        finally:
-            for sock in sockets:
-                if sock is not None:
-                    sock.close()
-            await asyncio.sleep(0.2)  # let the close frames go out
 
     def usage_snapshot(self, servers) -> dict:
         return {
