@@ -51,10 +51,12 @@ class ContentSecurityPolicyMiddleware(SyncAndAsync):
 
 
 class ServerTimeMiddleware(SyncAndAsync):
-    """Stamps API responses with the server's clock when they leave (X-Server-Time, ms since the epoch).
+    """Stamps API responses with the server's clock: when the request came in and when the answer left.
 
-    A client that measures delivery delay against a message's created_at
-    corrects its own clock with it (the patterns page does).
+    X-Server-Received and X-Server-Time, in ms since the epoch: with its own
+    send and receive times, a client estimates its clock's offset the way NTP
+    does, whatever the server spent on the request (a long-poll waits up to
+    25 s). The patterns page measures delivery delays with it.
     """
 
     def __init__(self, get_response) -> None:
@@ -62,14 +64,17 @@ class ServerTimeMiddleware(SyncAndAsync):
         self._choose_mode(get_response)
 
     def _call(self, request: HttpRequest) -> HttpResponse:
-        return self._stamped(request, self.get_response(request))
+        received = time.time()
+        return self._stamped(request, received, self.get_response(request))
 
     async def _acall(self, request: HttpRequest) -> HttpResponse:
-        return self._stamped(request, await self.get_response(request))
+        received = time.time()
+        return self._stamped(request, received, await self.get_response(request))
 
     @staticmethod
-    def _stamped(request: HttpRequest, response: HttpResponse) -> HttpResponse:
+    def _stamped(request: HttpRequest, received: float, response: HttpResponse) -> HttpResponse:
         if request.path_info.startswith("/api/"):
+            response.headers["X-Server-Received"] = f"{received * 1000:.1f}"
             response.headers["X-Server-Time"] = f"{time.time() * 1000:.1f}"
         return response
 

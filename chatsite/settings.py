@@ -76,10 +76,10 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "chatsite.middleware.ServerTimeMiddleware",  # first in, last out: the server's clock for API clients
     "django.middleware.security.SecurityMiddleware",
     "chatsite.middleware.ContentSecurityPolicyMiddleware",
     "chatsite.middleware.StaticFilesMiddleware",  # WhiteNoise, async-capable
-    "chatsite.middleware.ServerTimeMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import pytest
 from django.urls import reverse
@@ -118,3 +119,15 @@ def test_the_room_page_links_to_the_patterns_page(client, user, room):
     client.force_login(user)
     content = client.get(reverse("room-detail", args=[room.slug])).content.decode()
     assert f'href="{patterns_url(room)}"' in content
+
+
+def test_api_answers_carry_when_the_server_received_the_request_and_when_it_answered(client, user, room):
+    client.force_login(user)
+    before = time.time() * 1000
+    response = client.get(reverse("api-messages", args=[room.slug]))
+    after = time.time() * 1000
+    received, sent = float(response["X-Server-Received"]), float(response["X-Server-Time"])
+    assert before - 1 <= received <= sent <= after + 1
+    # Errors too (the page reads the clock from whatever answers), but not the pages.
+    assert "X-Server-Time" in client.get("/api/rooms/no-such-room/messages")
+    assert "X-Server-Time" not in client.get(reverse("room-detail", args=[room.slug]))

@@ -47,10 +47,11 @@
 
   // ---- the server's clock --------------------------------------------------
 
-  // NTP-style, from every API response the page gets: the server stamped
-  // X-Server-Time as the response left, so it read its clock somewhere between
-  // our request's start and the response's end; the midpoint is off by at most
-  // half the round trip, so the sample with the shortest round trip wins.
+  // NTP-style, from every API response the page gets: the server says when
+  // the request came in (X-Server-Received) and when the answer left
+  // (X-Server-Time); the browser's Resource Timing says when the request went
+  // out and the answer's first byte came back. The offset is then off by at
+  // most half the time on the wire, so the sample with the least wins.
   const clock = {
     root: document.getElementById("patterns"),
     label: document.getElementById("clock-offset"),
@@ -60,9 +61,19 @@
     version: 0, // bumped when the offset changes, so delays are recomputed
 
     add(response, startedAt, endedAt) {
-      const serverTime = Number(response.headers.get("X-Server-Time"));
-      if (!(serverTime > 0)) return;
-      const sample = { at: endedAt, rtt: endedAt - startedAt, offset: serverTime - (startedAt + endedAt) / 2 };
+      const sent = Number(response.headers.get("X-Server-Time"));
+      if (!(sent > 0)) return;
+      const received = Number(response.headers.get("X-Server-Received")) || sent;
+      // Resource Timing, when the browser has the entry: no queueing, no body in the round trip.
+      const timing = performance.getEntriesByName(response.url, "resource").pop();
+      performance.clearResourceTimings(); // its buffer is small; this page reads each entry once
+      const wentOut = timing && timing.requestStart > 0 ? performance.timeOrigin + timing.requestStart : startedAt;
+      const cameBack = timing && timing.responseStart > 0 ? performance.timeOrigin + timing.responseStart : endedAt;
+      const sample = {
+        at: endedAt,
+        rtt: cameBack - wentOut - (sent - received),
+        offset: (received - wentOut + (sent - cameBack)) / 2,
+      };
       this.samples = this.samples.filter((old) => endedAt - old.at < CLOCK_WINDOW_MS);
       this.samples.push(sample);
       const best = this.samples.reduce((a, b) => (b.rtt < a.rtt ? b : a));
