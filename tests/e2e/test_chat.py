@@ -6,9 +6,12 @@ import re
 
 import pytest
 from channels.db import database_sync_to_async
+from django.db import transaction
+from django.db.models import F
 from playwright.async_api import expect
 
 from chat import services
+from chat.models import Message, Room
 from tests.e2e.conftest import (
     RECONNECT_TIMEOUT_MS,
     expect_live,
@@ -215,3 +218,29 @@ async def test_presence_typing_edits_and_deletions_show_on_the_other_page(server
     await bob.close()
     await expect(online).not_to_contain_text("bob")
     await expect(online).to_contain_text("alice")
+
+
+@database_sync_to_async
+def store_without_publishing(room, author, body: str) -> None:
+    """What a server process leaves behind when it dies between a message's commit and its publish."""
+    with transaction.atomic():
+        Room.objects.filter(pk=room.pk).update(last_seq=F("last_seq") + 1)
+        seq = Room.objects.values_list("last_seq", flat=True).get(pk=room.pk)
+        Message.objects.create(room=room, author=author, body=body, seq=seq)
+
+
+async def test_a_message_stored_but_never_published_appears_once_the_next_one_reveals_the_hole(
+    server, browsers, user, other_user, room
+):
+    alice = await browsers.new_page(user)
+    bob = await browsers.new_page(other_user)
+    await open_room(alice, server, room.slug)
+    await open_room(bob, server, room.slug)
+
+    await store_without_publishing(room, user, "its process died before publishing it")
+    await alice.wait_for_timeout(500)
+    await expect(alice.locator("#messages li.message")).to_have_count(0)  # nobody was told
+    await send(bob, "the next message")
+    expected = [(1, "its process died before publishing it"), (2, "the next message")]
+    await expect_messages(alice, expected)  # the page asked for the hole
+    await expect_messages(bob, expected)
