@@ -8,8 +8,8 @@ from chat.models import RESERVED_USERNAMES, Membership
 
 class SignupForm(UserCreationForm):
     def clean_username(self) -> str:
-        username = super().clean_username()
-        if username.lower() in RESERVED_USERNAMES:
+        username = super().clean_username()  # None when the name is taken (its error is already recorded)
+        if username and username.lower() in RESERVED_USERNAMES:
             raise forms.ValidationError("This name is reserved; choose another.")
         return username
 

@@ -29,6 +29,16 @@ def test_signup_with_mismatched_passwords_is_refused(client, django_user_model):
     assert not django_user_model.objects.exists()
 
 
+@pytest.mark.parametrize("taken", ["alice", "ALICE"])
+def test_signup_with_a_taken_name_in_any_case_is_refused_with_a_message(client, user, taken, django_user_model):
+    response = client.post(
+        reverse("signup"), {"username": taken, "password1": "a-long-pass-42", "password2": "a-long-pass-42"}
+    )
+    assert response.status_code == 400
+    assert "already exists" in response.content.decode()
+    assert django_user_model.objects.count() == 1
+
+
 def test_login_uses_djangos_form_and_redirects_to_rooms(client, user):
     page = client.get(reverse("login"))
     assert b'name="username"' in page.content and b'name="password"' in page.content
