@@ -52,6 +52,21 @@ def test_chatbench_smoke_run_delivers_every_stored_message_once_to_every_socket(
     assert "delivered" in stdout.getvalue()  # the table header
 
 
+def test_chatbench_rerun_signs_its_users_in_again_and_its_baseline_delivers_everything(tmp_path):
+    options = dict(sockets=4, senders=2, rate=5, duration=2, warmup=0.5, max_seconds=80, stdout=io.StringIO())
+    database_url = f"sqlite:///{tmp_path}/bench.sqlite3"
+    call_command("chatbench", database_url=database_url, **options)
+    out_path = tmp_path / "report.json"
+    # The users exist now: signing up is refused, and the run logs them in instead.
+    call_command("chatbench", database_url=database_url, json=str(out_path), baseline=True, **options)
+    report = json.loads(out_path.read_text())
+    assert report["aborted"] is None, report["aborted"]
+    for phase in ("main", "baseline"):
+        step = report[phase]["steps"][0]
+        assert step["delivered"] == step["expected"] == 10 * 4, (phase, step)
+        assert step["lost"] == 0 and step["duplicates"] == 0, (phase, step)
+
+
 # --------------------------------------------------------------------------
 # The client's framing, without a server
 # --------------------------------------------------------------------------
