@@ -30,27 +30,36 @@ class SyncAndAsync:
         return self._acall(request) if self.async_mode else self._call(request)
 
 
-class ContentSecurityPolicyMiddleware(SyncAndAsync):
-    """Sends settings.CONTENT_SECURITY_POLICY with every response (Django 5.2 has no CSP of its own)."""
+class ResponseMiddleware(SyncAndAsync):
+    """A middleware that only adds to the response, in either chain; `finish` says what."""
 
     def __init__(self, get_response) -> None:
         self.get_response = get_response
         self._choose_mode(get_response)
 
     def _call(self, request: HttpRequest) -> HttpResponse:
-        return self._with_policy(self.get_response(request))
+        received = time.time()
+        return self.finish(request, self.get_response(request), received)
 
     async def _acall(self, request: HttpRequest) -> HttpResponse:
-        return self._with_policy(await self.get_response(request))
+        received = time.time()
+        return self.finish(request, await self.get_response(request), received)
 
-    @staticmethod
-    def _with_policy(response: HttpResponse) -> HttpResponse:
+    def finish(self, request: HttpRequest, response: HttpResponse, received: float) -> HttpResponse:
+        """Return the response; `received` is when the request reached this middleware (time.time())."""
+        raise NotImplementedError
+
+
+class ContentSecurityPolicyMiddleware(ResponseMiddleware):
+    """Sends settings.CONTENT_SECURITY_POLICY with every response (Django 5.2 has no CSP of its own)."""
+
+    def finish(self, request: HttpRequest, response: HttpResponse, received: float) -> HttpResponse:
         if settings.CONTENT_SECURITY_POLICY:
             response.headers.setdefault("Content-Security-Policy", settings.CONTENT_SECURITY_POLICY)
         return response
 
 
-class ServerTimeMiddleware(SyncAndAsync):
+class ServerTimeMiddleware(ResponseMiddleware):
     """Stamps API responses with the server's clock: when the request came in and when the answer left.
 
     X-Server-Received and X-Server-Time, in ms since the epoch: with its own
@@ -59,20 +68,7 @@ class ServerTimeMiddleware(SyncAndAsync):
     25 s). The patterns page measures delivery delays with it.
     """
 
-    def __init__(self, get_response) -> None:
-        self.get_response = get_response
-        self._choose_mode(get_response)
-
-    def _call(self, request: HttpRequest) -> HttpResponse:
-        received = time.time()
-        return self._stamped(request, received, self.get_response(request))
-
-    async def _acall(self, request: HttpRequest) -> HttpResponse:
-        received = time.time()
-        return self._stamped(request, received, await self.get_response(request))
-
-    @staticmethod
-    def _stamped(request: HttpRequest, received: float, response: HttpResponse) -> HttpResponse:
+    def finish(self, request: HttpRequest, response: HttpResponse, received: float) -> HttpResponse:
         if request.path_info.startswith("/api/"):
             response.headers["X-Server-Received"] = f"{received * 1000:.1f}"
             response.headers["X-Server-Time"] = f"{time.time() * 1000:.1f}"
