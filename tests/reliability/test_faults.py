@@ -290,6 +290,18 @@ class Load:
     def live(self) -> int:
         return sum(client.ws is not None for client in self.clients)
 
+    async def recover_and_finish(self, back_at: float) -> tuple[float, int]:
+        """After Redis came back at `back_at`: (seconds to the first new acknowledgement, the room's last seq).
+
+        Every client must be chatting again (a send made 5 s after Redis came back acknowledged) within 10 s.
+        """
+        await self.wait(lambda: self.first_ack_after(back_at) is not None, RECOVERY_LIMIT, "a new ack")
+        recovery = self.first_ack_after(back_at) - back_at
+        await asyncio.sleep(10)
+        recovered = [c for c in self.clients if any(i.acked_at and i.sent_at >= back_at + 5 for i in c.sends.values())]
+        assert len(recovered) == len(self.clients), f"clients not chatting again after Redis\n{self.describe()}"
+        return recovery, await self.finish()
+
     async def finish(self) -> int:
         """Stop sending, let every send be acknowledged, then resume every client once more; return N."""
         for client in self.clients:
@@ -453,14 +465,7 @@ async def test_redis_killed_and_restarted_under_load_loses_nothing(cluster, own_
             own_redis.start()
             back_at = time.monotonic()
 
-            await load.wait(lambda: load.first_ack_after(back_at) is not None, RECOVERY_LIMIT, "a new ack")
-            recovery = load.first_ack_after(back_at) - back_at
-            await asyncio.sleep(10)
-            recovered = [
-                c for c in load.clients if any(i.acked_at and i.sent_at >= back_at + 5 for i in c.sends.values())
-            ]
-            assert len(recovered) == CLIENTS, f"clients not chatting again after Redis came back\n{load.describe()}"
-            last_seq = await load.finish()
+            recovery, last_seq = await load.recover_and_finish(back_at)
         finally:
             await load.stop()
         numbers = await check_nothing_lost(load, last_seq)
@@ -497,14 +502,7 @@ async def test_redis_frozen_keeps_pages_answering_and_clients_recover(cluster, o
                 min((at for at, _ in c.closes if at > frozen_at), default=back_at) - frozen_at for c in load.clients
             ]
 
-            await load.wait(lambda: load.first_ack_after(back_at) is not None, RECOVERY_LIMIT, "a new ack")
-            recovery = load.first_ack_after(back_at) - back_at
-            await asyncio.sleep(10)
-            recovered = [
-                c for c in load.clients if any(i.acked_at and i.sent_at >= back_at + 5 for i in c.sends.values())
-            ]
-            assert len(recovered) == CLIENTS, f"clients not chatting again after Redis came back\n{load.describe()}"
-            last_seq = await load.finish()
+            recovery, last_seq = await load.recover_and_finish(back_at)
         finally:
             await load.stop()
         numbers = await check_nothing_lost(load, last_seq)
