@@ -26,7 +26,7 @@ from websockets.exceptions import ConnectionClosed
 
 from chat import services, tokens
 from chat.models import Message
-from chat.serverprocess import ServerProcess
+from bench.serverprocess import ServerProcess
 from tests.conftest import session_cookie
 
 pytestmark = pytest.mark.django_db(transaction=True)

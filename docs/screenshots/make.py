@@ -66,7 +66,7 @@ def main() -> None:
 
     django.setup()
 
-    from chat.serverprocess import ServerProcess
+    from bench.serverprocess import ServerProcess
 
     DATABASE.unlink(missing_ok=True)
     manage = [sys.executable, "manage.py"]

@@ -28,7 +28,7 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
 
-from chat.serverprocess import ServerProcess
+from bench.serverprocess import ServerProcess
 from tests.conftest import session_cookie
 from tests.test_live_servers import DaphneCluster
 

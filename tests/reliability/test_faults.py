@@ -37,7 +37,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from chat import fanout, services
 from chat.models import Message, Room
-from chat.serverprocess import ServerProcess
+from bench.serverprocess import ServerProcess
 from tests.conftest import session_cookie
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.sync.client import ClientConnection, connect
 
-from chat.serverprocess import ServerProcess
+from bench.serverprocess import ServerProcess
 from tests.conftest import session_cookie
 from tests.test_live_servers import READY_TIMEOUT, server_env
 

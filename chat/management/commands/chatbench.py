@@ -75,7 +75,7 @@ from chat.benchclient import (
     run_step,
     tally,
 )
-from chat.serverprocess import UVICORN_WS, ServerFailed, ServerProcess
+from bench.serverprocess import UVICORN_WS, ServerFailed, ServerProcess
 
 MAIN_APP = "chatsite.asgi:application"
 BASELINE_APP = "bench.tutorial_asgi:application"

@@ -25,7 +25,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from chat.management.commands.chatbench import Command as ChatBench
 from chat.management.commands.chatbench import create_room, sign_in
-from chat.serverprocess import ServerFailed, ServerProcess
+from bench.serverprocess import ServerFailed, ServerProcess
 
 APP = "chatsite.asgi:application"
 

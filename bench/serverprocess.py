@@ -1,6 +1,6 @@
 """Run this site in a uvicorn or daphne child process on a free loopback port.
 
-Shared by `manage.py chatbench` and the live-server tests.
+Shared by the benchmarks (`manage.py chatbench`) and the live-server tests.
 """
 
 from __future__ import annotations
