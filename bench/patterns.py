@@ -51,8 +51,8 @@ from django.core.management import call_command  # noqa: E402
 from django.test import Client  # noqa: E402
 from playwright.async_api import async_playwright  # noqa: E402
 
-from chat import services, tokens  # noqa: E402
 from bench.serverprocess import ServerProcess  # noqa: E402
+from chat import services, tokens  # noqa: E402
 
 CHROMIUM = os.environ.get("E2E_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [

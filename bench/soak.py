@@ -56,9 +56,9 @@ from django.conf import settings  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 from django.core.management.base import CommandError  # noqa: E402
 
+from bench.serverprocess import UVICORN_WS, ServerProcess  # noqa: E402
 from chat.benchclient import HandshakeError, StepRaw, open_socket, percentile  # noqa: E402
 from chat.management.commands.chatbench import SOCKET_TIMEOUT, Command  # noqa: E402
-from bench.serverprocess import UVICORN_WS, ServerProcess  # noqa: E402
 
 DEFAULT_DATABASE = ROOT / "var" / "soak.sqlite3"
 CHUNK_S = 15.0  # seconds of sending per checked chunk; a progress line after each

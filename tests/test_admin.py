@@ -13,7 +13,7 @@ from django.test.utils import CaptureQueriesContext
 
 from chat import consumers, services
 from chat.models import Membership, Message, Room
-from tests.test_consumers import joined, receive, receive_until_ready
+from tests.helpers import joined, receive, receive_until_ready
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

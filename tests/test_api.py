@@ -16,7 +16,7 @@ from django.test import AsyncClient, Client
 
 from chat import api, ephemeral, longpoll, realtime, services, tokens
 from chat.models import ApiToken, Membership, Message, Room
-from tests.test_consumers import joined, receive, send
+from tests.helpers import joined, receive, send
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -13,6 +13,7 @@ from django.conf import settings
 from chat import consumers, ephemeral, realtime, selectors, services
 from chat.models import Membership, Message, Room
 from chatsite.asgi import application
+from tests.helpers import joined, receive, receive_until_ready, send, silent
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -22,41 +23,6 @@ def fanout_mode(request, settings):
     """Every promise holds with the fast path (chat/fanout.py) on and off."""
     settings.CHAT_FAST_FANOUT = request.param == "fast-fanout"
     return request.param
-
-
-async def receive(communicator, timeout: float = 3, *, presence: bool = False) -> dict:
-    """Return the next frame; presence frames, which come as people arrive and leave, only when asked for."""
-    while True:
-        frame = json.loads(await communicator.receive_from(timeout=timeout))
-        if (frame["type"] == "presence") == presence:
-            return frame
-
-
-async def silent(communicator, timeout: float = 0.5) -> bool:
-    """True if nothing but presence frames arrives within `timeout`."""
-    while not await communicator.receive_nothing(timeout=timeout):
-        if json.loads(await communicator.receive_from())["type"] != "presence":
-            return False
-    return True
-
-
-async def receive_until_ready(communicator) -> tuple[list[dict], dict]:
-    """Return the frames before the "ready" frame, and the ready frame."""
-    frames = []
-    while (frame := await receive(communicator))["type"] != "ready":
-        frames.append(frame)
-    return frames, frame
-
-
-async def joined(ws_connect, user, room, **kwargs):
-    communicator, connected = await ws_connect(user, room, **kwargs)
-    assert connected
-    await receive_until_ready(communicator)
-    return communicator
-
-
-async def send(communicator, **frame) -> None:
-    await communicator.send_to(text_data=json.dumps(frame))
 
 
 async def post(room, author, body: str, nonce: str | None = None) -> Message:

@@ -24,9 +24,9 @@ from django.conf import settings
 from django.db import connection
 from websockets.exceptions import ConnectionClosed
 
+from bench.serverprocess import ServerProcess
 from chat import services, tokens
 from chat.models import Message
-from bench.serverprocess import ServerProcess
 from tests.conftest import session_cookie
 
 pytestmark = pytest.mark.django_db(transaction=True)

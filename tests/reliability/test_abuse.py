@@ -29,7 +29,7 @@ from chat import protocol, services
 from chat.models import Message
 from chatsite.asgi import application
 from tests.conftest import ORIGIN, session_cookie
-from tests.test_consumers import joined, receive, send
+from tests.helpers import joined, receive, send
 from tests.test_live_servers import FRAME_TIMEOUT, alice_cookie, bob_cookie, daphne, sockets  # noqa: F401
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -35,9 +35,9 @@ from django.contrib.auth import get_user_model
 from redis.exceptions import RedisError
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
+from bench.serverprocess import ServerProcess
 from chat import fanout, services
 from chat.models import Message, Room
-from bench.serverprocess import ServerProcess
 from tests.conftest import session_cookie
 
 pytestmark = pytest.mark.django_db(transaction=True)

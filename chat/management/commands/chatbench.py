@@ -63,6 +63,7 @@ from urllib.parse import urlencode
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from bench.serverprocess import UVICORN_WS, ServerFailed, ServerProcess
 from chat import benchclient
 from chat.benchclient import (
     HandshakeError,
@@ -75,7 +76,6 @@ from chat.benchclient import (
     run_step,
     tally,
 )
-from bench.serverprocess import UVICORN_WS, ServerFailed, ServerProcess
 
 MAIN_APP = "chatsite.asgi:application"
 BASELINE_APP = "bench.tutorial_asgi:application"

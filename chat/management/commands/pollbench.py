@@ -23,9 +23,9 @@ from pathlib import Path
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from bench.serverprocess import ServerFailed, ServerProcess
 from chat.management.commands.chatbench import Command as ChatBench
 from chat.management.commands.chatbench import create_room, sign_in
-from bench.serverprocess import ServerFailed, ServerProcess
 
 APP = "chatsite.asgi:application"
 

@@ -1,0 +1,40 @@
+"""Helpers the WebSocket tests share (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import json
+
+
+async def receive(communicator, timeout: float = 3, *, presence: bool = False) -> dict:
+    """Return the next frame; presence frames, which come as people arrive and leave, only when asked for."""
+    while True:
+        frame = json.loads(await communicator.receive_from(timeout=timeout))
+        if (frame["type"] == "presence") == presence:
+            return frame
+
+
+async def silent(communicator, timeout: float = 0.5) -> bool:
+    """True if nothing but presence frames arrives within `timeout`."""
+    while not await communicator.receive_nothing(timeout=timeout):
+        if json.loads(await communicator.receive_from())["type"] != "presence":
+            return False
+    return True
+
+
+async def receive_until_ready(communicator) -> tuple[list[dict], dict]:
+    """Return the frames before the "ready" frame, and the ready frame."""
+    frames = []
+    while (frame := await receive(communicator))["type"] != "ready":
+        frames.append(frame)
+    return frames, frame
+
+
+async def joined(ws_connect, user, room, **kwargs):
+    communicator, connected = await ws_connect(user, room, **kwargs)
+    assert connected
+    await receive_until_ready(communicator)
+    return communicator
+
+
+async def send(communicator, **frame) -> None:
+    await communicator.send_to(text_data=json.dumps(frame))
