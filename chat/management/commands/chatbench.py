@@ -2,7 +2,7 @@
 
     python manage.py chatbench [--sockets 200] [--rate 20] [--duration 10]
                                [--server uvicorn|daphne] [--processes 1] [--rooms 1]
-                               [--senders 10] [--fanout fast|channels]
+                               [--senders 10]
                                [--find-max [--rates 10,20,...]] [--baseline]
                                [--json FILE|-] [--max-seconds 600]
 
@@ -262,9 +262,6 @@ class Command(BaseCommand):
         parser.add_argument("--duration", type=float, default=10.0, help="seconds of sending per measurement (10)")
         parser.add_argument("--body-size", type=int, default=100, help="characters per message body (100)")
         parser.add_argument(
-            "--fanout", choices=["fast", "channels"], default="fast", help="CHAT_FAST_FANOUT=1 or 0 (fast)"
-        )
-        parser.add_argument(
             "--database-url",
             default=f"sqlite:///{Path(settings.BASE_DIR) / 'var' / 'bench.sqlite3'}",
             help="the servers' database; migrated first (var/bench.sqlite3)",
@@ -310,7 +307,7 @@ class Command(BaseCommand):
         load = f"find-max over {options['rates']}" if options["find_max"] else f"{options['rate']:g} msg/s per room"
         self.say(
             f"chatbench {self.run_id}: {options['sockets']} sockets, {options['rooms']} room(s), "
-            f"{options['server']} x{options['processes']}, fanout {options['fanout']}, {load}, "
+            f"{options['server']} x{options['processes']}, {load}, "
             f"{options['duration']:g} s per measurement; logs in {self.log_dir}"
         )
         # The hard cap: whatever hangs, the servers die a little after the deadline.
@@ -381,7 +378,6 @@ class Command(BaseCommand):
             "rates": self.rates if o["find_max"] else None,
             "duration_s": o["duration"],
             "body_size": o["body_size"],
-            "fanout": o["fanout"],
             "find_max": o["find_max"],
             "baseline": o["baseline"],
             "p99_limit_ms": o["p99_limit_ms"],
@@ -450,7 +446,6 @@ class Command(BaseCommand):
             CHANNEL_LAYER="redis",
             CHANNEL_LAYER_PREFIX=f"bench-{self.run_id}",
             REDIS_URL=settings.REDIS_URL,
-            CHAT_FAST_FANOUT="1" if self.options["fanout"] == "fast" else "0",
             # A benchmark sends faster, and opens more sockets per user, than the limits allow people.
             CHAT_MESSAGE_RATE_LIMIT="1000000",
             CHAT_MAX_SOCKETS_PER_USER="100000",
@@ -952,7 +947,6 @@ class Command(BaseCommand):
                 f"{phase['sockets_connected']}/{phase['sockets_requested']} sockets connected in "
                 f"{fmt(phase['connect_s'])} s, {len(phase['rooms'])} room(s), "
                 f"senders per room {phase.get('senders_per_room')}"
-                + (f", fanout {self.options['fanout']}" if phase["name"] == "main" else "")
             )
             lines.append(self.table_header("  steps"))
             lines.extend(self.table_row(step) for step in phase["steps"])

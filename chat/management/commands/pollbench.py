@@ -1,6 +1,6 @@
 """Measure how many concurrent long-polls one server process holds.
 
-    python manage.py pollbench [--polls 1000] [--server daphne|uvicorn] [--fanout fast|channels]
+    python manage.py pollbench [--polls 1000] [--server daphne|uvicorn]
 
 On 127.0.0.1 only, bounded in count and time: migrate the bench database,
 start one server process (DEBUG off, Redis layer under a per-run prefix), sign
@@ -74,7 +74,6 @@ class Command(BaseCommand):
     def add_arguments(self, parser) -> None:
         parser.add_argument("--polls", type=int, default=1000, help="concurrent long-polls (1000)")
         parser.add_argument("--server", choices=["daphne", "uvicorn"], default="daphne", help="ASGI server (daphne)")
-        parser.add_argument("--fanout", choices=["fast", "channels"], default="fast", help="CHAT_FAST_FANOUT (fast)")
         parser.add_argument("--hold", type=float, default=3.0, help="seconds to hold the polls before posting (3)")
         parser.add_argument(
             "--database-url",
@@ -83,13 +82,13 @@ class Command(BaseCommand):
         )
         parser.add_argument("--max-seconds", type=float, default=180.0, help="hard cap on the whole run (180)")
 
-    def handle(self, *args, polls: int, server: str, fanout: str, hold: float, **options) -> None:
+    def handle(self, *args, polls: int, server: str, hold: float, **options) -> None:
         if not 1 <= polls <= 5000:
             raise CommandError("--polls must be from 1 to 5000.")
         run_id = time.strftime("%m%d%H%M%S") + secrets.token_hex(2)
         # The chat benchmark's setup: its environment, migrate, and servers on free ports.
         bench = ChatBench(stdout=self.stdout, stderr=self.stderr)
-        bench.options = {**options, "fanout": fanout}
+        bench.options = options
         bench.run_id = run_id
         bench.deadline = time.monotonic() + options["max_seconds"]
         bench.env = bench.server_env()
