@@ -6,10 +6,10 @@
                                    [--max-seconds S]
 
 Too long for every CI run; run it by hand (docs/reliability.md gives the
-figures measured). It is `manage.py chatbench` held at one rate: the same
+figures measured). It is `manage.py chatbench` (bench/scenario.py) held at one rate: the same
 server processes (production-like settings, Redis layer under a per-run
 prefix), the same sign-ups through the site's forms, the same cheap client
-(chat/benchclient.py) and the same check of every socket against the database.
+(bench/client.py) and the same check of every socket against the database.
 Only the steps differ: the load runs for `--warmup` seconds, then `--minutes`
 more, in back-to-back checked chunks of 15 s (a progress line after each).
 
@@ -52,13 +52,10 @@ import django  # noqa: E402
 
 django.setup()
 
-from django.conf import settings  # noqa: E402
-from django.core.management import call_command  # noqa: E402
-from django.core.management.base import CommandError  # noqa: E402
-
+from bench.client import HandshakeError, StepRaw  # noqa: E402
+from bench.report import percentile  # noqa: E402
+from bench.scenario import BenchFailed, ChatBench, Options  # noqa: E402
 from bench.serverprocess import UVICORN_WS, ServerProcess  # noqa: E402
-from chat.benchclient import HandshakeError, StepRaw, open_socket, percentile  # noqa: E402
-from chat.management.commands.chatbench import SOCKET_TIMEOUT, Command  # noqa: E402
 
 DEFAULT_DATABASE = ROOT / "var" / "soak.sqlite3"
 CHUNK_S = 15.0  # seconds of sending per checked chunk; a progress line after each
@@ -120,12 +117,12 @@ def acknowledged(raw: StepRaw) -> int:
     return sum(len(set(numbers).intersection(raw.received[index])) for index, numbers in by_sender.items())
 
 
-class Soak(Command):
+class Soak(ChatBench):
     """chatbench with one long run of checked chunks in place of its rate steps."""
 
-    def add_arguments(self, parser) -> None:
-        super().add_arguments(parser)
-        parser.add_argument("--minutes", type=float, default=5.0, help="minutes of load after the warm-up (5)")
+    def __init__(self, options: Options, say, minutes: float) -> None:
+        super().__init__(options, say)
+        self.minutes = minutes
 
     # -- the load --------------------------------------------------------------
 
@@ -159,7 +156,7 @@ class Soak(Command):
                 await asyncio.sleep(SAMPLE_EVERY_S)
 
         task = asyncio.create_task(sampler())
-        plan = [("warm-up", s) for s in chunk_plan(o["warmup"])] + [("soak", s) for s in chunk_plan(o["minutes"] * 60)]
+        plan = [("warm-up", s) for s in chunk_plan(o.warmup)] + [("soak", s) for s in chunk_plan(self.minutes * 60)]
         if not any(stage == "warm-up" for stage, _ in plan):
             soak["rss_after_warmup_mib"] = sample()
         try:
@@ -167,7 +164,7 @@ class Soak(Command):
                 self.remaining("the soak")
                 await self.reopen_closed(servers, rooms, sockets, known_last_seq)
                 step, raw = await self.measure(
-                    phase, servers, rooms, sockets, known_last_seq, f"c{number}", o["rate"], seconds
+                    phase, servers, rooms, sockets, known_last_seq, f"c{number}", o.rate, seconds
                 )
                 phase["steps"].append(step)
                 self.count_chunk(stage, step, raw)
@@ -184,7 +181,6 @@ class Soak(Command):
     async def reopen_closed(self, servers, rooms, sockets: list, known_last_seq: list[int], reopen=True) -> None:
         """Count the sockets that closed; reconnect them (resuming, as a browser would) to keep the load whole."""
         soak = self.soak
-        cookie_name = settings.SESSION_COOKIE_NAME
         for i, sock in enumerate(sockets):
             if sock is None or sock.is_open:
                 continue
@@ -195,13 +191,8 @@ class Soak(Command):
                 continue
             room, _, server, sid = self.targets[i]
             try:
-                sockets[i] = await open_socket(
-                    host="127.0.0.1",
-                    port=server.port,
-                    path=RESUME_WS_PATH.format(slug=rooms[room], after=known_last_seq[room]),
-                    headers={"Origin": server.origin, "Cookie": f"{cookie_name}={sid}"},
-                    room=room,
-                    timeout=SOCKET_TIMEOUT,
+                sockets[i] = await self.open_member_socket(
+                    server, sid, RESUME_WS_PATH.format(slug=rooms[room], after=known_last_seq[room]), room
                 )
                 soak["reconnects"] += 1
             except (OSError, HandshakeError, TimeoutError) as error:
@@ -265,7 +256,7 @@ class Soak(Command):
         names = [s.name for s in servers]
         before = soak.get("rss_after_warmup_mib") or [None] * len(names)
         end = soak.get("rss_end_mib") or [None] * len(names)
-        warmup = self.options["warmup"]
+        warmup = self.options.warmup
         after = [s["rss_mib"] for s in soak["samples"] if s["t"] >= warmup]
         rss = []
         for k, name in enumerate(names):
@@ -291,8 +282,8 @@ class Soak(Command):
         reasons = []
         if report["aborted"]:
             reasons.append(f"aborted: {report['aborted']}")
-        if phase.get("sockets_connected", 0) < self.options["sockets"]:
-            reasons.append(f"only {phase.get('sockets_connected', 0)}/{self.options['sockets']} sockets connected")
+        if phase.get("sockets_connected", 0) < self.options.sockets:
+            reasons.append(f"only {phase.get('sockets_connected', 0)}/{self.options.sockets} sockets connected")
         if t["lost"] or t["seq_gaps"] or t["unanswered"] or t["not_sent"]:
             reasons.append(
                 f"loss: {t['lost']} missing deliveries, {t['seq_gaps']} seq gaps, "
@@ -326,7 +317,7 @@ class Soak(Command):
             "fail_reasons": reasons,
             "config": {
                 **report["config"],
-                "minutes": o["minutes"],
+                "minutes": self.minutes,
                 "warmup_s": warmup,
                 "chunk_s": CHUNK_S,
                 "sample_every_s": SAMPLE_EVERY_S,
@@ -360,9 +351,9 @@ class Soak(Command):
         }
         self.figures = figures
         self.say(self.summary(figures))
-        if o.get("json_path"):
-            Path(o["json_path"]).write_text(json.dumps(figures, indent=2) + "\n")
-            self.say(f"JSON: {o['json_path']}")
+        if o.json_path:
+            Path(o.json_path).write_text(json.dumps(figures, indent=2) + "\n")
+            self.say(f"JSON: {o.json_path}")
 
     def summary(self, f: dict) -> str:
         c = f["config"]
@@ -441,25 +432,24 @@ def main(argv: list[str] | None = None) -> int:
             Path(f"{DEFAULT_DATABASE}{suffix}").unlink(missing_ok=True)
         database_url = f"sqlite:///{DEFAULT_DATABASE}"
     load_s = args.warmup + args.minutes * 60
-    soak = Soak()
+    options = Options(
+        server=args.server,
+        processes=args.processes,
+        sockets=args.sockets,
+        rooms=args.rooms,
+        senders=args.senders,
+        rate=args.rate,
+        duration=CHUNK_S,
+        warmup=args.warmup,
+        database_url=database_url,
+        user_prefix="soak",
+        json_path=args.json,
+        max_seconds=args.max_seconds or load_s + 180,
+    )
     try:
-        call_command(
-            soak,
-            server=args.server,
-            processes=args.processes,
-            sockets=args.sockets,
-            rooms=args.rooms,
-            senders=args.senders,
-            rate=args.rate,
-            duration=CHUNK_S,
-            warmup=args.warmup,
-            minutes=args.minutes,
-            database_url=database_url,
-            user_prefix="soak",
-            json_path=args.json,
-            max_seconds=args.max_seconds or load_s + 180,
-        )
-    except CommandError as error:
+        soak = Soak(options, lambda text: print(text, flush=True), minutes=args.minutes)
+        soak.execute()
+    except BenchFailed as error:
         print(f"soak: {error}", file=sys.stderr)
         return 1
     return 0 if getattr(soak, "figures", {}).get("passed") else 1

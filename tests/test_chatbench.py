@@ -1,4 +1,4 @@
-"""`manage.py chatbench`: a smoke run against real servers, and its WebSocket client's framing.
+"""`manage.py chatbench` (bench/): a smoke run against real servers, and its WebSocket client's framing.
 
 The smoke run needs no test database: chatbench migrates its own database in a
 subprocess and talks to the servers it starts only over HTTP and WebSockets
@@ -14,7 +14,7 @@ import struct
 
 from django.core.management import call_command
 
-from chat import benchclient
+from bench import client, report
 
 
 def test_chatbench_smoke_run_delivers_every_stored_message_once_to_every_socket(tmp_path):
@@ -115,14 +115,14 @@ def read_client_frames(data: bytes) -> list[tuple[int, bytes]]:
     return frames
 
 
-def open_fake_socket() -> tuple[benchclient.BenchSocket, FakeTransport]:
-    sock = benchclient.BenchSocket(host="127.0.0.1", port=1, path="/ws/rooms/x/", headers={"Origin": "http://x"})
+def open_fake_socket() -> tuple[client.BenchSocket, FakeTransport]:
+    sock = client.BenchSocket(host="127.0.0.1", port=1, path="/ws/rooms/x/", headers={"Origin": "http://x"})
     transport = FakeTransport()
     sock.connection_made(transport)
     request = transport.written.decode()
     assert request.startswith("GET /ws/rooms/x/ HTTP/1.1\r\n") and "Origin: http://x\r\n" in request
     transport.written.clear()
-    accept = benchclient.base64.b64encode(benchclient.hashlib.sha1(sock.key.encode() + benchclient.WS_GUID).digest())
+    accept = client.base64.b64encode(client.hashlib.sha1(sock.key.encode() + client.WS_GUID).digest())
     sock.data_received(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: ")
     sock.data_received(accept + b"\r\n\r\n")
     assert sock.handshake_done.done() and sock.is_open
@@ -131,28 +131,28 @@ def open_fake_socket() -> tuple[benchclient.BenchSocket, FakeTransport]:
 
 def message_frame(n: int, sent_ns: int, pad: int = 0) -> bytes:
     message = {"seq": n, "body": f"t={sent_ns} n={n} " + "x" * pad, "nonce": f"nonce-{n}"}
-    return server_frame(benchclient.OP_TEXT, json.dumps({"type": "message", "message": message}).encode())
+    return server_frame(client.OP_TEXT, json.dumps({"type": "message", "message": message}).encode())
 
 
 async def test_client_reads_split_frames_of_every_length_encoding():
     sock, transport = open_fake_socket()
-    sock.recorder = benchclient.Recorder(rooms=1)
-    now = benchclient.time.time_ns()
+    sock.recorder = client.Recorder(rooms=1)
+    now = client.time.time_ns()
     fragmented = json.dumps({"type": "history", "messages": [], "has_more": False}).encode()
     stream = b"".join(
         [
             message_frame(1, now),  # 7-bit length
             message_frame(2, now, pad=300),  # 16-bit length
             message_frame(3, now, pad=70_000),  # 64-bit length
-            server_frame(benchclient.OP_TEXT, json.dumps({"type": "ready", "last_seq": 0}).encode()),
-            server_frame(benchclient.OP_TEXT, fragmented[:10], fin=False),
-            server_frame(benchclient.OP_CONT, fragmented[10:]),
-            server_frame(benchclient.OP_TEXT, json.dumps({"type": "error", "code": "not_saved"}).encode()),
+            server_frame(client.OP_TEXT, json.dumps({"type": "ready", "last_seq": 0}).encode()),
+            server_frame(client.OP_TEXT, fragmented[:10], fin=False),
+            server_frame(client.OP_CONT, fragmented[10:]),
+            server_frame(client.OP_TEXT, json.dumps({"type": "error", "code": "not_saved"}).encode()),
         ]
     )
     for size in (1, 7, 1000):  # any split of the byte stream reads the same
-        sock.received = benchclient.array("q")
-        sock.recorder = benchclient.Recorder(rooms=1)
+        sock.received = client.array("q")
+        sock.recorder = client.Recorder(rooms=1)
         for start in range(0, len(stream), size):
             sock.data_received(stream[start : start + size])
         assert list(sock.received) == [1, 2, 3]
@@ -168,27 +168,27 @@ async def test_client_masks_what_it_sends_and_answers_ping_and_close():
     sock, transport = open_fake_socket()
     body = "t=1 n=2 " + "y" * 200
     assert sock.send_json({"type": "send", "body": body, "nonce": "a"})
-    sock.data_received(server_frame(benchclient.OP_PING, b"are you there"))
-    sock.data_received(server_frame(benchclient.OP_CLOSE, struct.pack("!H", 1013)))
+    sock.data_received(server_frame(client.OP_PING, b"are you there"))
+    sock.data_received(server_frame(client.OP_CLOSE, struct.pack("!H", 1013)))
     frames = read_client_frames(bytes(transport.written))
     assert frames[0] == (
-        benchclient.OP_TEXT,
+        client.OP_TEXT,
         json.dumps({"type": "send", "body": body, "nonce": "a"}, separators=(",", ":")).encode(),
     )
-    assert frames[1] == (benchclient.OP_PONG, b"are you there")
-    assert frames[2] == (benchclient.OP_CLOSE, struct.pack("!H", 1013))
+    assert frames[1] == (client.OP_PONG, b"are you there")
+    assert frames[2] == (client.OP_CLOSE, struct.pack("!H", 1013))
     assert sock.close_code == 1013 and transport.closed and not sock.is_open
 
 
 async def test_client_reports_a_refused_handshake():
-    sock = benchclient.BenchSocket(host="127.0.0.1", port=1, path="/", headers={})
+    sock = client.BenchSocket(host="127.0.0.1", port=1, path="/", headers={})
     transport = FakeTransport()
     sock.connection_made(transport)
     sock.data_received(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
     assert sock.http_status == 403 and transport.closed
     try:
         await sock.handshake_done
-    except benchclient.HandshakeError as error:
+    except client.HandshakeError as error:
         assert "403" in str(error)
     else:
         raise AssertionError("a 403 must fail the handshake")
@@ -196,16 +196,16 @@ async def test_client_reports_a_refused_handshake():
 
 def test_tally_counts_loss_duplicates_and_strays_per_socket():
     stored = {1, 2, 3}
-    perfect = benchclient.array("q", [3, 1, 2])  # order does not matter
-    lossy = benchclient.array("q", [1, 3])
-    doubled = benchclient.array("q", [1, 2, 2, 3, 3, 3, 9])  # 9 was not stored in this step
-    counted = benchclient.tally(stored, [perfect, lossy, doubled])
-    assert counted == benchclient.Tally(delivered=8, lost=1, duplicates=3, stray=1, sockets_with_loss=1)
+    perfect = client.array("q", [3, 1, 2])  # order does not matter
+    lossy = client.array("q", [1, 3])
+    doubled = client.array("q", [1, 2, 2, 3, 3, 3, 9])  # 9 was not stored in this step
+    counted = client.tally(stored, [perfect, lossy, doubled])
+    assert counted == client.Tally(delivered=8, lost=1, duplicates=3, stray=1, sockets_with_loss=1)
 
 
 def test_percentile_is_nearest_rank():
     values = list(range(1, 101))
-    assert benchclient.percentile(values, 0.50) == 50
-    assert benchclient.percentile(values, 0.99) == 99
-    assert benchclient.percentile([7], 0.99) == 7
-    assert benchclient.percentile([], 0.5) is None
+    assert report.percentile(values, 0.50) == 50
+    assert report.percentile(values, 0.99) == 99
+    assert report.percentile([7], 0.99) == 7
+    assert report.percentile([], 0.5) is None

@@ -1,4 +1,4 @@
-"""A small, cheap WebSocket load client for `manage.py chatbench`.
+"""A small, cheap WebSocket load client for `manage.py chatbench` (bench/scenario.py).
 
 One asyncio Protocol per socket speaks just enough RFC 6455 for a benchmark:
 the HTTP/1.1 Upgrade handshake (random Sec-WebSocket-Key, checked
@@ -18,8 +18,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import http.client
 import json
-import math
 import os
 import re
 import struct
@@ -528,9 +528,44 @@ def tally(stored: set[int], received_per_socket) -> Tally:
     return result
 
 
-def percentile(sorted_values, fraction: float):
-    """Nearest-rank percentile of an already sorted sequence (None when empty)."""
-    if not sorted_values:
-        return None
-    rank = min(len(sorted_values), max(1, math.ceil(fraction * len(sorted_values))))
-    return sorted_values[rank - 1]
+# --------------------------------------------------------------------------
+# Long-polls (manage.py pollbench)
+# --------------------------------------------------------------------------
+
+
+async def long_poll(port: int, path: str, cookie: str) -> tuple[int, dict, float]:
+    """One GET on its own connection; returns (status, JSON body, monotonic time answered)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: {cookie}\r\nConnection: close\r\n\r\n".encode())
+    await writer.drain()
+    raw = await reader.read()
+    answered = time.monotonic()
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    if b"transfer-encoding: chunked" in head.lower():
+        body = _unchunk(body)
+    return status, json.loads(body or b"{}"), answered
+
+
+def _unchunk(body: bytes) -> bytes:
+    out = b""
+    while body:
+        size_line, _, body = body.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out, body = out + body[:size], body[size + 2 :]
+    return out
+
+
+def post_message(port: int, slug: str, cookie: str, csrf: str, body: str) -> int:
+    """POST one message through the API with a session cookie; returns the HTTP status."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    headers = {"Cookie": cookie, "X-CSRFToken": csrf, "Content-Type": "application/json"}
+    headers["Origin"] = f"http://127.0.0.1:{port}"
+    try:
+        conn.request("POST", f"/api/rooms/{slug}/messages", body, headers)
+        return conn.getresponse().status
+    finally:
+        conn.close()

@@ -1,0 +1,113 @@
+"""Measure the live chat end to end: real servers, real sign-ups, many sockets, one table.
+
+    python manage.py chatbench [--sockets 200] [--rate 20] [--duration 10]
+                               [--server uvicorn|daphne] [--processes 1] [--rooms 1]
+                               [--senders 10]
+                               [--find-max [--rates 10,20,...]] [--baseline]
+                               [--json FILE|-] [--max-seconds 600]
+
+bench/scenario.py says what a run does; bench/report.py what it reports:
+missing and duplicated messages per socket, sends refused with an `error`
+frame, latency percentiles, deliveries per second, server CPU per 1,000
+deliveries, peak RSS per server process, and the client's own CPU.
+`--find-max` reports the highest rate with no loss, no duplicates, no refused
+or unanswered sends, and p99 under 250 ms; `--baseline` reports
+ours-over-baseline ratios.
+
+A measurement that shows loss still exits 0; a setup failure (a server that
+does not start, a sign-up that fails) raises CommandError with what to fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+from django.core.management.base import BaseCommand, CommandError
+
+from bench.scenario import BASELINE_APP, BenchFailed, ChatBench, Options
+from bench.serverprocess import UVICORN_WS
+
+
+class Command(BaseCommand):
+    help = (
+        "Benchmark the live chat: starts servers, signs users up, connects sockets, sends at a fixed rate "
+        "and reports loss, duplicates, latency percentiles, deliveries/s and server CPU per 1,000 deliveries."
+    )
+    # It never touches this process's database: everything goes over HTTP and WebSockets.
+    requires_system_checks = []
+
+    def add_arguments(self, parser) -> None:
+        d = Options()
+        parser.add_argument(
+            "--server",
+            choices=[*UVICORN_WS, "daphne"],
+            default=d.server,
+            help=(
+                "ASGI server: uvicorn as bin/serve runs it (websockets-sansio), uvicorn with the"
+                f" legacy websockets or wsproto protocol, or daphne ({d.server})"
+            ),
+        )
+        parser.add_argument(
+            "--processes", type=int, default=d.processes, help=f"server processes, on separate ports ({d.processes})"
+        )
+        parser.add_argument(
+            "--sockets", type=int, default=d.sockets, help=f"WebSockets in all, round-robin ({d.sockets})"
+        )
+        parser.add_argument(
+            "--rooms", type=int, default=d.rooms, help=f"rooms; the sockets are spread evenly ({d.rooms})"
+        )
+        parser.add_argument(
+            "--senders",
+            type=int,
+            default=d.senders,
+            help=f"sockets per room that send; they share the room's rate ({d.senders})",
+        )
+        parser.add_argument("--rate", type=float, default=d.rate, help=f"messages per second PER ROOM ({d.rate:g})")
+        parser.add_argument(
+            "--duration", type=float, default=d.duration, help=f"seconds of sending per measurement ({d.duration:g})"
+        )
+        parser.add_argument(
+            "--body-size", type=int, default=d.body_size, help=f"characters per message body ({d.body_size})"
+        )
+        parser.add_argument(
+            "--database-url",
+            default=d.database_url,
+            help="the servers' database; migrated first (var/bench.sqlite3)",
+        )
+        parser.add_argument(
+            "--find-max", action="store_true", help="step the rate up; report the highest rate that passes"
+        )
+        parser.add_argument("--rates", default=d.rates, help=f"per-room rates for --find-max ({d.rates})")
+        parser.add_argument(
+            "--p99-limit-ms", type=float, default=d.p99_limit_ms, help="the p99 a passing step stays under"
+        )
+        parser.add_argument(
+            "--drain", type=float, default=d.drain, help="longest wait for deliveries after the last send"
+        )
+        parser.add_argument(
+            "--warmup",
+            type=float,
+            default=d.warmup,
+            help=f"seconds of unreported sending before the first step ({d.warmup:g})",
+        )
+        parser.add_argument(
+            "--baseline", action="store_true", help=f"measure {BASELINE_APP} the same way afterwards and compare"
+        )
+        parser.add_argument(
+            "--user-prefix", default=d.user_prefix, help=f"usernames are PREFIX-u001, ... ({d.user_prefix})"
+        )
+        parser.add_argument("--json", dest="json_path", metavar="FILE", help="write the report as JSON; - for stdout")
+        parser.add_argument(
+            "--max-seconds", type=float, default=d.max_seconds, help=f"hard cap on the whole run ({d.max_seconds:g})"
+        )
+
+    def handle(self, *args, **options) -> None:
+        chosen = Options(**{f.name: options[f.name] for f in fields(Options)})
+        try:
+            ChatBench(chosen, self.say).execute()
+        except BenchFailed as error:
+            raise CommandError(str(error), returncode=error.returncode) from None
+
+    def say(self, text: str) -> None:
+        self.stdout.write(text)
+        self.stdout.flush()

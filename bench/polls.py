@@ -1,0 +1,124 @@
+"""The long-poll scenario: hold N concurrent long-polls on one server process, then wake them all with one message.
+
+On 127.0.0.1 only, bounded in count and time: migrate the bench database,
+start one server process (DEBUG off, Redis layer under a per-run prefix), sign
+a user up through the site's forms and create a room, open N long-polls
+(`GET /api/rooms/<slug>/poll?timeout=...`, session cookie, one connection
+each) and wait until the server holds them all, then post ONE message through
+the API. The result says how many polls answered with that message, the
+latency from the post to each answer, and the server's threads, open files,
+RSS and CPU while holding the polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import Callable
+
+from django.conf import settings
+
+from bench.client import long_poll, post_message
+from bench.report import CLK_TCK, percentile, proc_status
+from bench.scenario import (
+    MAIN_APP,
+    BenchFailed,
+    SiteSession,
+    create_room,
+    log_dir,
+    migrate,
+    new_run_id,
+    server_env,
+    sign_in,
+)
+from bench.serverprocess import ServerFailed, ServerProcess
+
+MAX_POLLS = 5000
+SERVER_START_TIMEOUT = 20.0
+
+
+def run_polls(
+    *, polls: int, server: str, hold: float, database_url: str, max_seconds: float, say: Callable[[str], None]
+) -> dict:
+    """Set up one server, a user and a room, and measure `polls` long-polls woken by one post."""
+    if not 1 <= polls <= MAX_POLLS:
+        raise BenchFailed(f"--polls must be from 1 to {MAX_POLLS}.")
+    deadline = time.monotonic() + max_seconds
+    run_id = new_run_id()
+    env = server_env(database_url=database_url, run_id=run_id)
+    env["CHAT_API_REQUESTS_PER_MINUTE"] = str(polls * 10)
+    say(f"migrate: {database_url}")
+    migrate(env, timeout=min(180.0, deadline - time.monotonic()))
+    process = ServerProcess("poll-1", server, MAIN_APP, env, log_dir() / f"pollbench-{run_id}.log")
+    process.spawn()
+    try:
+        process.wait_ready(SERVER_START_TIMEOUT)
+        site, _ = sign_in(process, f"poller-{run_id}", secrets.token_urlsafe(12), timeout=10)
+        slug = f"polls-{run_id}"
+        create_room(site, slug, f"Polls {run_id}")
+        return asyncio.run(measure(process, site, slug, polls, hold, say))
+    except ServerFailed as error:
+        raise BenchFailed(str(error)) from None
+    finally:
+        process.stop()
+
+
+async def measure(process: ServerProcess, site: SiteSession, slug: str, polls: int, hold: float, say) -> dict:
+    path = f"/api/rooms/{slug}/poll?after=0&timeout=30"
+    cookie = site.cookie_header
+    idle = proc_status(process.proc.pid)
+    say(f"server {process.kind} pid {process.proc.pid} idle: {idle}")
+    tasks = []
+    for i in range(polls):
+        tasks.append(asyncio.ensure_future(long_poll(process.port, path, cookie)))
+        if i % 100 == 99:
+            await asyncio.sleep(0.05)  # the server accepts in bursts; no need to flood its backlog
+    opened_at = time.monotonic()
+    say(f"opened {polls} polls; waiting until the server is idle (all of them waiting)")
+    setup_ticks = process.cpu_ticks()
+    while True:  # the server is idle again once it has set every poll up
+        ticks = process.cpu_ticks()
+        await asyncio.sleep(0.5)
+        if process.cpu_ticks() - ticks <= 2 or time.monotonic() - opened_at > 60:
+            break
+    setup = {
+        "seconds": round(time.monotonic() - opened_at, 1),
+        "cpu_s": (process.cpu_ticks() - setup_ticks) / CLK_TCK,
+    }
+    say(f"set up: {setup}; holding {hold:.0f} s")
+    ticks_before = process.cpu_ticks()
+    await asyncio.sleep(hold)
+    early = sum(task.done() for task in tasks)
+    holding = proc_status(process.proc.pid)
+    say(f"holding: {holding}, answered early: {early}")
+
+    csrf = site.cookies.get(settings.CSRF_COOKIE_NAME, "")
+    body = json.dumps({"body": "wake up", "nonce": "pollbench"})
+    posted_at = time.monotonic()
+    status = await asyncio.to_thread(post_message, process.port, slug, cookie, csrf, body)
+    results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 40)
+    ticks_after = process.cpu_ticks()
+    woken = [r for r in results if not isinstance(r, BaseException) and r[0] == 200 and r[1].get("messages")]
+    latencies = sorted((answered - posted_at) * 1000 for _, _, answered in woken)
+    failures = [repr(r) if isinstance(r, BaseException) else r[0] for r in results if r not in woken]
+    rounded = lambda ms: None if ms is None else round(ms, 1)  # noqa: E731
+    return {
+        "server": process.kind,
+        "polls": polls,
+        "post_status": status,
+        "answered_with_the_message": len(woken),
+        "answered_early": early,
+        "failed": len(failures),
+        "failure_examples": failures[:5],
+        "latency_ms": {
+            "p50": rounded(percentile(latencies, 0.50)),
+            "p99": rounded(percentile(latencies, 0.99)),
+            "max": rounded(latencies[-1] if latencies else None),
+        },
+        "server_idle": idle,
+        "server_holding": holding,
+        "setup": setup,
+        "server_cpu_s_hold_and_wake": round((ticks_after - ticks_before) / CLK_TCK, 2),
+    }
