@@ -19,7 +19,7 @@ bench size-2000 --sockets 2000 --rooms 20 --rate 2 --duration 15
 bench light --sockets 100 --rate 20 --duration 10
 # 5. Scale-out: the same find-max on two processes.
 bench scale-out --sockets 200 --processes 2 --find-max --duration 5 --rates 20,40,80,120,160,200,240,280,320,360,400
-# Servers compared under the same fast path.
+# Servers compared at the same load.
 for server in uvicorn uvicorn-legacy-ws daphne; do
   bench "server-$server" --server "$server" --sockets 200 --rate 20 --duration 10
 done
