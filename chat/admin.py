@@ -14,7 +14,7 @@ from django.http import HttpRequest
 from django.template.response import TemplateResponse
 from django.utils.functional import cached_property
 
-from chat import ephemeral, services, tokens
+from chat import presence, services, tokens
 from chat.models import ApiToken, Membership, Message, Room
 
 
@@ -67,7 +67,7 @@ class RoomAdmin(admin.ModelAdmin):
     def online_now(self, room: Room) -> int | str:
         # One Redis round trip per row (a page has at most 100).
         try:
-            return len(ephemeral.presence_now([room.pk])[room.pk])
+            return len(presence.online_now([room.pk])[room.pk])
         except Exception:
             return "?"  # Redis is down; the page still works
 

@@ -18,8 +18,9 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
 
-from chat import ephemeral, longpoll, protocol, selectors, services, tokens
+from chat import ephemeral, longpoll, protocol, selectors, services, tokens, validation
 from chat.models import Room
+from chat.validation import ChatError
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class ApiError(Exception):
         self.status, self.code, self.detail, self.headers = status, code, detail, headers or {}
 
     @classmethod
-    def from_chat_error(cls, error: services.ChatError) -> ApiError:
+    def from_chat_error(cls, error: ChatError) -> ApiError:
         headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
         return cls(STATUS_FOR_CODE.get(error.code, 400), error.code, error.detail, headers)
 
@@ -102,10 +103,10 @@ def _check_rate(key: str, per_minute: int) -> None:
 
 
 def _room(slug: str, user: AbstractBaseUser) -> Room:
-    entered = services.room_enter(slug=slug, user=user)
-    if entered is None:
+    visible = selectors.room_visible(slug=slug, user=user)
+    if visible is None:
         raise ApiError(404, "room_not_found", f'There is no room "{slug}" that you can see.')
-    return entered[0]
+    return visible[0]
 
 
 # --------------------------------------------------------------------------
@@ -137,19 +138,8 @@ def _json_body(request: HttpRequest) -> dict[str, Any]:
 
 
 def _int_param(request: HttpRequest, name: str, low: int, high: int, default: int | None = None) -> int | None:
-    value = request.GET.get(name)
-    if value is None or value == "":
-        return default
-    if not (value.isascii() and value.isdigit()) or not low <= int(value) <= high:
-        raise ApiError(400, "invalid_param", f'"{name}" must be a whole number from {low} to {high}.')
-    return int(value)
-
-
-def _string_field(data: dict[str, Any], name: str, *, required: bool = False) -> str:
-    value = data.get(name, "")
-    if not isinstance(value, str) or (required and not value.strip()):
-        raise ApiError(400, "invalid_field", f'"{name}" must be a{" non-empty" if required else ""} string.')
-    return value
+    value = validation.query_int(request.GET.get(name), name, low=low, high=high)
+    return default if value is None else value
 
 
 # --------------------------------------------------------------------------
@@ -179,7 +169,7 @@ def endpoint(*methods: str, writes: tuple[str, ...] = ()) -> Callable[[Handler],
                 status, data = handler(request, user, **kwargs)
             except ApiError as error:
                 return _error_response(error)
-            except services.ChatError as error:
+            except ChatError as error:
                 return _error_response(ApiError.from_chat_error(error))
             except Exception:
                 logger.exception("API request %s %s failed", request.method, request.path)
@@ -207,15 +197,12 @@ def rooms(request: HttpRequest, user: AbstractBaseUser) -> tuple[int, dict[str, 
     if request.method == "GET":
         return 200, {"rooms": [room_payload(room) for room in selectors.room_list(user=user)]}
     data = _json_body(request)
-    is_private = data.get("is_private", False)
-    if not isinstance(is_private, bool):
-        raise ApiError(400, "invalid_field", '"is_private" must be true or false.')
     try:
         room = services.room_create(
-            slug=_string_field(data, "slug"),
-            name=_string_field(data, "name", required=True),
-            topic=_string_field(data, "topic"),
-            is_private=is_private,
+            slug=validation.string_field(data, "slug"),
+            name=validation.string_field(data, "name", required=True),
+            topic=validation.string_field(data, "topic"),
+            is_private=validation.bool_field(data, "is_private"),
             created_by=user,
         )
     except ValidationError as error:
@@ -236,9 +223,8 @@ def messages(request: HttpRequest, user: AbstractBaseUser, slug: str) -> tuple[i
         )
         return 200, {"messages": [protocol.message_payload(m) for m in page], "has_more": has_more}
     data = _json_body(request)
-    if "body" not in data:
-        raise ApiError(400, "missing_body", 'Send {"body": "...", "nonce": "..."}.')
-    message, created = services.message_create(room=room, author=user, body=data["body"], nonce=data.get("nonce"))
+    body = validation.required(data, "body", '{"body": "...", "nonce": "..."}')
+    message, created = services.message_create(room=room, author=user, body=body, nonce=data.get("nonce"))
     # A retry with the same nonce answers with the original, and creates nothing.
     return (201 if created else 200), protocol.message_payload(message)
 
@@ -247,10 +233,8 @@ def messages(request: HttpRequest, user: AbstractBaseUser, slug: str) -> tuple[i
 def message(request: HttpRequest, user: AbstractBaseUser, slug: str, message_id: int) -> tuple[int, dict[str, Any]]:
     room = _room(slug, user)
     if request.method == "PATCH":
-        data = _json_body(request)
-        if "body" not in data:
-            raise ApiError(400, "missing_body", 'Send {"body": "..."}.')
-        changed = services.message_edit(room=room, message_id=message_id, user=user, body=data["body"])
+        body = validation.required(_json_body(request), "body", '{"body": "..."}')
+        changed = services.message_edit(room=room, message_id=message_id, user=user, body=body)
     else:
         changed = services.message_delete(room=room, message_id=message_id, user=user)
     return 200, protocol.message_payload(changed)
@@ -293,6 +277,8 @@ async def poll(request: HttpRequest, slug: str) -> JsonResponse:
         room = await in_pool(_poll_room)(request, slug)
     except ApiError as error:
         return _error_response(error)
+    except ChatError as error:
+        return _error_response(ApiError.from_chat_error(error))
 
     async with longpoll.watch_room(room.pk) as watch:
         # Subscribed before reading: whatever is committed after this read is

@@ -6,11 +6,13 @@ hop to close old database connections. Here each server process joins a
 room's group once, with one channel of its own, encodes each message's frame
 once, and hands it to every local socket's ASGI `send`: directly when the
 server says the send will not wait, else through a writer task per socket
-that exists only while that socket has frames waiting.
+that exists only while that socket has frames waiting (chat/serversend.py).
+It is the only way a socket receives room events. Each hub also joins one
+site-wide group, for events about a browser session in every room (signing
+out).
 
 Redis pub/sub through the channel layer stays the only path between
-processes. `CHAT_FAST_FANOUT = False` turns this off and the consumer joins
-the group itself (docs/performance.md has the measurements).
+processes (docs/performance.md has the measurements).
 
 The channel layer is at most once: while the hub's subscription is down
 (Redis killed, frozen or unreachable), messages published meanwhile never
@@ -28,18 +30,17 @@ import asyncio
 import logging
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable
 from contextvars import Context
 from typing import Any
 
+from channels.layers import get_channel_layer
 from django.conf import settings
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from chat import protocol, realtime
+from chat import protocol, realtime, serversend
+from chat.serversend import Send
 
 logger = logging.getLogger(__name__)
-
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 LAYER_ERRORS = realtime.LAYER_ERRORS
 PROBE_EVENT = "fanout.probe"
@@ -52,16 +53,18 @@ class LocalSocket:
     """One socket of this process, as the hub sees it."""
 
     __slots__ = (
-        "send", "user", "session", "writable", "replayed_through", "changes_through", "held", "outbox", "writer",
-        "closed",
+        "room_id", "send", "user", "session", "writable", "replayed_through", "changes_through", "held", "outbox",
+        "writer", "closed",
     )  # fmt: skip
 
-    def __init__(self, send: Send, user: str, session: str = "") -> None:
+    def __init__(self, room_id: int, send: Send, user: str, session: str, writable: asyncio.Event | None) -> None:
+        self.room_id = room_id
         self.send = send
         self.user = user
         # The browser session's key: signing out closes that session's sockets only.
         self.session = session
-        self.writable = _writable_event(send)
+        # Set while the server's send will not wait (chat/serversend.py); None: always through the writer.
+        self.writable = writable
         # None while the consumer replays missed messages: events are held
         # until then, and afterwards only those above this seq are sent.
         self.replayed_through: int | None = None
@@ -114,6 +117,8 @@ class RoomHub:
         self.waiters: dict[int, set[Watch]] = {}
         self.channel: str | None = None
         self.reader: asyncio.Task | None = None
+        # How the server takes frames, found at the first socket (one server per process).
+        self.send_mode: serversend.SendMode | None = None
         self.lock = asyncio.Lock()
         # Set when the subscription was lost, until a probe published after that is heard.
         self.down = False
@@ -121,7 +126,9 @@ class RoomHub:
 
     async def join(self, room_id: int, send: Send, user: str = "", session: str = "") -> LocalSocket:
         """Register a socket; the room's group is subscribed before this returns."""
-        socket = LocalSocket(send, user, session)
+        if self.send_mode is None:
+            self.send_mode = serversend.detect(send)
+        socket = LocalSocket(room_id, send, user, session, self.send_mode.writable(send))
         async with self.lock:
             if not self.down:
                 await self._subscribe(room_id)
@@ -151,6 +158,7 @@ class RoomHub:
         # Called with the lock held.
         if self.channel is None:
             self.channel = await self.layer.new_channel(prefix="fanout.")
+            await self.layer.group_add(realtime.SESSIONS_GROUP, self.channel)
             self.reader = asyncio.get_running_loop().create_task(self._read(), context=Context())
         if room_id not in self.rooms and room_id not in self.waiters:
             await self.layer.group_add(realtime.room_group(room_id), self.channel)
@@ -165,27 +173,32 @@ class RoomHub:
         socket.replayed_through = last_seq
         socket.changes_through = last_change
         held, socket.held = socket.held, []
-        socket.writable = None  # the held frames go through the writer, in order
         for frame, seq, change in held:
-            self._offer(socket, frame, seq=seq, change=change)
-        socket.writable = _writable_event(socket.send)
+            self._offer(socket, frame, seq=seq, change=change, inline=False)  # through the writer, in order
 
-    async def leave(self, room_id: int, socket: LocalSocket) -> None:
+    async def leave(self, socket: LocalSocket) -> None:
         socket.closed = True
         async with self.lock:
-            sockets = self.rooms.get(room_id)
+            sockets = self.rooms.get(socket.room_id)
             if sockets is None:
                 return
             sockets.discard(socket)
             if not sockets:
-                del self.rooms[room_id]
-                await self._unsubscribe_if_idle(room_id)
+                del self.rooms[socket.room_id]
+                await self._unsubscribe_if_idle(socket.room_id)
 
     async def deliver(self, event: dict[str, Any]) -> None:
         """Hand one published event to every local socket of its room it is meant for."""
+        if event["type"] == realtime.SIGNED_OUT_EVENT:  # site-wide: the session's sockets in every room
+            for sockets in self.rooms.values():
+                for socket in [s for s in sockets if s.session and s.session == event["session"]]:
+                    self._close(socket, protocol.CLOSE_SIGNED_OUT, protocol.signed_out_frame())
+            return
         if event["type"] == realtime.MESSAGE_EVENT:
             for watch in self.waiters.get(event["room"], ()):
                 watch.add(event["message"])
+        elif event["type"] == realtime.RESYNC_EVENT:
+            self._wake_waiters(event["room"])  # polls read the database again
         sockets = self.rooms.get(event["room"])
         if not sockets:
             return
@@ -194,13 +207,13 @@ class RoomHub:
             for socket in [s for s in sockets if s.user == event["user"]]:
                 self._close(socket, protocol.CLOSE_REMOVED, protocol.removed_frame())
             return
-        if event["type"] == realtime.SIGNED_OUT_EVENT:
-            for socket in [s for s in sockets if s.session and s.session == event["session"]]:
-                self._close(socket, protocol.CLOSE_SIGNED_OUT, protocol.signed_out_frame())
-            return
         if event["type"] == realtime.ROOM_CLOSED_EVENT:
             for socket in list(sockets):
                 self._close(socket, protocol.CLOSE_ROOM_ARCHIVED, protocol.archived_frame())
+            return
+        if event["type"] == realtime.RESYNC_EVENT:
+            for socket in list(sockets):
+                self._close(socket, protocol.CLOSE_SERVICE_RESTART, protocol.resync_frame())
             return
         if event["type"] == realtime.TYPING_EVENT:
             frame = protocol.typing_frame(event["user"])
@@ -303,22 +316,26 @@ class RoomHub:
                 if not self.rooms[room_id]:
                     del self.rooms[room_id]
                     await self._unsubscribe_if_idle(room_id)
-            for room_id in {*self.rooms, *self.waiters}:
-                await self.layer.group_add(realtime.room_group(room_id), self.channel)
+            for group in {realtime.SESSIONS_GROUP, *map(realtime.room_group, {*self.rooms, *self.waiters})}:
+                await self.layer.group_add(group, self.channel)
             self.down = False
         logger.warning("Fan-out's channel-layer subscription is back; accepting sockets again")
         self._wake_waiters()  # a poll that started meanwhile reads the database again
 
-    def _wake_waiters(self) -> None:
-        for watches in self.waiters.values():
+    def _wake_waiters(self, room_id: int | None = None) -> None:
+        """Wake the long-polls of one room, or of every room."""
+        rooms = self.waiters.values() if room_id is None else [self.waiters.get(room_id, set())]
+        for watches in rooms:
             for watch in watches:
                 watch.published.set()
 
-    def _offer(self, socket: LocalSocket, frame: str, *, seq: int | None = None, change: int | None = None) -> bool:
+    def _offer(
+        self, socket: LocalSocket, frame: str, *, seq: int | None = None, change: int | None = None, inline: bool = True
+    ) -> bool:
         """Queue a frame for a socket; True when the caller should send it right away instead.
 
         `seq` marks a new message, `change` an edit or deletion; frames with
-        neither (typing) are never filtered.
+        neither (typing) are never filtered. `inline=False` always queues.
         """
         if socket.closed:
             return False
@@ -329,7 +346,7 @@ class RoomHub:
             change is not None and change <= socket.changes_through
         ):  # the replay already covered it
             return False
-        elif socket.writer is None and socket.writable is not None and socket.writable.is_set():
+        elif inline and socket.writer is None and socket.writable is not None and socket.writable.is_set():
             # Nothing queued and the server says its send will not wait: no task needed.
             return True
         else:
@@ -380,26 +397,14 @@ class RoomHub:
             logger.debug("Closing a closed socket failed", exc_info=True)
 
 
-def _writable_event(send: Send) -> asyncio.Event | None:
-    """Return the event that tells whether `send` can complete without waiting, if the server has one.
-
-    uvicorn's sans-I/O WebSocket protocol (the server bin/serve runs) waits on
-    its `writable` event, cleared while the client's transport is full, and
-    otherwise writes and returns without suspending. Under other servers every
-    frame goes through the socket's writer task.
-    """
-    event = getattr(getattr(send, "__self__", None), "writable", None)
-    return event if isinstance(event, asyncio.Event) else None
-
-
 _hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, RoomHub] = weakref.WeakKeyDictionary()
 
 
-def hub_for(channel_layer) -> RoomHub:
+def hub() -> RoomHub:
     """Return this event loop's hub (the channel layer, too, is per loop)."""
     loop = asyncio.get_running_loop()
-    hub = _hubs.get(loop)
-    if hub is None or (hub.reader is not None and hub.reader.done()):
+    current = _hubs.get(loop)
+    if current is None or (current.reader is not None and current.reader.done()):
         # A hub whose reader ended (cancelled at shutdown) no longer owns its channel.
-        hub = _hubs[loop] = RoomHub(channel_layer)
-    return hub
+        current = _hubs[loop] = RoomHub(get_channel_layer())
+    return current

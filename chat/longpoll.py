@@ -2,55 +2,31 @@
 
 A long-poll subscribes first, then reads the database, then waits: a message
 committed after the read is published after it too, so it wakes the poll,
-which reads again. With the fast path on, the process's RoomHub (one
-subscription per room, chat/fanout.py) wakes every poll of the room; with it
-off, each poll listens on a channel-layer channel of its own.
+which reads again. The process's RoomHub (one subscription per room,
+chat/fanout.py) wakes every poll of the room.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import re
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 from asgiref.sync import ThreadSensitiveContext
-from channels.layers import get_channel_layer
-from django.conf import settings
 
-from chat import fanout, realtime
+from chat import fanout
 
 
 @contextlib.asynccontextmanager
 async def watch_room(room_id: int) -> AsyncIterator[fanout.Watch]:
     """Yield a Watch that collects the messages published to the room while inside."""
-    layer = get_channel_layer()
-    if settings.CHAT_FAST_FANOUT:
-        hub = fanout.hub_for(layer)
-        watch = await hub.watch(room_id)
-        try:
-            yield watch
-        finally:
-            await hub.unwatch(room_id, watch)
-        return
-    channel = await layer.new_channel(prefix="poll.")
-    await layer.group_add(realtime.room_group(room_id), channel)
-    watch = fanout.Watch()
-
-    async def listen() -> None:
-        while True:
-            event = await layer.receive(channel)
-            if event.get("type") == realtime.MESSAGE_EVENT:
-                watch.add(event["message"])
-
-    listener = asyncio.get_running_loop().create_task(listen())
+    hub = fanout.hub()
+    watch = await hub.watch(room_id)
     try:
         yield watch
     finally:
-        # Cancelling a receive makes the layer drop the channel's queue and subscription.
-        listener.cancel()
-        await layer.group_discard(realtime.room_group(room_id), channel)
+        await hub.unwatch(room_id, watch)
 
 
 POLL_PATH = re.compile(r"^/api/rooms/[^/]+/poll$")

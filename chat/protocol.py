@@ -7,12 +7,18 @@ messages one way only.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 
+from chat import validation
 from chat.models import Message
+from chat.validation import ChatError
+
+if TYPE_CHECKING:
+    from chat.selectors import Resume
 
 HISTORY_MAX_LIMIT = 100
 
@@ -71,6 +77,10 @@ def unavailable_frame() -> str:
     return error_frame("unavailable", "The chat is briefly unavailable; reconnecting.")
 
 
+def resync_frame() -> str:
+    return error_frame("resync", "This room's history changed; loading it again.")
+
+
 def signed_out_frame() -> str:
     return error_frame("signed_out", "You signed out. Log in again to keep chatting.")
 
@@ -122,13 +132,23 @@ def gap_frame(after: int, next_seq: int) -> str:
     return encode({"type": "gap", "after": after, "next_seq": next_seq})
 
 
-class FrameError(Exception):
-    """A client frame the server cannot act on."""
+def resume_frames(resume: Resume, after: int) -> Iterator[str]:
+    """Yield what a client resuming after seq `after` missed, in the order it must apply them."""
+    if resume.next_seq is not None:
+        yield gap_frame(after, resume.next_seq)
+    if resume.cleared is not None:
+        yield encode(history_cleared_payload(*resume.cleared))
+    for message in resume.messages:
+        yield message_frame(message)
+    for message in resume.changed:
+        yield change_frame(message)
+
+
+class FrameError(ChatError):
+    """A client frame the server cannot act on; `nonce` is echoed so the client knows which send failed."""
 
     def __init__(self, code: str, detail: str, nonce: Any = None) -> None:
-        super().__init__(detail)
-        self.code = code
-        self.detail = detail
+        super().__init__(code, detail)
         self.nonce = nonce
 
 
@@ -181,39 +201,33 @@ def parse_client_frame(text_data: str | None, bytes_data: bytes | None) -> Clien
     if not isinstance(frame, dict):
         raise FrameError("invalid_frame", 'A frame must be a JSON object with a "type".')
     nonce = frame.get("nonce")
+    try:
+        return _command(frame)
+    except ChatError as error:
+        raise FrameError(error.code, error.detail, nonce) from None
+
+
+def _command(frame: dict[str, Any]) -> ClientCommand:
     kind = frame.get("type")
     if kind == "send":
-        if "body" not in frame:
-            raise FrameError("missing_body", 'A "send" frame needs a "body".', nonce)
-        return SendCommand(body=frame["body"], nonce=nonce)
+        return SendCommand(
+            body=validation.required(frame, "body", '{"type": "send", "body": "..."}'), nonce=frame.get("nonce")
+        )
     if kind == "history":
         return HistoryCommand(
-            before=_positive_int(frame, "before", nonce),
-            limit=_int_in_range(frame, "limit", 1, HISTORY_MAX_LIMIT, nonce),
+            before=validation.json_int(frame.get("before"), "before", low=1),
+            limit=validation.json_int(frame.get("limit"), "limit", low=1, high=HISTORY_MAX_LIMIT),
         )
     if kind == "typing":
         return TypingCommand()
     if kind == "edit":
-        if "body" not in frame:
-            raise FrameError("missing_body", 'An "edit" frame needs a "body".')
-        return EditCommand(id=frame.get("id"), body=frame["body"])
+        return EditCommand(
+            id=frame.get("id"), body=validation.required(frame, "body", '{"type": "edit", "id": 1, "body": "..."}')
+        )
     if kind == "delete":
         return DeleteCommand(id=frame.get("id"))
     if kind == "read":
-        return ReadCommand(seq=_int_in_range(frame, "seq", 0, 2**63 - 1, nonce))
-    raise FrameError(
-        "unknown_type",
-        f'Unknown frame type {kind!r}; use "send", "history", "typing", "edit", "delete" or "read".',
-        nonce,
+        return ReadCommand(seq=validation.json_int(frame.get("seq"), "seq"))
+    raise ChatError(
+        "unknown_type", f'Unknown frame type {kind!r}; use "send", "history", "typing", "edit", "delete" or "read".'
     )
-
-
-def _positive_int(frame: dict, field: str, nonce: Any) -> int:
-    return _int_in_range(frame, field, 1, 2**63 - 1, nonce)
-
-
-def _int_in_range(frame: dict, field: str, low: int, high: int, nonce: Any) -> int:
-    value = frame.get(field)
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise FrameError("invalid_frame", f'"{field}" must be a whole number from {low} to {high}.', nonce)
-    return value

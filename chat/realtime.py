@@ -1,8 +1,8 @@
 """Publishing: the one module that sends to the channel layer.
 
 A message is published once, after its transaction commits, to its room's
-group; chat/fanout.py (or, with the fast path off, each consumer) delivers it
-to the sockets of each server process.
+group; chat/fanout.py delivers it to the sockets of each server process.
+Services and chat/presence.py call these functions; nothing else publishes.
 """
 
 from __future__ import annotations
@@ -29,11 +29,15 @@ PRESENCE_EVENT = "chat.presence"
 REMOVAL_EVENT = "chat.removal"
 ROOM_CLOSED_EVENT = "chat.room_closed"
 SIGNED_OUT_EVENT = "chat.signed_out"
+RESYNC_EVENT = "chat.resync"
+# The group every process's hub joins, for events about a browser session in all rooms.
+SESSIONS_GROUP = "sessions"
 # What a channel layer raises while Redis is away or not answering.
 LAYER_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 
 ROOM_EVENTS = (
-    MESSAGE_EVENT, CHANGE_EVENT, TYPING_EVENT, PRESENCE_EVENT, REMOVAL_EVENT, ROOM_CLOSED_EVENT, SIGNED_OUT_EVENT
+    MESSAGE_EVENT, CHANGE_EVENT, TYPING_EVENT, PRESENCE_EVENT, REMOVAL_EVENT, ROOM_CLOSED_EVENT, SIGNED_OUT_EVENT,
+    RESYNC_EVENT,
 )  # fmt: skip
 
 
@@ -122,11 +126,14 @@ def publish_removal(*, room_id: int, username: str) -> None:
     )
 
 
-def publish_signed_out(*, room_ids: list[int], session_key: str) -> None:
-    """Close the sockets of a browser session that signed out, in each of these rooms, on every process."""
-    send = async_to_sync(get_channel_layer().group_send)
-    for room_id in room_ids:
-        send(room_group(room_id), {"type": SIGNED_OUT_EVENT, "room": room_id, "session": session_key})
+def publish_signed_out(*, session_key: str) -> None:
+    """Close the sockets of a browser session that signed out, in every room, on every process."""
+    async_to_sync(get_channel_layer().group_send)(SESSIONS_GROUP, {"type": SIGNED_OUT_EVENT, "session": session_key})
+
+
+def publish_resync(*, room_id: int) -> None:
+    """Make every socket in the room resume from the database (its history changed in bulk, e.g. an import)."""
+    async_to_sync(get_channel_layer().group_send)(room_group(room_id), {"type": RESYNC_EVENT, "room": room_id})
 
 
 def publish_room_closed(*, room_id: int) -> None:
@@ -143,14 +150,3 @@ def publish_history_cleared(*, room_id: int, through_seq: int, change: int) -> N
         "frame": protocol.history_cleared_payload(through_seq, change),
     }
     async_to_sync(get_channel_layer().group_send)(room_group(room_id), event)
-
-
-def backlog(channel_layer, channel_name: str) -> int:
-    """Return how many events wait for this consumer in this process's layer.
-
-    The pub/sub and in-memory layers keep a queue per channel; other layers
-    report 0 and are not bounded here.
-    """
-    layer = channel_layer._get_layer() if hasattr(channel_layer, "_get_layer") else channel_layer
-    queue = getattr(layer, "channels", {}).get(channel_name)
-    return queue.qsize() if queue is not None else 0

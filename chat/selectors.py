@@ -10,7 +10,6 @@ from django.db.models import Count, Exists, F, OuterRef, Q, QuerySet, Subquery, 
 from django.db.models.functions import Coalesce, TruncDate
 from django.utils import timezone
 
-from chat import ephemeral
 from chat.models import Membership, Message, Room
 
 
@@ -39,26 +38,41 @@ def room_list(*, user: AbstractBaseUser | AnonymousUser) -> QuerySet[Room]:
     )
 
 
+def room_visible(*, slug: str, user: AbstractBaseUser) -> tuple[Room, Membership | None] | None:
+    """Return the room `user` may see, and their membership (None in a public room they never joined).
+
+    A private room answers None to non-members exactly as a missing room does,
+    so its existence is not given away. Archived rooms are returned too: they
+    can be read, and every write refuses them.
+    """
+    room = Room.objects.filter(slug=slug).first()
+    if room is None:
+        return None
+    membership = membership_get(room=room, user=user)
+    if membership is None and room.is_private:
+        return None
+    return room, membership
+
+
 def room_get_open(*, slug: str) -> Room | None:
     """Return the room a socket may join or a person may post in, or None."""
     return Room.objects.filter(slug=slug, is_archived=False).first()
 
 
 def room_overview() -> list[dict]:
-    """Every room, archived and private ones too, for operators: counts, activity, who is online."""
-    rooms = list(
-        Room.objects.annotate(members=Count("memberships")).order_by(F("last_message_at").desc(nulls_last=True), "slug")
+    """Every room, archived and private ones too, for operators: counts and activity, keyed by room pk in "id"."""
+    rooms = Room.objects.annotate(members=Count("memberships")).order_by(
+        F("last_message_at").desc(nulls_last=True), "slug"
     )
-    online = ephemeral.presence_now([room.pk for room in rooms])
     return [
         {
+            "id": room.pk,
             "slug": room.slug,
             "name": room.name,
             "private": room.is_private,
             "archived": room.is_archived,
             "messages": room.last_seq,
             "members": room.members,
-            "online": len(online[room.pk]),
             "last_activity": room.last_message_at.isoformat() if room.last_message_at else None,
         }
         for room in rooms
@@ -74,8 +88,6 @@ def chat_stats(*, days: int = 7, top: int = 5) -> dict:
     busiest = (
         recent.values("room__slug").annotate(n=Count("pk")).order_by("-n", "room__slug").values_list("room__slug", "n")
     )
-    open_rooms = list(Room.objects.filter(is_archived=False).values_list("pk", flat=True))
-    online = ephemeral.presence_now(open_rooms)
     return {
         "rooms": Room.objects.filter(is_archived=False).count(),
         "archived_rooms": Room.objects.filter(is_archived=True).count(),
@@ -84,13 +96,11 @@ def chat_stats(*, days: int = 7, top: int = 5) -> dict:
             (since + timedelta(days=i)).isoformat(): per_day.get(since + timedelta(days=i), 0) for i in range(days)
         },
         "most_active_rooms": [{"room": slug, "messages": n} for slug, n in busiest[:top]],
-        "online_now": sorted({user for users in online.values() for user in users}),
     }
 
 
-def member_room_ids(*, user: AbstractBaseUser) -> list[int]:
-    """The rooms the user may have sockets in: opening any room makes them a member."""
-    return list(Membership.objects.filter(user=user).values_list("room_id", flat=True))
+def open_room_ids() -> list[int]:
+    return list(Room.objects.filter(is_archived=False).values_list("pk", flat=True))
 
 
 def membership_get(*, room: Room, user: AbstractBaseUser) -> Membership | None:

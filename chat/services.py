@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
+from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -14,41 +15,11 @@ from django.db.models.functions import Greatest, Least
 from django.utils import timezone
 from django.utils.text import slugify
 
-from chat import ephemeral, realtime, selectors
-from chat.models import SYSTEM_USERNAME, Membership, Message, Room
+from chat import ephemeral, realtime, selectors, transfer, validation
+from chat.models import PLACEHOLDER_USERNAME, SYSTEM_USERNAME, Membership, Message, Room
+from chat.validation import ChatError
 
-NONCE_MAX_LENGTH = 64
-
-
-class ChatError(Exception):
-    """A request the site refuses; `code` is the machine-readable reason."""
-
-    def __init__(self, code: str, detail: str, *, retry_after: int | None = None) -> None:
-        super().__init__(detail)
-        self.code = code
-        self.detail = detail
-        # Seconds until the request may succeed (rate limits).
-        self.retry_after = retry_after
-
-
-def clean_body(body: object) -> str:
-    """Return the body to store, or raise ChatError saying what is wrong with it."""
-    if not isinstance(body, str):
-        raise ChatError("invalid_body", "body must be a string.")
-    if not body.strip():
-        raise ChatError("empty_body", "A message needs some text.")
-    limit = settings.CHAT_MESSAGE_MAX_LENGTH
-    if len(body) > limit:
-        raise ChatError("body_too_long", f"A message can be at most {limit} characters; this one has {len(body)}.")
-    return body
-
-
-def clean_nonce(nonce: object) -> str | None:
-    if nonce is None or nonce == "":
-        return None
-    if not isinstance(nonce, str) or len(nonce) > NONCE_MAX_LENGTH:
-        raise ChatError("invalid_nonce", f"nonce must be a string of at most {NONCE_MAX_LENGTH} characters.")
-    return nonce
+__all__ = ["ChatError"]  # what every service raises, defined with the rules in chat/validation.py
 
 
 def room_create(
@@ -118,23 +89,24 @@ def reserved_user(username: str) -> AbstractBaseUser:
     return user
 
 
-def room_enter(*, slug: str, user: AbstractBaseUser) -> tuple[Room, Membership] | None:
-    """Return the room `user` may see, and their membership; None for everyone else.
+def room_join(*, room: Room, user: AbstractBaseUser) -> Membership:
+    """Make the user a member of a public room (what their unread count is kept on); return the membership.
 
-    Opening a public room makes the user a member, which is what their unread
-    count is kept on. A private room answers None to non-members exactly as a
-    missing room does, so its existence is not given away. Archived rooms are
-    returned too: they can be read, and every write refuses them.
+    Called where a user acts in a room (marking it read), never by reading a
+    page: a GET never writes. Private rooms are joined only by being added.
     """
-    room = Room.objects.filter(slug=slug).first()
-    if room is None:
-        return None
     membership = selectors.membership_get(room=room, user=user)
-    if membership is None:
-        if room.is_private:
-            return None
-        membership, _ = Membership.objects.get_or_create(room=room, user=user)
-    return room, membership
+    if membership is not None:
+        return membership
+    if room.is_private:
+        raise ChatError("forbidden", "You are not a member of this room.")
+    membership, _ = Membership.objects.get_or_create(room=room, user=user)
+    return membership
+
+
+def session_signed_out(*, session_key: str) -> None:
+    """Close the sockets a browser session has open, in every room, on every process (after the commit)."""
+    realtime.publish_after_commit(lambda: realtime.publish_signed_out(session_key=session_key))
 
 
 def member_add(*, room: Room, actor: AbstractBaseUser, username: str, role: str = Membership.Role.MEMBER) -> Membership:
@@ -196,11 +168,17 @@ def _user_named(username: str) -> AbstractBaseUser:
 
 
 def read_mark(*, room: Room, user: AbstractBaseUser, seq: int) -> None:
-    """Record that `user` has seen the room up to `seq`; only ever moves forward, never past the room's last seq."""
+    """Record that `user` has seen the room up to `seq`; only ever moves forward, never past the room's last seq.
+
+    Reading a public room the user has not joined yet joins it.
+    """
     room_last_seq = Subquery(Room.objects.filter(pk=OuterRef("room_id")).values("last_seq")[:1])
-    Membership.objects.filter(room=room, user=user).update(
+    marked = Membership.objects.filter(room=room, user=user).update(
         last_read_seq=Greatest(F("last_read_seq"), Least(Value(seq), room_last_seq))
     )
+    if not marked and not room.is_private:
+        room_join(room=room, user=user)
+        read_mark(room=room, user=user, seq=seq)
 
 
 def message_create(*, room: Room, author: AbstractBaseUser, body: object, nonce: object = None) -> tuple[Message, bool]:
@@ -209,8 +187,8 @@ def message_create(*, room: Room, author: AbstractBaseUser, body: object, nonce:
     Returns (message, created). A nonce the author already used returns the
     original message with created=False: a retried send changes nothing.
     """
-    body = clean_body(body)
-    nonce = clean_nonce(nonce)
+    body = validation.message_body(body)
+    nonce = validation.nonce(nonce)
     _check_message_rate(author)
     if (
         room.is_private
@@ -272,7 +250,7 @@ def message_edit(
 
     `by_staff` lets staff edit anyone's message: the admin's path, not the chat's.
     """
-    body = clean_body(body)
+    body = validation.message_body(body)
     with transaction.atomic():
         message = _message_for_change(room=room, message_id=message_id)
         if message.author_id != user.pk and not (by_staff and user.is_staff):
@@ -304,8 +282,7 @@ def _moderates(*, room: Room, user: AbstractBaseUser) -> bool:
 
 
 def _message_for_change(*, room: Room, message_id: object) -> Message:
-    if isinstance(message_id, bool) or not isinstance(message_id, int):
-        raise ChatError("invalid_frame", '"id" must be the id of a message.')
+    message_id = validation.message_id(message_id)
     # Taking the room's lock first, as message_create does, orders this change
     # among the room's other writes.
     if not Room.objects.filter(pk=room.pk, is_archived=False).update(last_change=F("last_change") + 1):
@@ -350,3 +327,76 @@ def messages_purge(
         if progress is not None:
             progress(purged)
     return purged
+
+
+def messages_import(
+    *,
+    room: Room,
+    rows: Iterable[tuple[int, dict[str, Any]]],
+    batch_size: int = 2000,
+    progress: Callable[[transfer.ImportResult], None] | None = None,
+) -> transfer.ImportResult:
+    """Append exported messages (line number, row) to the room, in order, with new seqs.
+
+    Idempotent: each row's nonce is derived from this room and the row's
+    origin (room and seq), so a row imported before is recognised and skipped.
+    Raises ChatError naming the line of the first malformed row; the batches
+    before it stay imported. Sockets open in the room then resume from the
+    database (one `resync`, not a frame per imported message).
+    """
+    result = transfer.ImportResult()
+    batch: list[tuple[int, dict[str, Any]]] = []
+    try:
+        for line_number, row in rows:
+            batch.append((line_number, transfer.checked_row(line_number, row)))
+            if len(batch) >= batch_size:
+                _import_batch(room, batch, result)
+                batch = []
+                if progress is not None:
+                    progress(result)
+        if batch:
+            _import_batch(room, batch, result)
+    finally:
+        if result.created:
+            realtime.publish_after_commit(lambda: realtime.publish_resync(room_id=room.pk))
+    return result
+
+
+def _import_batch(room: Room, batch: list[tuple[int, dict[str, Any]]], result: transfer.ImportResult) -> None:
+    keys = [transfer.import_key(room, row) for _, row in batch]
+    with transaction.atomic():
+        # The room's row lock first, as message_create takes it: seqs stay gapless under concurrent posts.
+        Room.objects.filter(pk=room.pk).update(last_seq=F("last_seq"))
+        done = set(Message.objects.filter(room=room, nonce__in=keys).values_list("nonce", flat=True))
+        new = [(key, row) for key, (_, row) in zip(keys, batch, strict=True) if key not in done]
+        result.already_there += len(batch) - len(new)
+        if not new:
+            return
+        authors = _import_authors({row["author"] for _, row in new}, result)
+        first_seq = Room.objects.values_list("last_seq", flat=True).get(pk=room.pk) + 1
+        Message.objects.bulk_create(
+            Message(
+                room=room,
+                author=authors[row["author"]],
+                body=row["body"],
+                created_at=row["created_at"],
+                edited_at=row["edited_at"],
+                deleted_at=row["deleted_at"],
+                seq=first_seq + offset,
+                nonce=key,
+            )
+            for offset, (key, row) in enumerate(new)
+        )
+        newest = max(row["created_at"] for _, row in new)
+        Room.objects.filter(pk=room.pk).update(last_seq=first_seq + len(new) - 1, last_message_at=newest)
+        result.created += len(new)
+
+
+def _import_authors(usernames: set[str], result: transfer.ImportResult) -> dict[str, AbstractBaseUser]:
+    users = {user.get_username(): user for user in get_user_model().objects.filter(username__in=usernames)}
+    missing = usernames - users.keys()
+    if missing:
+        result.missing_authors |= missing
+        placeholder = reserved_user(PLACEHOLDER_USERNAME)
+        users.update(dict.fromkeys(missing, placeholder))
+    return users

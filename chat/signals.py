@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.contrib.auth.signals import user_logged_out
 from django.dispatch import receiver
 
-from chat import realtime, selectors
+from chat import services
 
 
 @receiver(user_logged_out)
@@ -14,5 +14,4 @@ def close_the_sessions_sockets(sender, request, user, **kwargs) -> None:
     session_key = getattr(getattr(request, "session", None), "session_key", None)
     if user is None or not session_key:
         return
-    room_ids = selectors.member_room_ids(user=user)
-    realtime.publish_after_commit(lambda: realtime.publish_signed_out(room_ids=room_ids, session_key=session_key))
+    services.session_signed_out(session_key=session_key)

@@ -1,20 +1,16 @@
-"""Exporting a room's history and importing it again (manage.py exportroom / importroom)."""
+"""The format of a room's exported history (manage.py exportroom), read back by services.messages_import."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from django.contrib.auth import get_user_model
-from django.contrib.auth.models import AbstractBaseUser
-from django.db import transaction
-from django.db.models import F
-
-from chat.models import PLACEHOLDER_USERNAME, Message, Room
-from chat.services import ChatError, clean_body, reserved_user
+from chat import validation
+from chat.models import Message, Room
+from chat.validation import ChatError
 
 FIELDS = ["room", "seq", "author", "body", "created_at", "edited_at", "deleted_at"]
 
@@ -48,35 +44,9 @@ class ImportResult:
     missing_authors: set[str] = field(default_factory=set)
 
 
-def import_rows(
-    *,
-    room: Room,
-    rows: Iterable[tuple[int, dict[str, Any]]],
-    batch_size: int = 2000,
-    progress: Callable[[ImportResult], None] | None = None,
-) -> ImportResult:
-    """Append exported messages (line number, row) to the room, in order, with new seqs.
+def checked_row(line_number: int, row: Any) -> dict[str, Any]:
+    """Return an exported row ready to import, or raise ChatError naming its line and what is wrong."""
 
-    Idempotent: each row's nonce is derived from this room and the row's
-    origin (room and seq), so a row imported before is recognised and skipped.
-    Raises ChatError naming the line of the first malformed row; the batches
-    before it stay imported.
-    """
-    result = ImportResult()
-    batch: list[tuple[int, dict[str, Any]]] = []
-    for line_number, row in rows:
-        batch.append((line_number, _checked(line_number, row)))
-        if len(batch) >= batch_size:
-            _import_batch(room, batch, result)
-            batch = []
-            if progress is not None:
-                progress(result)
-    if batch:
-        _import_batch(room, batch, result)
-    return result
-
-
-def _checked(line_number: int, row: Any) -> dict[str, Any]:
     def bad(why: str) -> ChatError:
         return ChatError("invalid_line", f"Line {line_number}: {why}")
 
@@ -90,50 +60,12 @@ def _checked(line_number: int, row: Any) -> dict[str, Any]:
         raise bad("created_at, edited_at and deleted_at must be ISO 8601 times or null.") from None
     if times["created_at"] is None:
         raise bad("created_at is missing.")
-    body = row["body"] if times["deleted_at"] else clean_body(row["body"])
+    body = row["body"] if times["deleted_at"] else validation.message_body(row["body"])
     return {**row, **times, "body": body}
 
 
-def _import_key(room: Room, row: dict[str, Any]) -> str:
+def import_key(room: Room, row: dict[str, Any]) -> str:
+    """The nonce an imported row gets: the same row imported into the same room again is recognised."""
+
     digest = hashlib.sha1(f"{room.pk}:{row['room']}:{row['seq']}".encode()).hexdigest()
     return f"import:{digest}"
-
-
-def _import_batch(room: Room, batch: list[tuple[int, dict[str, Any]]], result: ImportResult) -> None:
-    keys = [_import_key(room, row) for _, row in batch]
-    with transaction.atomic():
-        # The room's row lock first, as message_create takes it: seqs stay gapless under concurrent posts.
-        Room.objects.filter(pk=room.pk).update(last_seq=F("last_seq"))
-        done = set(Message.objects.filter(room=room, nonce__in=keys).values_list("nonce", flat=True))
-        new = [(key, row) for key, (_, row) in zip(keys, batch, strict=True) if key not in done]
-        result.already_there += len(batch) - len(new)
-        if not new:
-            return
-        authors = _authors({row["author"] for _, row in new}, result)
-        first_seq = Room.objects.values_list("last_seq", flat=True).get(pk=room.pk) + 1
-        Message.objects.bulk_create(
-            Message(
-                room=room,
-                author=authors[row["author"]],
-                body=row["body"],
-                created_at=row["created_at"],
-                edited_at=row["edited_at"],
-                deleted_at=row["deleted_at"],
-                seq=first_seq + offset,
-                nonce=key,
-            )
-            for offset, (key, row) in enumerate(new)
-        )
-        newest = max(row["created_at"] for _, row in new)
-        Room.objects.filter(pk=room.pk).update(last_seq=first_seq + len(new) - 1, last_message_at=newest)
-        result.created += len(new)
-
-
-def _authors(usernames: set[str], result: ImportResult) -> dict[str, AbstractBaseUser]:
-    users = {user.get_username(): user for user in get_user_model().objects.filter(username__in=usernames)}
-    missing = usernames - users.keys()
-    if missing:
-        result.missing_authors |= missing
-        placeholder = reserved_user(PLACEHOLDER_USERNAME)
-        users.update(dict.fromkeys(missing, placeholder))
-    return users

@@ -41,8 +41,8 @@ def room_create(request: HttpRequest) -> HttpResponse:
 @require_GET
 @login_required
 def room_detail(request: HttpRequest, slug: str) -> HttpResponse:
-    room, membership = _enter_or_404(request, slug)
-    can_moderate = membership.can_moderate or request.user.is_staff
+    room, membership = _visible_or_404(request, slug)
+    can_moderate = (membership is not None and membership.can_moderate) or request.user.is_staff
     members = selectors.room_members(room=room)
     if not room.is_private:  # everyone who opened it is a member: list only who runs it
         members = [member for member in members if member.can_moderate]
@@ -65,7 +65,8 @@ def room_detail(request: HttpRequest, slug: str) -> HttpResponse:
             "firstSeq": messages[0].seq if messages else None,
             "hasMore": has_more,
             "username": request.user.get_username(),
-            "lastRead": membership.last_read_seq,
+            # Nothing counts as new in a public room the user has not read before.
+            "lastRead": membership.last_read_seq if membership is not None else room.last_seq,
             "canModerate": can_moderate,
             "archived": room.is_archived,
             "maxLength": settings.CHAT_MESSAGE_MAX_LENGTH,
@@ -86,7 +87,7 @@ SHORT_POLL_INTERVAL_RANGE_S = (0.25, 60.0)
 @login_required
 def room_patterns(request: HttpRequest, slug: str) -> HttpResponse:
     """Show the room through short polling, long-polling and the WebSocket side by side, with delays and costs."""
-    room, _ = _enter_or_404(request, slug)
+    room, _ = _visible_or_404(request, slug)
     # ?panels=short,socket runs only those (a benchmark measures one pattern's cost alone); none known: all.
     asked = set(request.GET.get("panels", "").split(","))
     panels = [pattern for pattern in PATTERNS if pattern in asked] or list(PATTERNS)
@@ -122,7 +123,7 @@ def _short_poll_interval(value: str | None) -> float:
 @require_POST
 @login_required
 def member_add(request: HttpRequest, slug: str) -> HttpResponse:
-    room, _ = _enter_or_404(request, slug)
+    room, _ = _visible_or_404(request, slug)
     form = MemberForm(request.POST)
     if not form.is_valid():
         flash.error(request, "Give the username of the person to add.")
@@ -139,7 +140,7 @@ def member_add(request: HttpRequest, slug: str) -> HttpResponse:
 @require_POST
 @login_required
 def member_remove(request: HttpRequest, slug: str, username: str) -> HttpResponse:
-    room, _ = _enter_or_404(request, slug)
+    room, _ = _visible_or_404(request, slug)
     try:
         services.member_remove(room=room, actor=request.user, username=username)
     except services.ChatError as error:
@@ -149,11 +150,11 @@ def member_remove(request: HttpRequest, slug: str, username: str) -> HttpRespons
     return redirect("room-detail", slug=room.slug)
 
 
-def _enter_or_404(request: HttpRequest, slug: str) -> tuple[Room, Membership]:
-    entered = services.room_enter(slug=slug, user=request.user)
-    if entered is None:  # missing, or private to this user: both look the same
+def _visible_or_404(request: HttpRequest, slug: str) -> tuple[Room, Membership | None]:
+    visible = selectors.room_visible(slug=slug, user=request.user)
+    if visible is None:  # missing, or private to this user: both look the same
         raise Http404("No such room.")
-    return entered
+    return visible
 
 
 @require_http_methods(["GET", "POST"])

@@ -205,10 +205,6 @@ CHAT_PAGE_MESSAGES = 50  # messages rendered with the room page
 # Live events one socket may have waiting before it is closed with 1013;
 # it resumes from the database when it reconnects.
 CHAT_SOCKET_MAX_BACKLOG = int(os.environ.get("CHAT_SOCKET_MAX_BACKLOG", "1000"))
-# One channel-layer subscription per room per process, handing each frame
-# straight to the local sockets (chat/fanout.py). Off: every consumer joins
-# the room's group itself, the Channels way.
-CHAT_FAST_FANOUT = env_bool("CHAT_FAST_FANOUT", default=True)
 # Seconds after which a socket that stopped refreshing its presence (its
 # server process died) no longer counts as online; refreshed every third of it.
 CHAT_PRESENCE_TTL = float(os.environ.get("CHAT_PRESENCE_TTL", "45"))

@@ -11,7 +11,7 @@ from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
-from chat import consumers, services
+from chat import protocol, services
 from chat.models import Membership, Message, Room
 from tests.helpers import joined, receive, receive_until_ready
 
@@ -225,4 +225,4 @@ async def test_deleting_a_membership_inline_closes_the_members_sockets(
     )()
     assert response.status_code == 302
     assert (await receive(bob, timeout=1))["code"] == "removed"
-    assert await bob.receive_output(timeout=1) == {"type": "websocket.close", "code": consumers.CLOSE_REMOVED}
+    assert await bob.receive_output(timeout=1) == {"type": "websocket.close", "code": protocol.CLOSE_REMOVED}

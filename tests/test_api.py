@@ -61,7 +61,7 @@ def error_of(response) -> tuple[int, str]:
 def test_room_list_shows_the_rooms_the_user_may_see_with_unread_counts(
     alice_api, bob_secret, user, other_user, third_user, room, private_room
 ):
-    services.room_enter(slug=room.slug, user=other_user)
+    services.room_join(room=room, user=other_user)
     services.message_create(room=room, author=user, body="for bob to read")
     bobs = Client().get("/api/rooms/", headers=bearer(bob_secret)).json()["rooms"]
     assert {r["slug"]: r["unread"] for r in bobs} == {"general": 1, "secret": 0}
@@ -195,6 +195,7 @@ def test_edit_and_delete_follow_the_websocket_permissions(alice_api, bob_secret,
     mine.refresh_from_db()
     assert (mine.body, mine.deleted_at) == ("hello", None)
 
+    services.room_join(room=room, user=other_user)
     Membership.objects.filter(room=room, user=other_user).update(role="moderator")
     deleted = bob.delete(url, headers=bearer(bob_secret))
     assert deleted.status_code == 200
@@ -317,19 +318,13 @@ def test_createtoken_for_an_unknown_user_says_so():
 # --------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["fast-fanout", "channels-fanout"])
-def fanout_mode(request, settings):
-    settings.CHAT_FAST_FANOUT = request.param == "fast-fanout"
-    return request.param
-
-
 async def api_post(secret: str, slug: str, body: str, nonce: str):
     return await AsyncClient().post(
         f"/api/rooms/{slug}/messages", {"body": body, "nonce": nonce}, "application/json", headers=bearer(secret)
     )
 
 
-async def test_a_message_posted_through_the_api_reaches_websockets(fanout_mode, ws_connect, user, bob_secret, room):
+async def test_a_message_posted_through_the_api_reaches_websockets(ws_connect, user, bob_secret, room):
     alice = await joined(ws_connect, user, room)
     response = await api_post(bob_secret, "general", "from the api", "api-1")
     assert response.status_code == 201
@@ -341,7 +336,7 @@ async def poll(secret: str, query: str):
     return await AsyncClient().get(f"/api/rooms/general/poll?{query}", headers=bearer(secret))
 
 
-async def test_poll_answers_at_once_when_newer_messages_exist(fanout_mode, user, bob_secret, room):
+async def test_poll_answers_at_once_when_newer_messages_exist(user, bob_secret, room):
     for i in range(3):
         await database_sync_to_async(services.message_create)(room=room, author=user, body=f"m{i}")
     started = time.monotonic()
@@ -351,7 +346,7 @@ async def test_poll_answers_at_once_when_newer_messages_exist(fanout_mode, user,
     assert ([m["seq"] for m in data["messages"]], data["last_seq"], data["has_more"]) == ([2, 3], 3, False)
 
 
-async def test_poll_returns_within_a_second_of_a_websocket_send(fanout_mode, ws_connect, user, bob_secret, room):
+async def test_poll_returns_within_a_second_of_a_websocket_send(ws_connect, user, bob_secret, room):
     alice = await joined(ws_connect, user, room)
     waiting = asyncio.ensure_future(poll(bob_secret, "after=0&timeout=20"))
     await asyncio.sleep(0.5)  # the poll is waiting
@@ -363,7 +358,7 @@ async def test_poll_returns_within_a_second_of_a_websocket_send(fanout_mode, ws_
     assert [m["body"] for m in response.json()["messages"]] == ["wake up"]
 
 
-async def test_poll_returns_empty_with_the_last_seq_when_the_timeout_runs_out(fanout_mode, user, bob_secret, room):
+async def test_poll_returns_empty_with_the_last_seq_when_the_timeout_runs_out(user, bob_secret, room):
     await database_sync_to_async(services.message_create)(room=room, author=user, body="old")
     started = time.monotonic()
     response = await poll(bob_secret, "after=1&timeout=1")
@@ -382,7 +377,7 @@ async def test_poll_without_credentials_is_401(room):
     assert (response.status_code, response.json()["error"]["code"]) == (401, "not_authenticated")
 
 
-async def test_two_hundred_concurrent_polls_all_get_the_one_message(fanout_mode, user, bob_secret, room):
+async def test_two_hundred_concurrent_polls_all_get_the_one_message(user, bob_secret, room):
     polls = [asyncio.ensure_future(poll(bob_secret, "after=0&timeout=20")) for _ in range(200)]
     await asyncio.sleep(2)  # every poll is subscribed and waiting
     assert not any(p.done() for p in polls)
@@ -411,7 +406,7 @@ def test_a_woken_poll_answers_from_the_published_messages_only_without_a_hole(pu
     assert seqs(longpoll.followers([{"seq": seq} for seq in published], after)) == expected
 
 
-async def test_a_poll_woken_out_of_order_reads_the_database(fanout_mode, user, bob_secret, room, monkeypatch):
+async def test_a_poll_woken_out_of_order_reads_the_database(user, bob_secret, room, monkeypatch):
     # seq 1 is committed but its publish is lost; seq 2 wakes the poll, which must not skip 1.
     monkeypatch.setattr(realtime, "publish_message", lambda message: None)
     waiting = asyncio.ensure_future(poll(bob_secret, "after=0&timeout=20"))

@@ -10,19 +10,12 @@ import redis
 from channels.db import database_sync_to_async
 from django.conf import settings
 
-from chat import consumers, ephemeral, realtime, selectors, services
+from chat import ephemeral, protocol, realtime, selectors, services
 from chat.models import Membership, Message, Room
 from chatsite.asgi import application
 from tests.helpers import joined, receive, receive_until_ready, send, silent
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture(autouse=True, params=["fast-fanout", "channels-fanout"])
-def fanout_mode(request, settings):
-    """Every promise holds with the fast path (chat/fanout.py) on and off."""
-    settings.CHAT_FAST_FANOUT = request.param == "fast-fanout"
-    return request.param
 
 
 async def post(room, author, body: str, nonce: str | None = None) -> Message:
@@ -290,7 +283,7 @@ async def test_malformed_after_gets_an_error_and_the_socket_closes(ws_connect, u
     error = await receive(alice)
     assert (error["type"], error["code"]) == ("error", "invalid_after")
     closing = await alice.receive_output(timeout=2)
-    assert closing == {"type": "websocket.close", "code": consumers.CLOSE_BAD_REQUEST}
+    assert closing == {"type": "websocket.close", "code": protocol.CLOSE_BAD_REQUEST}
 
 
 async def test_messages_committed_during_resume_are_delivered_exactly_once(
@@ -373,7 +366,7 @@ async def test_socket_that_falls_too_far_behind_is_closed_with_1013(ws_connect, 
         outputs.append(output)
         if output["type"] == "websocket.close":
             break
-    assert outputs[-1]["code"] == consumers.CLOSE_TRY_AGAIN_LATER
+    assert outputs[-1]["code"] == protocol.CLOSE_TRY_AGAIN_LATER
     assert len(outputs) - 1 < 40  # it did not wait to deliver everything
 
 
@@ -571,7 +564,7 @@ async def test_removed_member_is_told_and_closed_within_a_second_and_cannot_reco
             "detail": "You were removed from this room.",
             "nonce": None,
         }
-        assert await bob.receive_output(timeout=1) == {"type": "websocket.close", "code": consumers.CLOSE_REMOVED}
+        assert await bob.receive_output(timeout=1) == {"type": "websocket.close", "code": protocol.CLOSE_REMOVED}
     assert await silent(alice)  # the others stay
     _, connected = await ws_connect(other_user, private_room)
     assert not connected

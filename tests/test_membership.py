@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from chat import selectors, services
@@ -31,15 +33,19 @@ def test_the_creator_of_a_room_is_its_owner(user, room):
     assert role_of(room, user) == "owner"
 
 
-def test_entering_a_public_room_makes_the_user_a_member(other_user, room):
-    entered_room, membership = services.room_enter(slug=room.slug, user=other_user)
-    assert entered_room == room
-    assert (membership.role, role_of(room, other_user)) == ("member", "member")
+def test_a_public_room_is_visible_to_everyone_and_reading_it_joins_it(other_user, room):
+    assert selectors.room_visible(slug=room.slug, user=other_user) == (room, None)
+    assert role_of(room, other_user) is None  # seeing is not joining
+    services.read_mark(room=room, user=other_user, seq=0)
+    assert role_of(room, other_user) == "member"
 
 
 def test_a_private_room_is_entered_by_members_only(other_user, third_user, private_room):
-    assert services.room_enter(slug=private_room.slug, user=other_user) is not None
-    assert services.room_enter(slug=private_room.slug, user=third_user) is None
+    assert selectors.room_visible(slug=private_room.slug, user=other_user) is not None
+    assert selectors.room_visible(slug=private_room.slug, user=third_user) is None
+    with pytest.raises(services.ChatError):
+        services.room_join(room=private_room, user=third_user)
+    services.read_mark(room=private_room, user=third_user, seq=1)
     assert role_of(private_room, third_user) is None
 
 
@@ -85,7 +91,7 @@ def test_the_owners_role_cannot_be_changed(user, other_user, private_room):
 def test_owner_removes_a_member(user, other_user, private_room):
     services.member_remove(room=private_room, actor=user, username=other_user.username)
     assert role_of(private_room, other_user) is None
-    assert services.room_enter(slug=private_room.slug, user=other_user) is None
+    assert selectors.room_visible(slug=private_room.slug, user=other_user) is None
 
 
 @pytest.mark.parametrize(
@@ -109,7 +115,7 @@ def test_removing_without_the_right_role_is_refused_and_changes_nothing(
 
 
 def test_nobody_is_removed_from_a_public_room(user, other_user, room):
-    services.room_enter(slug=room.slug, user=other_user)
+    services.room_join(room=room, user=other_user)
     with pytest.raises(services.ChatError) as error:
         services.member_remove(room=room, actor=user, username=other_user.username)
     assert error.value.code == "public_room"
@@ -179,7 +185,7 @@ def unread_by_slug(user) -> dict[str, int]:
 
 
 def test_unread_counts_messages_by_others_after_the_read_mark_and_not_deleted(user, other_user, room, other_room):
-    services.room_enter(slug=room.slug, user=other_user)
+    services.room_join(room=room, user=other_user)
     messages = post_many(room, user, 4)
     services.message_create(room=room, author=other_user, body="my own words are never unread")
     services.read_mark(room=room, user=other_user, seq=1)
@@ -206,13 +212,13 @@ def test_unread_counts_take_a_fixed_number_of_queries(
     client.force_login(other_user)
     for rooms in range(2):
         room = services.room_create(slug=f"r{rooms}", name=f"R{rooms}", created_by=user)
-        services.room_enter(slug=room.slug, user=other_user)
+        services.room_join(room=room, user=other_user)
         post_many(room, user, 3)
     load_room_list()
     for rooms in range(2, 12):
         room = services.room_create(slug=f"r{rooms}", name=f"R{rooms}", is_private=rooms % 2 == 0, created_by=user)
         if not room.is_private:
-            services.room_enter(slug=room.slug, user=other_user)
+            services.room_join(room=room, user=other_user)
         post_many(room, user, 2)
     load_room_list()
 
@@ -223,7 +229,7 @@ def test_unread_counts_take_a_fixed_number_of_queries(
 
 
 def test_room_list_shows_unread_counts_and_hides_others_private_rooms(user, other_user, third_user, room, private_room):
-    services.room_enter(slug=room.slug, user=other_user)
+    services.room_join(room=room, user=other_user)
     post_many(room, user, 3)
     page = client_for(other_user).get("/").content.decode()
     assert "3 unread" in page and "Secret" in page and "Private" in page
@@ -241,16 +247,21 @@ def test_private_room_page_is_404_to_a_non_member_and_open_to_members(user, othe
 
 def test_the_page_tells_the_client_where_the_user_stopped_reading(user, other_user, room):
     post_many(room, user, 3)
-    services.room_enter(slug=room.slug, user=other_user)
+    services.room_join(room=room, user=other_user)
     services.read_mark(room=room, user=other_user, seq=2)
     response = client_for(other_user).get(reverse("room-detail", args=[room.slug]))
     config = response.context["client_config"]
     assert (config["lastRead"], config["canModerate"]) == (2, False)
 
 
-def test_opening_a_public_room_page_makes_the_user_a_member(other_user, room):
-    assert client_for(other_user).get(reverse("room-detail", args=[room.slug])).status_code == 200
-    assert role_of(room, other_user) == "member"
+def test_opening_a_public_room_page_writes_nothing(other_user, room):
+    services.message_create(room=room, author=room.created_by, body="hello")
+    client = client_for(other_user)
+    with CaptureQueriesContext(connection) as queries:
+        assert client.get(reverse("room-detail", args=[room.slug])).status_code == 200
+    writes = [q["sql"] for q in queries if not q["sql"].lstrip().upper().startswith(("SELECT", "SAVEPOINT", "RELEASE"))]
+    assert writes == []
+    assert role_of(room, other_user) is None
 
 
 def test_owner_adds_and_removes_members_from_the_room_page(user, other_user, third_user, private_room):

@@ -184,7 +184,7 @@ def test_message_links_are_clickable_and_nothing_else_is_html(client, user, room
 def test_room_page_sidebar_lists_the_users_rooms_with_unread_and_marks_the_current(
     client, user, other_user, room, other_room
 ):
-    services.room_enter(slug=other_room.slug, user=other_user)
+    services.room_join(room=other_room, user=other_user)
     services.message_create(room=other_room, author=user, body="unread for bob")
     client.force_login(other_user)
     content = client.get(reverse("room-detail", args=[room.slug])).content.decode()

@@ -48,13 +48,12 @@ from chat import services
 User = get_user_model()
 users = {name: User.objects.create_user(name, password="screenshots-" + name) for name in ("maya", "theo", "ines")}
 team = services.room_create(slug="release", name="Release", topic="Shipping 2026.11 together", created_by=users["theo"])
-services.room_create(slug="design", name="Design", topic="Pixels and feelings", created_by=users["ines"])
+design = services.room_create(slug="design", name="Design", topic="Pixels and feelings", created_by=users["ines"])
 services.room_create(slug="ops", name="Ops", topic="On call", is_private=True, created_by=users["maya"])
-services.room_enter(slug="design", user=users["maya"])
+services.room_join(room=design, user=users["maya"])
 for name, body in CONVERSATION:
-    services.room_enter(slug="release", user=users[name])
+    services.room_join(room=team, user=users[name])
     services.message_create(room=team, author=users[name], body=body)
-design = services.room_enter(slug="design", user=users["ines"])[0]
 services.message_create(room=design, author=users["ines"], body="New icons are up for review.")
 """
 

@@ -23,7 +23,7 @@ def hostile_room_and_person(user):
     # made another way (the admin, a future SSO) must not be able to inject either.
     mallory = get_user_model().objects.create_user(payload("username"), password="pw-mallory-123")
     room = services.room_create(slug="xss", name=payload("room name"), topic=payload("topic"), created_by=user)
-    services.room_enter(slug="xss", user=mallory)
+    services.room_join(room=room, user=mallory)
     services.message_create(room=room, author=mallory, body=payload("rendered body"))
     return mallory, room
 

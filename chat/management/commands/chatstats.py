@@ -2,8 +2,8 @@ import json
 
 from django.core.management.base import BaseCommand
 
-from chat import selectors
-from chat.management.commands.listrooms import write_table
+from chat import presence, selectors
+from chat.management.arguments import write_table
 
 
 class Command(BaseCommand):
@@ -14,6 +14,8 @@ class Command(BaseCommand):
 
     def handle(self, *args, format: str, **options) -> None:
         stats = selectors.chat_stats()
+        online = presence.online_now(selectors.open_room_ids())
+        stats["online_now"] = sorted({user for users in online.values() for user in users})
         if format == "json":
             self.stdout.write(json.dumps(stats, indent=2))
             return

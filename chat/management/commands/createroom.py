@@ -2,7 +2,7 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
 from chat import services
-from chat.management.commands._arguments import user_named
+from chat.management.arguments import user_named
 
 
 class Command(BaseCommand):

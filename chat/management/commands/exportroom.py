@@ -6,7 +6,7 @@ import time
 from django.core.management.base import BaseCommand, CommandError
 
 from chat import transfer
-from chat.management.commands._arguments import moment, room_named
+from chat.management.arguments import moment, room_named
 
 PROGRESS_EVERY = 100_000
 

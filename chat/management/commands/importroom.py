@@ -5,7 +5,7 @@ from pathlib import Path
 from django.core.management.base import BaseCommand, CommandError
 
 from chat import services, transfer
-from chat.management.commands._arguments import room_named
+from chat.management.arguments import room_named
 from chat.models import PLACEHOLDER_USERNAME
 
 
@@ -31,7 +31,7 @@ class Command(BaseCommand):
 
         with path.open(encoding="utf-8") as lines:
             try:
-                result = transfer.import_rows(room=room, rows=_parsed(lines), progress=progress)
+                result = services.messages_import(room=room, rows=_parsed(lines), progress=progress)
             except services.ChatError as error:
                 raise CommandError(f"{error.detail} Nothing from that line on was imported.") from None
         self.stdout.write(

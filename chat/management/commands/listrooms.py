@@ -2,7 +2,8 @@ import json
 
 from django.core.management.base import BaseCommand
 
-from chat import selectors
+from chat import presence, selectors
+from chat.management.arguments import write_table
 
 COLUMNS = ["slug", "name", "messages", "members", "online", "last_activity", "flags"]
 
@@ -15,6 +16,8 @@ class Command(BaseCommand):
 
     def handle(self, *args, format: str, **options) -> None:
         rooms = selectors.room_overview()
+        online = presence.online_now([room.pop("id") for room in rooms])
+        rooms = [{**room, "online": len(users)} for room, users in zip(rooms, online.values(), strict=True)]
         if format == "json":
             self.stdout.write(json.dumps(rooms, indent=2))
             return
@@ -28,10 +31,3 @@ class Command(BaseCommand):
         ]
         write_table(self.stdout, COLUMNS, rows)
         self.stdout.write(f"{len(rows)} room(s)")
-
-
-def write_table(out, columns: list[str], rows: list[dict]) -> None:
-    widths = {c: max([len(c), *(len(str(row[c])) for row in rows)]) for c in columns}
-    out.write("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
-    for row in rows:
-        out.write("  ".join(str(row[c]).ljust(widths[c]) for c in columns).rstrip())

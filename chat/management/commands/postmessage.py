@@ -1,7 +1,7 @@
 from django.core.management.base import BaseCommand, CommandError
 
 from chat import services
-from chat.management.commands._arguments import room_named, user_named
+from chat.management.arguments import room_named, user_named
 
 
 class Command(BaseCommand):

@@ -2,7 +2,7 @@ from django.core.management.base import BaseCommand
 from django.utils import timezone
 
 from chat import services
-from chat.management.commands._arguments import duration, room_named
+from chat.management.arguments import duration, room_named
 
 
 class Command(BaseCommand):

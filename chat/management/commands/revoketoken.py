@@ -1,7 +1,7 @@
 from django.core.management.base import BaseCommand, CommandError
 
 from chat import tokens
-from chat.management.commands._arguments import user_named
+from chat.management.arguments import user_named
 from chat.models import ApiToken
 
 

@@ -1,13 +1,17 @@
-"""Argument checks shared by the chat's manage.py commands: each bad input is a CommandError saying what to do."""
+"""What the chat's manage.py commands share: argument checks and plain-text tables.
+
+Each bad argument is a CommandError saying what to do.
+"""
 
 from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
-from django.core.management.base import CommandError
+from django.core.management.base import CommandError, OutputWrapper
 
 from chat.models import Room
 
@@ -44,3 +48,11 @@ def moment(text: str) -> datetime:
     except ValueError:
         raise CommandError(f'"{text}" is not a date: use YYYY-MM-DD or YYYY-MM-DDTHH:MM.') from None
     return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def write_table(out: OutputWrapper, columns: list[str], rows: list[dict[str, Any]]) -> None:
+    """Write rows as a plain-text table with a header, each column as wide as its widest cell."""
+    widths = {c: max([len(c), *(len(str(row[c])) for row in rows)]) for c in columns}
+    out.write("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
+    for row in rows:
+        out.write("  ".join(str(row[c]).ljust(widths[c]) for c in columns).rstrip())

@@ -1,0 +1,81 @@
+"""Who is in a room and who is typing.
+
+The state is short-lived and lives in Redis with an expiry (chat/ephemeral.py);
+changes reach the room's sockets through chat/realtime.py. The consumer calls
+these functions and never publishes itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
+
+from chat import ephemeral, realtime
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Presence:
+    """One socket counted in a room's presence, kept counted while it lives."""
+
+    room_id: int
+    user_id: int
+    socket_id: str
+    # The room's presence set member: "<username>|<socket id>".
+    member: str
+    # Who was online when the socket arrived, and whether the room was told.
+    users: list[str]
+    told_room: bool
+    heartbeat: asyncio.Task | None = field(default=None, repr=False)
+
+
+async def arrive(*, room_id: int, user: AbstractBaseUser, socket_id: str) -> Presence:
+    """Count the socket as present (the room is told if its list changed) and keep it counted."""
+    member = ephemeral.presence_member(user.get_username(), socket_id)
+    users, told = await _update(room_id=room_id, add=member)
+    here = Presence(room_id=room_id, user_id=user.pk, socket_id=socket_id, member=member, users=users, told_room=told)
+    here.heartbeat = asyncio.get_running_loop().create_task(_stay(here))
+    return here
+
+
+async def leave(here: Presence) -> None:
+    """Stop counting the socket; the room is told if its list changed."""
+    if here.heartbeat is not None:
+        here.heartbeat.cancel()
+    await _update(room_id=here.room_id, remove=here.member)
+
+
+async def typing(*, room_id: int, username: str) -> None:
+    """Tell the room's other sockets that this user is typing, at most once per user every 2 s."""
+    if await ephemeral.typing_allowed(room_id=room_id, username=username):
+        await realtime.publish_typing(room_id=room_id, username=username)
+
+
+def online_now(room_ids: list[int]) -> dict[int, list[str]]:
+    """Who is online in each room now, for operators (sync; one round trip to Redis)."""
+    return ephemeral.presence_now(room_ids)
+
+
+async def _stay(here: Presence) -> None:
+    # Refreshing the member also drops those of sockets whose process died.
+    while True:
+        await asyncio.sleep(settings.CHAT_PRESENCE_TTL / 3)
+        try:
+            await _update(room_id=here.room_id, add=here.member)
+            await ephemeral.socket_refresh(user_id=here.user_id, socket_id=here.socket_id)
+        except Exception:
+            logger.warning("Refreshing presence in room %s failed", here.room_id, exc_info=True)
+
+
+async def _update(*, room_id: int, add: str | None = None, remove: str | None = None) -> tuple[list[str], bool]:
+    """Change one socket's member; tell the room when its list changed. Return (users, told)."""
+    before, users = await ephemeral.presence_update(room_id=room_id, add=add, remove=remove)
+    if users == before:
+        return users, False
+    await realtime.publish_presence(room_id=room_id, users=users)
+    return users, True
