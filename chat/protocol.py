@@ -217,3 +217,20 @@ def _int_in_range(frame: dict, field: str, low: int, high: int, nonce: Any) -> i
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise FrameError("invalid_frame", f'"{field}" must be a whole number from {low} to {high}.', nonce)
     return value
+
+
+def client_constants() -> dict[str, Any]:
+    """Return the close codes and limits the pages act on, for json_script (chat/static/chat/protocol.js)."""
+    return {
+        "close": {
+            "tryAgainLater": CLOSE_TRY_AGAIN_LATER,
+            "signedOut": CLOSE_SIGNED_OUT,
+            "removed": CLOSE_REMOVED,
+            "roomArchived": CLOSE_ROOM_ARCHIVED,
+            "tooManySockets": CLOSE_TOO_MANY_SOCKETS,
+        },
+        "limits": {
+            "messageMaxLength": settings.CHAT_MESSAGE_MAX_LENGTH,
+            "historyMaxLimit": HISTORY_MAX_LIMIT,
+        },
+    }
