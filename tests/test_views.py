@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from django.urls import reverse
@@ -153,9 +154,12 @@ def test_room_name_and_topic_with_html_are_rendered_escaped(client, user):
 def test_page_script_is_served_and_never_uses_inner_html():
     from django.contrib.staticfiles import finders
 
-    script = open(finders.find("chat/room.js"), encoding="utf-8").read()
-    assert "innerHTML" not in script and "insertAdjacentHTML" not in script
-    assert "textContent" in script
+    # room.js is an ES module importing the others in chat/static/chat/: check them all.
+    folder = Path(finders.find("chat/room.js")).parent
+    scripts = {path.relative_to(folder).as_posix(): path.read_text(encoding="utf-8") for path in folder.rglob("*.js")}
+    for script in scripts.values():
+        assert "innerHTML" not in script and "insertAdjacentHTML" not in script
+    assert "textContent" in scripts["room/render.js"]
 
 
 def test_room_page_shows_deleted_messages_as_placeholders_and_marks_edits(client, user, room):
