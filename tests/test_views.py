@@ -5,9 +5,10 @@ import re
 from pathlib import Path
 
 import pytest
+from django.conf import settings
 from django.urls import reverse
 
-from chat import services
+from chat import protocol, services
 from chat.models import Room
 
 pytestmark = pytest.mark.django_db
@@ -117,6 +118,17 @@ def test_archived_room_page_shows_the_history_read_only(client, user, room):
     assert response.status_code == 200
     assert "before the archive" in response.content.decode()
     assert response.context["client_config"]["archived"] is True
+
+
+@pytest.mark.parametrize("page", ["room-detail", "room-patterns"])
+def test_pages_get_close_codes_and_limits_from_the_protocol_module(client, user, room, page):
+    client.force_login(user)
+    content = client.get(reverse(page, args=[room.slug])).content.decode()
+    found = re.search(r'<script id="chat-protocol" type="application/json">(.*?)</script>', content)
+    constants = json.loads(found.group(1))
+    assert constants == protocol.client_constants()
+    assert constants["close"]["signedOut"] == protocol.CLOSE_SIGNED_OUT
+    assert constants["limits"]["messageMaxLength"] == settings.CHAT_MESSAGE_MAX_LENGTH
 
 
 def test_room_page_renders_the_last_50_messages_in_seq_order(client, user, room):
