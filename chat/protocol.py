@@ -231,3 +231,20 @@ def _command(frame: dict[str, Any]) -> ClientCommand:
     raise ChatError(
         "unknown_type", f'Unknown frame type {kind!r}; use "send", "history", "typing", "edit", "delete" or "read".'
     )
+
+
+def client_constants() -> dict[str, Any]:
+    """Return the close codes and limits the pages act on, for json_script (chat/static/chat/protocol.js)."""
+    return {
+        "close": {
+            "tryAgainLater": CLOSE_TRY_AGAIN_LATER,
+            "signedOut": CLOSE_SIGNED_OUT,
+            "removed": CLOSE_REMOVED,
+            "roomArchived": CLOSE_ROOM_ARCHIVED,
+            "tooManySockets": CLOSE_TOO_MANY_SOCKETS,
+        },
+        "limits": {
+            "messageMaxLength": settings.CHAT_MESSAGE_MAX_LENGTH,
+            "historyMaxLimit": HISTORY_MAX_LIMIT,
+        },
+    }

@@ -11,7 +11,7 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render, resolve_url
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from chat import selectors, services
+from chat import protocol, selectors, services
 from chat.forms import MemberForm, RoomForm, SignupForm
 from chat.models import Membership, Room
 
@@ -56,6 +56,7 @@ def room_detail(request: HttpRequest, slug: str) -> HttpResponse:
         "member_form": MemberForm(),
         "chat_messages": messages,  # "messages" is the flash messages of django.contrib.messages
         "has_more": has_more,
+        "protocol": protocol.client_constants(),
         # The client starts from exactly what the server rendered.
         "client_config": {
             "room": room.slug,
@@ -69,7 +70,6 @@ def room_detail(request: HttpRequest, slug: str) -> HttpResponse:
             "lastRead": membership.last_read_seq if membership is not None else room.last_seq,
             "canModerate": can_moderate,
             "archived": room.is_archived,
-            "maxLength": settings.CHAT_MESSAGE_MAX_LENGTH,
             "loginUrl": f"{resolve_url(settings.LOGIN_URL)}?next={request.path}",
         },
     }
@@ -94,6 +94,7 @@ def room_patterns(request: HttpRequest, slug: str) -> HttpResponse:
     context = {
         "room": room,
         "panels": panels,
+        "protocol": protocol.client_constants(),
         "client_config": {
             "room": room.slug,
             # Every panel starts here: it shows what arrives while the page is open.
@@ -102,7 +103,6 @@ def room_patterns(request: HttpRequest, slug: str) -> HttpResponse:
             "panels": panels,
             "interval": _short_poll_interval(request.GET.get("interval")),
             "intervalRange": SHORT_POLL_INTERVAL_RANGE_S,
-            "maxLength": settings.CHAT_MESSAGE_MAX_LENGTH,
             "loginUrl": f"{resolve_url(settings.LOGIN_URL)}?next={request.path}",
         },
     }

@@ -2,11 +2,13 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
+from django.conf import settings
 from django.urls import reverse
 
-from chat import services
+from chat import protocol, services
 from chat.models import Room
 
 pytestmark = pytest.mark.django_db
@@ -118,6 +120,17 @@ def test_archived_room_page_shows_the_history_read_only(client, user, room):
     assert response.context["client_config"]["archived"] is True
 
 
+@pytest.mark.parametrize("page", ["room-detail", "room-patterns"])
+def test_pages_get_close_codes_and_limits_from_the_protocol_module(client, user, room, page):
+    client.force_login(user)
+    content = client.get(reverse(page, args=[room.slug])).content.decode()
+    found = re.search(r'<script id="chat-protocol" type="application/json">(.*?)</script>', content)
+    constants = json.loads(found.group(1))
+    assert constants == protocol.client_constants()
+    assert constants["close"]["signedOut"] == protocol.CLOSE_SIGNED_OUT
+    assert constants["limits"]["messageMaxLength"] == settings.CHAT_MESSAGE_MAX_LENGTH
+
+
 def test_room_page_renders_the_last_50_messages_in_seq_order(client, user, room):
     for n in range(1, 61):
         services.message_create(room=room, author=user, body=f"message number {n}")
@@ -153,9 +166,12 @@ def test_room_name_and_topic_with_html_are_rendered_escaped(client, user):
 def test_page_script_is_served_and_never_uses_inner_html():
     from django.contrib.staticfiles import finders
 
-    script = open(finders.find("chat/room.js"), encoding="utf-8").read()
-    assert "innerHTML" not in script and "insertAdjacentHTML" not in script
-    assert "textContent" in script
+    # room.js is an ES module importing the others in chat/static/chat/: check them all.
+    folder = Path(finders.find("chat/room.js")).parent
+    scripts = {path.relative_to(folder).as_posix(): path.read_text(encoding="utf-8") for path in folder.rglob("*.js")}
+    for script in scripts.values():
+        assert "innerHTML" not in script and "insertAdjacentHTML" not in script
+    assert "textContent" in scripts["room/render.js"]
 
 
 def test_room_page_shows_deleted_messages_as_placeholders_and_marks_edits(client, user, room):

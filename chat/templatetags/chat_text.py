@@ -10,7 +10,7 @@ from django.utils.safestring import SafeString, mark_safe
 
 register = template.Library()
 
-# room.js has the same pattern (linkify): keep the two in step.
+# chat/static/chat/room/render.js has the same pattern (setBody): keep the two in step.
 URL = re.compile(r"https?://[^\s<>\"']+")
 TRAILING = ".,;:!?)]}'\""
 

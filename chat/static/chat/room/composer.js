@@ -1,0 +1,160 @@
+// The composer: the textarea, its hint line, and the sends not acknowledged
+// yet. Each send carries a nonce; the server stores each (author, nonce) once,
+// so a send queued offline, or sent again after a reconnect or through the
+// API, never makes a second message.
+import { newNonce, postMessage } from "../live.js";
+import { LIMITS } from "../protocol.js";
+import { appendPending, isAtBottom, renderMessage, scrollToBottom } from "./render.js";
+
+const TYPING_SEND_MS = 1500; // one "typing" frame at most this often
+// Only where there is a physical keyboard; touch keyboards have their own Enter.
+const KEYBOARD_HINT = window.matchMedia && matchMedia("(hover: hover) and (pointer: fine)").matches
+  ? "Enter to send · Shift+Enter for a new line" : "";
+
+export class Composer {
+  //   room, username           from the page's config
+  //   connection               .live, .fallbackLive, .send(frame)
+  //   onPosted(message)        a message the API stored (the answer to a fallback send)
+  constructor({ room, username, connection, onPosted }) {
+    this.room = room;
+    this.username = username;
+    this.connection = connection;
+    this.onPosted = onPosted;
+    this.pending = new Map(); // nonce -> {body, element}
+    this.lastTypingSent = 0;
+    this.form = document.getElementById("composer");
+    this.input = document.getElementById("message-input");
+    this.hint = document.getElementById("composer-hint");
+    this.sendButton = document.getElementById("send-button");
+    this.form.addEventListener("submit", (event) => { event.preventDefault(); this.submit(); });
+    this.input.addEventListener("keydown", (event) => {
+      if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+        event.preventDefault();
+        this.submit();
+      }
+    });
+    this.input.addEventListener("input", () => { this.update(); this.signalTyping(); });
+  }
+
+  submit() {
+    const body = this.input.value;
+    if (!body.trim()) return;
+    if (body.length > LIMITS.messageMaxLength) {
+      this.hint.textContent = `Messages can be at most ${LIMITS.messageMaxLength} characters.`;
+      return;
+    }
+    const nonce = newNonce();
+    const element = renderMessage({ seq: 0, id: "", author: this.username, body: body, created_at: new Date().toISOString() });
+    element.classList.add("pending");
+    delete element.dataset.seq;
+    const status = document.createElement("span");
+    status.className = "status";
+    element.querySelector(".message-head").append(" ", status);
+    appendPending(element);
+    const item = { body: body, element: element };
+    this.pending.set(nonce, item);
+    if (this.connection.fallbackLive) this.sendByApi(nonce, item);
+    else this.mark(item, this.connection.send({ type: "send", body: body, nonce: nonce }) ? "Sending…" : "Waiting for connection…");
+    this.input.value = "";
+    this.input.focus();
+    this.update();
+  }
+
+  mark(item, text) {
+    item.element.querySelector(".status").textContent = text;
+  }
+
+  // The socket is live again: sends never acknowledged go again, same nonces.
+  resendAll() {
+    for (const [nonce, item] of this.pending) {
+      this.connection.send({ type: "send", body: item.body, nonce: nonce });
+      this.mark(item, "Sending…");
+    }
+  }
+
+  // The long-poll fallback is live: the queued sends go through the API.
+  sendAllByApi() {
+    for (const [nonce, item] of this.pending) this.sendByApi(nonce, item);
+  }
+
+  async sendByApi(nonce, item) {
+    this.mark(item, "Sending…");
+    let result;
+    try {
+      result = await postMessage(this.room, item.body, nonce);
+    } catch (error) {
+      this.mark(item, "Waiting for connection…"); // sent again, same nonce, when a transport is back
+      return;
+    }
+    const { response, data } = result;
+    if (response.ok && data) this.onPosted(data);
+    else if (response.status < 500 && data && data.error) this.onError({ nonce: nonce, ...data.error });
+    else this.mark(item, "Waiting for connection…");
+  }
+
+  // A message arrived: if it is one of this page's sends, its placeholder goes.
+  acknowledge(message) {
+    const item = message.nonce != null && this.pending.get(message.nonce);
+    if (item && message.author === this.username) {
+      item.element.remove();
+      this.pending.delete(message.nonce);
+    }
+  }
+
+  // An "error" frame (or API error): a send it names failed; any other is shown in the hint.
+  onError(frame) {
+    const item = frame.nonce != null ? this.pending.get(frame.nonce) : null;
+    if (item) {
+      this.pending.delete(frame.nonce);
+      item.element.classList.add("failed");
+      this.mark(item, `Not sent: ${frame.detail}`);
+      item.element.addEventListener("click", () => item.element.remove(), { once: true });
+    } else {
+      this.hint.textContent = frame.detail;
+    }
+  }
+
+  update() {
+    const { live, fallbackLive } = this.connection;
+    const stick = isAtBottom(); // the composer may change height; keep the newest message in view
+    const remaining = LIMITS.messageMaxLength - this.input.value.length;
+    // Offline the button is off; Enter still queues the message, sent (once) when the page is live again.
+    this.sendButton.disabled = !live && !fallbackLive;
+    if (fallbackLive) {
+      this.hint.textContent = "Connected by long-poll: messages still arrive and send; editing waits for the live connection.";
+    } else if (!live) {
+      this.hint.textContent = "Offline: press Enter to queue a message; it is sent when the connection is back.";
+    } else if (remaining < 200) {
+      this.hint.textContent = `${remaining} characters left`;
+    } else {
+      this.hint.textContent = KEYBOARD_HINT;
+    }
+    this.fitInput();
+    if (stick) scrollToBottom();
+  }
+
+  // The composer grows with its text (up to the CSS max-height), then scrolls.
+  fitInput() {
+    this.input.style.height = "auto";
+    const border = this.input.offsetHeight - this.input.clientHeight;
+    this.input.style.height = `${this.input.scrollHeight + border}px`;
+  }
+
+  signalTyping() {
+    const now = Date.now();
+    if (!this.connection.live || !this.input.value.trim() || now - this.lastTypingSent < TYPING_SEND_MS) return;
+    this.lastTypingSent = now;
+    this.connection.send({ type: "typing" });
+  }
+
+  // The page's connection ended for good: say why, and where to go.
+  close(message, link, label) {
+    this.hint.textContent = `${message} `;
+    const anchor = document.createElement("a");
+    anchor.href = link;
+    anchor.textContent = label || (link === "/" ? "Back to rooms" : "Log in");
+    this.hint.append(anchor);
+    this.input.disabled = true;
+    this.form.querySelector("button[type=submit]").disabled = true;
+  }
+}
