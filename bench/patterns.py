@@ -52,7 +52,7 @@ from django.test import Client  # noqa: E402
 from playwright.async_api import async_playwright  # noqa: E402
 
 from bench.serverprocess import ServerProcess  # noqa: E402
-from chat import services, tokens  # noqa: E402
+from chat import services  # noqa: E402
 
 CHROMIUM = os.environ.get("E2E_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -154,7 +154,7 @@ def prepare_database() -> tuple[str, str, str]:
     viewer = User.objects.create_user("viewer")
     bot = User.objects.create_user("bot")
     room = services.room_create(slug="patterns", name="Patterns", created_by=viewer)
-    _, secret = tokens.token_create(user=bot, name="patterns bench")
+    _, secret = services.token_create(user=bot, name="patterns bench")
     browser = Client()
     browser.force_login(viewer)
     return room.slug, browser.cookies[settings.SESSION_COOKIE_NAME].value, secret

@@ -14,7 +14,7 @@ from django.http import HttpRequest
 from django.template.response import TemplateResponse
 from django.utils.functional import cached_property
 
-from chat import presence, services, tokens
+from chat import presence, services
 from chat.models import ApiToken, Membership, Message, Room
 
 
@@ -72,22 +72,23 @@ class RoomAdmin(admin.ModelAdmin):
             return "?"  # Redis is down; the page still works
 
     def save_model(self, request: HttpRequest, room: Room, form, change: bool) -> None:
-        archive_changed = change and "is_archived" in form.changed_data
-        wants_archived = room.is_archived
-        if archive_changed:
-            room.is_archived = not wants_archived  # the service makes the change, and tells the room
-        super().save_model(request, room, form, change)
-        if archive_changed:
-            (services.room_archive if wants_archived else services.room_unarchive)(room=room)
-        if not change and room.created_by is not None:
-            Membership.objects.get_or_create(room=room, user=room.created_by, defaults={"role": Membership.Role.OWNER})
+        if change:
+            services.room_update(room=room, fields=list(form.changed_data))
+            return
+        created = services.room_create(
+            slug=room.slug, name=room.name, topic=room.topic, is_private=room.is_private, created_by=room.created_by
+        )
+        if room.is_archived:
+            services.room_archive(room=created)
+        # The admin goes on with the form's instance (logging, the inline, redirecting): make it the saved room.
+        room.pk, room.created_at, room._state.adding = created.pk, created.created_at, False
 
     def save_formset(self, request: HttpRequest, form, formset, change: bool) -> None:
         memberships = formset.save(commit=False)
         for membership in formset.deleted_objects:
             services.membership_delete(membership)  # closes the member's sockets in a private room
         for membership in memberships:
-            membership.save()
+            services.membership_save(membership)
 
     @admin.action(description="Archive the selected rooms (read-only; open sockets close)")
     def archive(self, request: HttpRequest, rooms: QuerySet[Room]) -> None:
@@ -192,6 +193,13 @@ class MembershipAdmin(admin.ModelAdmin):
     raw_id_fields = ("user", "room")
     readonly_fields = ("joined_at", "last_read_seq")
 
+    def get_readonly_fields(self, request: HttpRequest, obj: Membership | None = None) -> tuple[str, ...]:
+        # Moving a membership to another user or room would skip what removing one does (closing sockets).
+        return (*self.readonly_fields, "user", "room") if obj is not None else self.readonly_fields
+
+    def save_model(self, request: HttpRequest, membership: Membership, form, change: bool) -> None:
+        services.membership_save(membership)
+
     def delete_model(self, request: HttpRequest, membership: Membership) -> None:
         services.membership_delete(membership)
 
@@ -211,11 +219,14 @@ class ApiTokenAdmin(admin.ModelAdmin):
     readonly_fields = ("prefix", "created_at", "last_used_at")
     actions = ["revoke"]
 
+    def get_readonly_fields(self, request: HttpRequest, obj: ApiToken | None = None) -> tuple[str, ...]:
+        return (*self.readonly_fields, "user") if obj is not None else self.readonly_fields
+
     def save_model(self, request, token: ApiToken, form, change: bool) -> None:
         if change:
-            super().save_model(request, token, form, change)
+            services.token_update(token=token, fields=list(form.changed_data))
             return
-        created, secret = tokens.token_create(user=token.user, name=token.name)
+        created, secret = services.token_create(user=token.user, name=token.name)
         # The admin goes on with the form's instance (logging, redirecting): make it the saved token.
         token.pk, token.key_hash, token.prefix, token.created_at = (
             created.pk,
@@ -229,4 +240,4 @@ class ApiTokenAdmin(admin.ModelAdmin):
     @admin.action(description="Revoke the selected tokens")
     def revoke(self, request, queryset) -> None:
         for token in queryset:
-            tokens.token_revoke(token)
+            services.token_revoke(token)

@@ -15,8 +15,8 @@ from django.db.models.functions import Greatest, Least
 from django.utils import timezone
 from django.utils.text import slugify
 
-from chat import ephemeral, realtime, selectors, transfer, validation
-from chat.models import PLACEHOLDER_USERNAME, SYSTEM_USERNAME, Membership, Message, Room
+from chat import ephemeral, realtime, selectors, tokens, transfer, validation
+from chat.models import PLACEHOLDER_USERNAME, SYSTEM_USERNAME, ApiToken, Membership, Message, Room
 from chat.validation import ChatError
 
 __all__ = ["ChatError"]  # what every service raises, defined with the rules in chat/validation.py
@@ -33,6 +33,25 @@ def room_create(
         if created_by is not None:
             Membership.objects.create(room=room, user=created_by, role=Membership.Role.OWNER)
     return room
+
+
+def room_update(*, room: Room, fields: list[str]) -> None:
+    """Save changed room fields (the admin's form), with what each change means for open sockets.
+
+    Archiving and unarchiving go through room_archive and room_unarchive. A
+    room made private makes its sockets resume: the handshake then refuses
+    everyone who is not a member.
+    """
+    room.full_clean()
+    archive = room.is_archived if "is_archived" in fields else None
+    fields = [field for field in fields if field != "is_archived"]
+    with transaction.atomic():
+        if fields:
+            room.save(update_fields=fields)
+        if "is_private" in fields and room.is_private:
+            realtime.publish_after_commit(lambda: realtime.publish_resync(room_id=room.pk))
+    if archive is not None:
+        (room_archive if archive else room_unarchive)(room=room)
 
 
 def room_archive(*, room: Room) -> bool:
@@ -80,9 +99,12 @@ def system_user() -> AbstractBaseUser:
     return reserved_user(SYSTEM_USERNAME)
 
 
-def reserved_user(username: str) -> AbstractBaseUser:
-    """Return a user the site itself stands for (see RESERVED_USERNAMES), made inactive and without a password."""
-    user, created = get_user_model().objects.get_or_create(username=username, defaults={"is_active": False})
+def reserved_user(username: str, *, active: bool = False) -> AbstractBaseUser:
+    """Return a user the site itself stands for (see RESERVED_USERNAMES, and seeddemo's authors), without a password.
+
+    Inactive unless `active`: nobody can sign in as it either way.
+    """
+    user, created = get_user_model().objects.get_or_create(username=username, defaults={"is_active": active})
     if created:
         user.set_unusable_password()
         user.save(update_fields=["password"])
@@ -144,6 +166,12 @@ def member_remove(*, room: Room, actor: AbstractBaseUser, username: str) -> None
         membership_delete(membership)
 
 
+def membership_save(membership: Membership) -> None:
+    """Save a membership as staff do in the admin (adding someone, or changing a role)."""
+    membership.full_clean(validate_unique=False)
+    membership.save()
+
+
 def membership_delete(membership: Membership) -> None:
     """Delete a membership as staff do in the admin; in a private room the user's sockets close."""
     with transaction.atomic():
@@ -165,6 +193,25 @@ def _user_named(username: str) -> AbstractBaseUser:
     if user is None:
         raise ChatError("unknown_user", f'There is no user called "{username}".')
     return user
+
+
+def token_create(*, user: AbstractBaseUser, name: str) -> tuple[ApiToken, str]:
+    """Return the new token and its secret, which is shown this once and never stored."""
+    secret, key_hash, prefix = tokens.new_secret()
+    token = ApiToken.objects.create(user=user, name=name, key_hash=key_hash, prefix=prefix)
+    return token, secret
+
+
+def token_update(*, token: ApiToken, fields: list[str]) -> None:
+    """Save a token's changed name or revocation time (the admin's form)."""
+    if fields:
+        token.save(update_fields=fields)
+
+
+def token_revoke(token: ApiToken) -> None:
+    if token.revoked_at is None:
+        token.revoked_at = timezone.now()
+        token.save(update_fields=["revoked_at"])
 
 
 def read_mark(*, room: Room, user: AbstractBaseUser, seq: int) -> None:

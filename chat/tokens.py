@@ -1,4 +1,4 @@
-"""API tokens: made by `manage.py createtoken` or the admin, checked on every API request."""
+"""API tokens: how secrets are made and checked on every API request (services.token_create makes them)."""
 
 from __future__ import annotations
 
@@ -16,30 +16,21 @@ SECRET_PREFIX = "chat_"
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 
 
-def _hash(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
-
-
-def token_create(*, user: AbstractBaseUser, name: str) -> tuple[ApiToken, str]:
-    """Return the new token and its secret, which is shown this once and never stored."""
+def new_secret() -> tuple[str, str, str]:
+    """Return a new secret, the hash that is stored, and the prefix shown in lists."""
     secret = SECRET_PREFIX + secrets.token_urlsafe(32)
-    token = ApiToken.objects.create(
-        user=user, name=name, key_hash=_hash(secret), prefix=secret[: len(SECRET_PREFIX) + 6]
-    )
-    return token, secret
+    return secret, key_hash(secret), secret[: len(SECRET_PREFIX) + 6]
 
 
-def token_revoke(token: ApiToken) -> None:
-    if token.revoked_at is None:
-        token.revoked_at = timezone.now()
-        token.save(update_fields=["revoked_at"])
+def key_hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 def token_user(secret: str) -> AbstractBaseUser | None:
     """Return the active user a live token belongs to, or None; records when it was used."""
     token = (
         ApiToken.objects.select_related("user")
-        .filter(key_hash=_hash(secret), revoked_at__isnull=True, user__is_active=True)
+        .filter(key_hash=key_hash(secret), revoked_at__isnull=True, user__is_active=True)
         .first()
     )
     if token is None:

@@ -11,7 +11,7 @@ from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
-from chat import protocol, services
+from chat import protocol, selectors, services
 from chat.models import Membership, Message, Room
 from tests.helpers import joined, receive, receive_until_ready
 
@@ -226,3 +226,27 @@ async def test_deleting_a_membership_inline_closes_the_members_sockets(
     assert response.status_code == 302
     assert (await receive(bob, timeout=1))["code"] == "removed"
     assert await bob.receive_output(timeout=1) == {"type": "websocket.close", "code": protocol.CLOSE_REMOVED}
+
+
+async def test_making_a_room_private_in_the_admin_shuts_out_the_sockets_of_non_members(
+    ws_connect, staff, user, other_user, room
+):
+    alice = await joined(ws_connect, user, room)  # the owner
+    bob = await joined(ws_connect, other_user, room)  # never joined: public rooms need no membership to read
+    form = {
+        "name": room.name, "slug": room.slug, "topic": room.topic, "is_private": "on", "created_by": user.pk,
+        "memberships-TOTAL_FORMS": "0", "memberships-INITIAL_FORMS": "0",
+    }  # fmt: skip
+    response = await database_sync_to_async(
+        lambda: admin_for(staff).post(f"/admin/chat/room/{room.pk}/change/", form)
+    )()
+    assert response.status_code == 302
+
+    for socket in (alice, bob):  # everyone resumes, and the handshake decides again
+        assert (await receive(socket, timeout=2))["code"] == "resync"
+        assert await socket.receive_output(timeout=2) == {"type": "websocket.close", "code": 1012}
+    _, bob_let_in = await ws_connect(other_user, room)
+    _, alice_let_in = await ws_connect(user, room)
+    assert (bob_let_in, alice_let_in) == (False, True)
+    visible = await database_sync_to_async(lambda: [r.slug for r in selectors.room_list(user=other_user)])()
+    assert visible.count(room.slug) == 0

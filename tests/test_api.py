@@ -14,7 +14,7 @@ from django.core.management import CommandError, call_command
 from django.db import OperationalError
 from django.test import AsyncClient, Client
 
-from chat import api, ephemeral, longpoll, realtime, services, tokens
+from chat import api, ephemeral, longpoll, realtime, services
 from chat.models import ApiToken, Membership, Message, Room
 from tests.helpers import joined, receive, send
 
@@ -37,7 +37,7 @@ def alice_api(user) -> Client:
 
 @pytest.fixture
 def bob_secret(other_user) -> str:
-    return tokens.token_create(user=other_user, name="bob's bot")[1]
+    return services.token_create(user=other_user, name="bob's bot")[1]
 
 
 def bearer(secret: str) -> dict[str, str]:
@@ -229,7 +229,7 @@ def test_a_revoked_token_is_401_and_a_used_token_records_when(other_user, bob_se
     assert Client().get("/api/rooms/", headers=bearer(bob_secret)).status_code == 200
     token.refresh_from_db()
     assert token.last_used_at is not None
-    tokens.token_revoke(token)
+    services.token_revoke(token)
     assert error_of(Client().get("/api/rooms/", headers=bearer(bob_secret))) == (401, "invalid_token")
 
 
@@ -497,3 +497,9 @@ def test_a_token_made_in_the_admin_shows_its_secret_once(admin_client, other_use
     assert Client().get("/api/rooms/", headers=bearer(shown)).status_code == 200
     change_page = admin_client.get(f"/admin/chat/apitoken/{token.pk}/change/").content.decode()
     assert shown not in change_page
+
+
+def test_reading_a_room_through_the_api_joins_nothing(bob_secret, other_user, room):
+    for path in (f"/api/rooms/{room.slug}/messages", f"/api/rooms/{room.slug}/poll?timeout=1", "/api/rooms/"):
+        assert Client().get(path, headers=bearer(bob_secret)).status_code == 200
+    assert Membership.objects.filter(user=other_user).count() == 0

@@ -8,7 +8,9 @@ import json
 import pytest
 import redis
 from channels.db import database_sync_to_async
+from channels.testing import WebsocketCommunicator
 from django.conf import settings
+from django.test import Client
 
 from chat import ephemeral, protocol, realtime, selectors, services
 from chat.models import Membership, Message, Room
@@ -637,3 +639,46 @@ async def test_unread_counts_are_right_after_a_reconnect(ws_connect, user, other
     await send(bob[0], type="history", before=2, limit=1)  # answered after the read is stored
     await receive(bob[0])
     assert await database_sync_to_async(bobs_unread)() == 0
+
+
+async def test_signing_out_closes_the_sessions_sockets_in_rooms_it_never_joined(user, other_user, room, other_room):
+    browser = Client()
+    await database_sync_to_async(browser.force_login)(other_user)
+    cookie = f"{settings.SESSION_COOKIE_NAME}={browser.cookies[settings.SESSION_COOKIE_NAME].value}"
+    sockets = []
+    for joined_room in (room, other_room):
+        socket = WebsocketCommunicator(
+            application,
+            f"/ws/rooms/{joined_room.slug}/",
+            headers=[(b"origin", b"http://localhost"), (b"cookie", cookie.encode())],
+        )
+        assert (await socket.connect(timeout=5))[0]
+        await receive_until_ready(socket)
+        sockets.append(socket)
+    assert await database_sync_to_async(Membership.objects.filter(user=other_user).count)() == 0
+
+    assert (await database_sync_to_async(browser.post)("/accounts/logout/")).status_code == 302
+    for socket in sockets:
+        assert (await receive(socket, timeout=5))["code"] == "signed_out"
+        assert await socket.receive_output(timeout=5) == {"type": "websocket.close", "code": protocol.CLOSE_SIGNED_OUT}
+
+
+async def test_an_import_makes_the_rooms_open_sockets_resume_and_they_get_every_imported_message(
+    ws_connect, user, room, other_room
+):
+    await post(room, user, "already here")
+    alice = await joined(ws_connect, user, room, after=1)
+    rows = [
+        (n, {"room": "elsewhere", "seq": n, "author": "alice", "body": f"imported {n}", "created_at": "2026-01-01T00:00:00Z",
+             "edited_at": None, "deleted_at": None})
+        for n in (1, 2, 3)
+    ]  # fmt: skip
+    result = await database_sync_to_async(services.messages_import)(room=room, rows=rows)
+    assert result.created == 3
+
+    assert (await receive(alice))["code"] == "resync"
+    assert await alice.receive_output(timeout=2) == {"type": "websocket.close", "code": protocol.CLOSE_SERVICE_RESTART}
+    again, _ = await ws_connect(user, room, after=1)
+    replayed, ready = await receive_until_ready(again)
+    assert [frame["message"]["body"] for frame in replayed] == ["imported 1", "imported 2", "imported 3"]
+    assert ready["last_seq"] == 4

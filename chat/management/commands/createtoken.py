@@ -1,6 +1,6 @@
 from django.core.management.base import BaseCommand, CommandError
 
-from chat import tokens
+from chat import services
 from chat.management.arguments import user_named
 
 
@@ -15,6 +15,6 @@ class Command(BaseCommand):
         user = user_named(username)
         if not name.strip():
             raise CommandError("--name must not be empty: say what the token is for.")
-        token, secret = tokens.token_create(user=user, name=name.strip())
+        token, secret = services.token_create(user=user, name=name.strip())
         self.stderr.write(f'Token "{token.name}" for {username} created. Copy the secret now; it is not shown again:')
         self.stdout.write(secret)

@@ -1,6 +1,6 @@
 from django.core.management.base import BaseCommand, CommandError
 
-from chat import tokens
+from chat import services
 from chat.management.arguments import user_named
 from chat.models import ApiToken
 
@@ -20,5 +20,5 @@ class Command(BaseCommand):
                 "name", flat=True)))) or "none"  # fmt: skip
             raise CommandError(f'{username} has no live token called "{name}". Their live tokens: {names}.')
         for token in live:
-            tokens.token_revoke(token)
+            services.token_revoke(token)
         self.stdout.write(self.style.SUCCESS(f'Revoked {len(live)} token(s) "{name}" of {username}.'))
