@@ -668,11 +668,8 @@ async def test_an_import_makes_the_rooms_open_sockets_resume_and_they_get_every_
 ):
     await post(room, user, "already here")
     alice = await joined(ws_connect, user, room, after=1)
-    rows = [
-        (n, {"room": "elsewhere", "seq": n, "author": "alice", "body": f"imported {n}", "created_at": "2026-01-01T00:00:00Z",
-             "edited_at": None, "deleted_at": None})
-        for n in (1, 2, 3)
-    ]  # fmt: skip
+    exported = {"room": "elsewhere", "author": "alice", "created_at": "2026-01-01T00:00:00Z", "edited_at": None}
+    rows = [(n, {**exported, "seq": n, "body": f"imported {n}", "deleted_at": None}) for n in (1, 2, 3)]
     result = await database_sync_to_async(services.messages_import)(room=room, rows=rows)
     assert result.created == 3
 
