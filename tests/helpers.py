@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Callable
 
 
 async def receive(communicator, timeout: float = 3, *, presence: bool = False) -> dict:
@@ -38,3 +40,11 @@ async def joined(ws_connect, user, room, **kwargs):
 
 async def send(communicator, **frame) -> None:
     await communicator.send_to(text_data=json.dumps(frame))
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 3) -> None:
+    """Wait until `condition()` holds (checked every 10 ms); fail after `timeout` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)

@@ -14,9 +14,9 @@ from django.core.management import CommandError, call_command
 from django.db import OperationalError
 from django.test import AsyncClient, Client
 
-from chat import api, ephemeral, longpoll, realtime, services
+from chat import api, ephemeral, fanout, longpoll, realtime, services
 from chat.models import ApiToken, Membership, Message, Room
-from tests.helpers import joined, receive, send
+from tests.helpers import eventually, joined, receive, send
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -318,6 +318,27 @@ def test_createtoken_for_an_unknown_user_says_so():
 # --------------------------------------------------------------------------
 
 
+@pytest.fixture
+def poll_reads(monkeypatch) -> list[int]:
+    """The `after` of each database read the polls made (a poll reads, then waits)."""
+    reads: list[int] = []
+    read = api._messages_after
+
+    def counted(room, after):
+        data = read(room, after)
+        reads.append(after)
+        return data
+
+    monkeypatch.setattr(api, "_messages_after", counted)
+    return reads
+
+
+async def polls_waiting(room, reads: list[int], count: int, timeout: float = 5) -> None:
+    """Wait until `count` polls of the room are subscribed and have read the database: they now wait."""
+    hub = fanout.hub()
+    await eventually(lambda: len(hub.waiters.get(room.pk, ())) >= count and len(reads) >= count, timeout)
+
+
 async def api_post(secret: str, slug: str, body: str, nonce: str):
     return await AsyncClient().post(
         f"/api/rooms/{slug}/messages", {"body": body, "nonce": nonce}, "application/json", headers=bearer(secret)
@@ -346,10 +367,10 @@ async def test_poll_answers_at_once_when_newer_messages_exist(user, bob_secret, 
     assert ([m["seq"] for m in data["messages"]], data["last_seq"], data["has_more"]) == ([2, 3], 3, False)
 
 
-async def test_poll_returns_within_a_second_of_a_websocket_send(ws_connect, user, bob_secret, room):
+async def test_poll_returns_within_a_second_of_a_websocket_send(poll_reads, ws_connect, user, bob_secret, room):
     alice = await joined(ws_connect, user, room)
     waiting = asyncio.ensure_future(poll(bob_secret, "after=0&timeout=20"))
-    await asyncio.sleep(0.5)  # the poll is waiting
+    await polls_waiting(room, poll_reads, 1)
     assert not waiting.done()
     await send(alice, type="send", body="wake up", nonce="ws-1")
     sent_at = time.monotonic()
@@ -377,9 +398,9 @@ async def test_poll_without_credentials_is_401(room):
     assert (response.status_code, response.json()["error"]["code"]) == (401, "not_authenticated")
 
 
-async def test_two_hundred_concurrent_polls_all_get_the_one_message(user, bob_secret, room):
+async def test_two_hundred_concurrent_polls_all_get_the_one_message(poll_reads, user, bob_secret, room):
     polls = [asyncio.ensure_future(poll(bob_secret, "after=0&timeout=20")) for _ in range(200)]
-    await asyncio.sleep(2)  # every poll is subscribed and waiting
+    await polls_waiting(room, poll_reads, 200, timeout=20)
     assert not any(p.done() for p in polls)
     await api_post(bob_secret, "general", "to everyone", "fan-1")
     responses = await asyncio.wait_for(asyncio.gather(*polls), 15)
@@ -406,11 +427,11 @@ def test_a_woken_poll_answers_from_the_published_messages_only_without_a_hole(pu
     assert seqs(longpoll.followers([{"seq": seq} for seq in published], after)) == expected
 
 
-async def test_a_poll_woken_out_of_order_reads_the_database(user, bob_secret, room, monkeypatch):
+async def test_a_poll_woken_out_of_order_reads_the_database(poll_reads, user, bob_secret, room, monkeypatch):
     # seq 1 is committed but its publish is lost; seq 2 wakes the poll, which must not skip 1.
     monkeypatch.setattr(realtime, "publish_message", lambda message: None)
     waiting = asyncio.ensure_future(poll(bob_secret, "after=0&timeout=20"))
-    await asyncio.sleep(0.5)
+    await polls_waiting(room, poll_reads, 1)
     await database_sync_to_async(services.message_create)(room=room, author=user, body="lost publish")
     monkeypatch.undo()
     await database_sync_to_async(services.message_create)(room=room, author=user, body="published")

@@ -12,7 +12,7 @@ from channels.testing import WebsocketCommunicator
 from django.conf import settings
 from django.test import Client
 
-from chat import ephemeral, protocol, realtime, selectors, services
+from chat import ephemeral, fanout, protocol, realtime, selectors, services
 from chat.models import Membership, Message, Room
 from chatsite.asgi import application
 from tests.helpers import joined, receive, receive_until_ready, send, silent
@@ -372,10 +372,23 @@ async def test_socket_that_falls_too_far_behind_is_closed_with_1013(ws_connect, 
     assert len(outputs) - 1 < 40  # it did not wait to deliver everything
 
 
-async def test_idle_socket_still_receives_after_longer_than_redis_socket_timeout(ws_connect, user, other_user, room):
-    """redis-py 8 with default settings killed idle pub/sub readers after 5 s."""
+async def test_a_quiet_room_keeps_its_subscription_and_still_receives_after_redis_timeouts(
+    ws_connect, user, other_user, room
+):
+    """An idle subscription must not be taken for a lost one, nor time out.
+
+    redis-py 8 times a connection out after 5 s by default. What keeps the
+    hub's subscription alive through silence is its own probe, heard back every
+    second (chat/fanout.py); channels_redis also polls the connection every
+    0.1 s. Without the probes being heard the hub counts the subscription as
+    lost and closes the socket, and this test fails.
+    """
     bob = await joined(ws_connect, other_user, room)
-    await asyncio.sleep(6.5)
+    hub = fanout.hub()
+    heard_before = hub.probes_heard
+    await asyncio.sleep(6.5)  # the scenario: a room quiet for longer than redis-py's default timeout
+    assert not hub.down
+    assert hub.probes_heard - heard_before >= 4
     await post(room, user, "are you still there?")
     frame = await receive(bob, timeout=5)
     assert frame["message"]["body"] == "are you still there?"
@@ -407,7 +420,7 @@ async def test_typing_is_relayed_at_most_once_per_two_seconds(ws_connect, user, 
     assert await receive(bob) == {"type": "typing", "user": "alice"}
     assert await silent(bob, 0.7)
     assert await silent(second_tab, 0.1)  # the typist's other tab is not told either
-    await asyncio.sleep(1.5)
+    await asyncio.sleep(1.5)  # the scenario: the 2 s interval since the first signal runs out
     await send(alice, type="typing")
     assert await receive(bob) == {"type": "typing", "user": "alice"}
 
