@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket as tcp
+import time
 from unittest import mock
 
 import pytest
+import websockets
 from channels.layers import get_channel_layer
 from channels_redis.pubsub import RedisPubSubChannelLayer
+from django.conf import settings
+from websockets.exceptions import ConnectionClosed
 
 from chat import fanout, protocol, realtime
+from tests.helpers import eventually
+from tests.servers import ServerCluster
 
 ROOM_ID = 424242
 
@@ -36,13 +43,6 @@ async def publish(seq: int, room_id: int = ROOM_ID) -> None:
     payload = {"id": seq, "seq": seq, "room": "r", "author": "a", "body": f"m{seq}"}
     event = {"type": realtime.MESSAGE_EVENT, "room": room_id, "seq": seq, "message": payload}
     await get_channel_layer().group_send(realtime.room_group(room_id), event)
-
-
-async def eventually(condition, timeout: float = 3) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -139,9 +139,9 @@ async def test_messages_for_another_room_are_not_delivered(hub):
     elsewhere = FakeSocket()
     hub.ready(await hub.join(ROOM_ID + 1, elsewhere.send), 0)
     await publish(1, room_id=ROOM_ID + 1)
-    await eventually(lambda: elsewhere.seqs == [1])
-    await asyncio.sleep(0.2)
-    assert here.sent == []
+    await publish(7)  # one channel, in order: once this arrives, the other room's message was not for `here`
+    await eventually(lambda: elsewhere.seqs == [1] and here.seqs == [7])
+    assert here.seqs == [7]
 
 
 async def test_a_socket_whose_send_fails_is_dropped_without_hurting_the_others(hub):
@@ -197,3 +197,72 @@ async def test_a_paused_transport_queues_behind_a_writer_and_catches_up_in_order
     paused.writable.set()
     await eventually(lambda: len(paused.sent) == 3)
     assert [json.loads(e["text"])["message"]["seq"] for e in paused.sent] == [1, 2, 3]
+
+
+# --------------------------------------------------------------------------
+# The inline send against the server the README runs
+# --------------------------------------------------------------------------
+
+STALL_BACKLOG = 20  # CHAT_SOCKET_MAX_BACKLOG for the server under test
+STALL_MESSAGES = 150
+STALL_BODY = "x" * 3000  # ~3 KiB frames fill a stalled client's buffers in a few dozen messages
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+async def test_a_client_that_stops_reading_delays_nobody_else_on_uvicorn_and_is_closed_with_1013(
+    tmp_path, user, room, alice_cookie
+):
+    cluster = ServerCluster(tmp_path)
+    cluster.env["CHAT_SOCKET_MAX_BACKLOG"] = str(STALL_BACKLOG)
+    try:
+        (server,) = await cluster.start(1)
+        headers = {"Cookie": f"{settings.SESSION_COOKIE_NAME}={alice_cookie}"}
+        url = f"ws://127.0.0.1:{server.port}/ws/rooms/{room.slug}/"
+
+        async def open_socket(**options):
+            ws = await websockets.connect(url, origin=server.origin, additional_headers=headers, **options)
+            while json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] != "ready":
+                pass
+            return ws
+
+        readers = [await open_socket() for _ in range(10)]
+        raw = tcp.socket(tcp.AF_INET, tcp.SOCK_STREAM)
+        raw.setsockopt(tcp.SOL_SOCKET, tcp.SO_RCVBUF, 4096)
+        raw.connect(("127.0.0.1", server.port))
+        stalled = await open_socket(sock=raw, max_queue=1)  # from here on it reads nothing
+
+        sent_at: dict[int, float] = {}
+        arrivals: list[list[tuple[int, float]]] = [[] for _ in readers]
+
+        async def read(ws, into: list[tuple[int, float]]) -> None:
+            while len(into) < STALL_MESSAGES:
+                frame = json.loads(await ws.recv())
+                if frame["type"] == "message":
+                    into.append((int(frame["message"]["nonce"]), time.monotonic()))
+
+        reading = [asyncio.create_task(read(ws, into)) for ws, into in zip(readers, arrivals, strict=True)]
+        sender = readers[0]
+        for n in range(STALL_MESSAGES):
+            sent_at[n] = time.monotonic()
+            await sender.send(json.dumps({"type": "send", "body": STALL_BODY, "nonce": str(n)}))
+            await asyncio.sleep(0.02)  # the load's schedule: 50 messages a second
+        await asyncio.wait_for(asyncio.gather(*reading), 20)
+
+        delays = sorted((at - sent_at[n]) * 1000 for into in arrivals for n, at in into)
+        assert all([n for n, _ in into] == list(range(STALL_MESSAGES)) for into in arrivals)
+        p99 = delays[int(len(delays) * 0.99) - 1]
+        assert p99 < 50, f"p99 {p99:.1f} ms for the clients still reading (max {delays[-1]:.1f} ms)"
+
+        # The stalled client reads again: what was queued for it stops at the backlog, then 1013.
+        got = 0
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                frame = json.loads(await asyncio.wait_for(stalled.recv(), 5))
+                got += frame["type"] == "message"
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1013
+        assert got < STALL_MESSAGES
+        for ws in readers:
+            await ws.close()
+    finally:
+        cluster.kill_all()
