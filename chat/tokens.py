@@ -6,7 +6,7 @@ import hashlib
 import secrets
 from datetime import timedelta
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.utils import timezone
 
 from chat.models import ApiToken
@@ -20,7 +20,7 @@ def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def token_create(*, user: AbstractBaseUser, name: str) -> tuple[ApiToken, str]:
+def token_create(*, user: User, name: str) -> tuple[ApiToken, str]:
     """Return the new token and its secret, which is shown this once and never stored."""
     secret = SECRET_PREFIX + secrets.token_urlsafe(32)
     token = ApiToken.objects.create(
@@ -35,7 +35,7 @@ def token_revoke(token: ApiToken) -> None:
         token.save(update_fields=["revoked_at"])
 
 
-def token_user(secret: str) -> AbstractBaseUser | None:
+def token_user(secret: str) -> User | None:
     """Return the active user a live token belongs to, or None; records when it was used."""
     token = (
         ApiToken.objects.select_related("user")

@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import transaction
 from django.db.models import F
 
@@ -129,11 +129,12 @@ def _import_batch(room: Room, batch: list[tuple[int, dict[str, Any]]], result: I
         result.created += len(new)
 
 
-def _authors(usernames: set[str], result: ImportResult) -> dict[str, AbstractBaseUser]:
+def _authors(usernames: set[str], result: ImportResult) -> dict[str, User]:
     users = {user.get_username(): user for user in get_user_model().objects.filter(username__in=usernames)}
     missing = usernames - users.keys()
     if missing:
         result.missing_authors |= missing
         placeholder = reserved_user(PLACEHOLDER_USERNAME)
+        assert isinstance(placeholder, User)  # for mypy: reserved_user is typed as returning AbstractBaseUser
         users.update(dict.fromkeys(missing, placeholder))
     return users
