@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.contrib.auth.models import AnonymousUser, User
 from django.db.models import Count, Exists, F, OuterRef, Q, QuerySet, Subquery, Value
 from django.db.models.functions import Coalesce, TruncDate
 from django.utils import timezone
@@ -13,7 +13,7 @@ from django.utils import timezone
 from chat.models import Membership, Message, Room
 
 
-def room_list(*, user: AbstractBaseUser | AnonymousUser) -> QuerySet[Room]:
+def room_list(*, user: User | AnonymousUser) -> QuerySet[Room]:
     """Return the open rooms `user` may see, most recently active first, in one query.
 
     For a signed-in user each room carries `unread`: messages by others after
@@ -38,7 +38,7 @@ def room_list(*, user: AbstractBaseUser | AnonymousUser) -> QuerySet[Room]:
     )
 
 
-def room_visible(*, slug: str, user: AbstractBaseUser) -> tuple[Room, Membership | None] | None:
+def room_visible(*, slug: str, user: User) -> tuple[Room, Membership | None] | None:
     """Return the room `user` may see, and their membership (None in a public room they never joined).
 
     A private room answers None to non-members exactly as a missing room does,
@@ -103,7 +103,7 @@ def open_room_ids() -> list[int]:
     return list(Room.objects.filter(is_archived=False).values_list("pk", flat=True))
 
 
-def membership_get(*, room: Room, user: AbstractBaseUser) -> Membership | None:
+def membership_get(*, room: Room, user: User) -> Membership | None:
     return Membership.objects.filter(room=room, user=user).first()
 
 
