@@ -109,7 +109,7 @@ def membership_get(*, room: Room, user: User) -> Membership | None:
 
 def room_members(*, room: Room) -> list[Membership]:
     """Return the room's members, owner and moderators first, then by name."""
-    rank = {Membership.Role.OWNER: 0, Membership.Role.MODERATOR: 1, Membership.Role.MEMBER: 2}
+    rank: dict[str, int] = {Membership.Role.OWNER: 0, Membership.Role.MODERATOR: 1, Membership.Role.MEMBER: 2}
     members = Membership.objects.filter(room=room).select_related("user")
     return sorted(members, key=lambda membership: (rank[membership.role], membership.user.get_username().lower()))
 
@@ -167,15 +167,15 @@ def message_resume(*, room: Room, after_seq: int, limit: int, changes_after: int
     page = list(_messages(room).filter(seq__gt=after_seq).order_by("-seq")[: limit + 1])
     truncated = len(page) > limit
     messages = page[:limit][::-1]
-    changed = []
+    changed: list[Message] = []
     cleared = None
     if changes_after is not None and changes_after < last_change:
-        changed = _messages(room).filter(seq__lte=after_seq, change__gt=changes_after)
+        changes = _messages(room).filter(seq__lte=after_seq, change__gt=changes_after)
         if changes_after < cleared_change:
             # One frame for the whole clear, however many messages it deleted.
             cleared = (min(cleared_through_seq, after_seq), cleared_change)
-            changed = changed.filter(seq__gt=cleared_through_seq)
-        changed = list(changed.order_by("change"))
+            changes = changes.filter(seq__gt=cleared_through_seq)
+        changed = list(changes.order_by("change"))
     return Resume(
         messages=messages,
         changed=changed,
