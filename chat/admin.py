@@ -7,7 +7,12 @@ deleting a message reaches open browsers live.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, TypedDict
+
 from django.contrib import admin, messages
+from django.contrib.admin import helpers
+from django.contrib.auth.models import User
+from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db.models import OuterRef, QuerySet, Subquery
 from django.http import HttpRequest
@@ -17,6 +22,20 @@ from django.utils.functional import cached_property
 from chat import presence, services
 from chat.models import ApiToken, Membership, Message, Room
 
+if TYPE_CHECKING:
+    from django_stubs_ext import WithAnnotations
+
+
+class OwnerName(TypedDict):
+    owner_name: str | None  # RoomAdmin.get_queryset's: the first owner's username
+
+
+def _staff_member(request: HttpRequest) -> User:
+    """Return the signed-in user; the admin site lets only active staff in."""
+    if not request.user.is_authenticated:
+        raise PermissionDenied
+    return request.user
+
 
 class CappedCountPaginator(Paginator):
     """Counts at most CAP rows: past that, the changelist shows "CAP+" pages' worth, not a full COUNT(*)."""
@@ -25,6 +44,8 @@ class CappedCountPaginator(Paginator):
 
     @cached_property
     def count(self) -> int:
+        if not isinstance(self.object_list, QuerySet):
+            return len(self.object_list)  # a list is counted already
         return self.object_list.values("pk")[: self.CAP].count()
 
 
@@ -50,12 +71,12 @@ class RoomAdmin(admin.ModelAdmin):
     inlines = [MembershipInline]
     actions = ["archive", "unarchive", "clear_history"]
 
-    def get_queryset(self, request: HttpRequest) -> QuerySet[Room]:
+    def get_queryset(self, request: HttpRequest) -> QuerySet[WithAnnotations[Room, OwnerName]]:
         owner = Membership.objects.filter(room=OuterRef("pk"), role=Membership.Role.OWNER).order_by("joined_at")
         return super().get_queryset(request).annotate(owner_name=Subquery(owner.values("user__username")[:1]))
 
     @admin.display(description="owner", ordering="owner_name")
-    def owner(self, room: Room) -> str:
+    def owner(self, room: WithAnnotations[Room, OwnerName]) -> str:
         return room.owner_name or "—"
 
     @admin.display(description="messages", ordering="last_seq")
@@ -108,7 +129,7 @@ class RoomAdmin(admin.ModelAdmin):
                 "title": "Clear history?",
                 "rooms": rooms,
                 "opts": self.model._meta,
-                "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME,
+                "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
             }
             return TemplateResponse(request, "admin/chat/room/clear_history_confirmation.html", context)
         deleted = sum(services.room_clear_history(room=room) for room in rooms)
@@ -167,7 +188,11 @@ class MessageAdmin(admin.ModelAdmin):
         if "body" in form.changed_data:
             try:
                 services.message_edit(
-                    room=message.room, message_id=message.pk, user=request.user, body=message.body, by_staff=True
+                    room=message.room,
+                    message_id=message.pk,
+                    user=_staff_member(request),
+                    body=message.body,
+                    by_staff=True,
                 )
             except services.ChatError as error:
                 self.message_user(request, f"Not saved: {error.detail}", messages.ERROR)
@@ -175,7 +200,7 @@ class MessageAdmin(admin.ModelAdmin):
     def delete_model(self, request: HttpRequest, message: Message) -> None:
         # A soft delete: the row keeps its seq, the body is erased, open browsers are told.
         try:
-            services.message_delete(room=message.room, message_id=message.pk, user=request.user)
+            services.message_delete(room=message.room, message_id=message.pk, user=_staff_member(request))
         except services.ChatError as error:
             self.message_user(request, f"Message {message} not deleted: {error.detail}", messages.ERROR)
 

@@ -33,6 +33,12 @@ class RoomConsumer(AsyncWebsocketConsumer):
     # Set once this socket counts against its user's cap (CHAT_MAX_SOCKETS_PER_USER).
     socket_id: str | None = None
 
+    @property
+    def joined_room(self) -> Room:
+        """Return the room; frames are received only once join() has set it and accepted the socket."""
+        assert self.room is not None, "The socket has not joined a room yet."
+        return self.room
+
     async def connect(self) -> None:
         try:
             await self.join()
@@ -175,19 +181,21 @@ class RoomConsumer(AsyncWebsocketConsumer):
         elif isinstance(command, protocol.EditCommand | protocol.DeleteCommand):
             await self.change_message(command)
         elif isinstance(command, protocol.ReadCommand):
-            await database_sync_to_async(services.read_mark)(room=self.room, user=self.scope["user"], seq=command.seq)
+            await database_sync_to_async(services.read_mark)(
+                room=self.joined_room, user=self.scope["user"], seq=command.seq
+            )
         elif isinstance(command, protocol.TypingCommand):
-            await presence.typing(room_id=self.room.pk, username=self.scope["user"].get_username())
+            await presence.typing(room_id=self.joined_room.pk, username=self.scope["user"].get_username())
         else:
             messages, has_more = await database_sync_to_async(selectors.message_list)(
-                room=self.room, before_seq=command.before, limit=command.limit
+                room=self.joined_room, before_seq=command.before, limit=command.limit
             )
             await self.send(protocol.history_frame(messages, has_more))
 
     async def send_message(self, command: protocol.SendCommand) -> None:
         try:
             message, created = await database_sync_to_async(services.message_create)(
-                room=self.room, author=self.scope["user"], body=command.body, nonce=command.nonce
+                room=self.joined_room, author=self.scope["user"], body=command.body, nonce=command.nonce
             )
         except ChatError as error:
             await self.send(
@@ -195,7 +203,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
             )
             return
         except Exception:
-            logger.exception("Saving a message in room %s failed", self.room.slug)
+            logger.exception("Saving a message in room %s failed", self.joined_room.slug)
             await self.send(
                 protocol.error_frame("not_saved", "The message was not saved; send it again.", command.nonce)
             )
@@ -209,10 +217,12 @@ class RoomConsumer(AsyncWebsocketConsumer):
         try:
             if isinstance(command, protocol.EditCommand):
                 await database_sync_to_async(services.message_edit)(
-                    room=self.room, message_id=command.id, user=user, body=command.body
+                    room=self.joined_room, message_id=command.id, user=user, body=command.body
                 )
             else:
-                await database_sync_to_async(services.message_delete)(room=self.room, message_id=command.id, user=user)
+                await database_sync_to_async(services.message_delete)(
+                    room=self.joined_room, message_id=command.id, user=user
+                )
         except ChatError as error:
             await self.send(protocol.error_frame(error.code, error.detail))
         # Success is the broadcast that every socket in the room, this one included, receives.

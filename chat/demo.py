@@ -142,7 +142,8 @@ def _insert_into_sqlite(batch: Batch) -> int:
     assert _write_lock is not None
     connection = connections["default"]
     connection.ensure_connection()
-    connection.transaction_mode = None  # set again on each connect
+    # Set again on each connect. Ignored: django-stubs lacks sqlite3's DatabaseWrapper.transaction_mode.
+    connection.transaction_mode = None  # type: ignore[attr-defined]
     holding = False
 
     def take_write_lock(execute, sql, params, many, context):

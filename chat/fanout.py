@@ -30,6 +30,7 @@ import asyncio
 import logging
 import weakref
 from collections import deque
+from collections.abc import Collection
 from contextvars import Context
 from typing import Any
 
@@ -190,8 +191,8 @@ class RoomHub:
     async def deliver(self, event: dict[str, Any]) -> None:
         """Hand one published event to every local socket of its room it is meant for."""
         if event["type"] == realtime.SIGNED_OUT_EVENT:  # site-wide: the session's sockets in every room
-            for sockets in self.rooms.values():
-                for socket in [s for s in sockets if s.session and s.session == event["session"]]:
+            for room_sockets in self.rooms.values():
+                for socket in [s for s in room_sockets if s.session and s.session == event["session"]]:
                     self._close(socket, protocol.CLOSE_SIGNED_OUT, protocol.signed_out_frame())
             return
         if event["type"] == realtime.MESSAGE_EVENT:
@@ -199,7 +200,8 @@ class RoomHub:
                 watch.add(event["message"])
         elif event["type"] == realtime.RESYNC_EVENT:
             self._wake_waiters(event["room"])  # polls read the database again
-        sockets = self.rooms.get(event["room"])
+        # A set, or for a typing event the list of the room's sockets it is meant for.
+        sockets: Collection[LocalSocket] | None = self.rooms.get(event["room"])
         if not sockets:
             return
         seq = change = None

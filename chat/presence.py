@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass, field
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 
 from chat import ephemeral, realtime
 
@@ -34,7 +34,7 @@ class Presence:
     heartbeat: asyncio.Task | None = field(default=None, repr=False)
 
 
-async def arrive(*, room_id: int, user: AbstractBaseUser, socket_id: str) -> Presence:
+async def arrive(*, room_id: int, user: User, socket_id: str) -> Presence:
     """Count the socket as present (the room is told if its list changed) and keep it counted."""
     member = ephemeral.presence_member(user.get_username(), socket_id)
     users, told = await _update(room_id=room_id, add=member)

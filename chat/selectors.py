@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.contrib.auth.models import AnonymousUser, User
 from django.db.models import Count, Exists, F, OuterRef, Q, QuerySet, Subquery, Value
 from django.db.models.functions import Coalesce, TruncDate
 from django.utils import timezone
@@ -13,7 +13,7 @@ from django.utils import timezone
 from chat.models import Membership, Message, Room
 
 
-def room_list(*, user: AbstractBaseUser | AnonymousUser) -> QuerySet[Room]:
+def room_list(*, user: User | AnonymousUser) -> QuerySet[Room]:
     """Return the open rooms `user` may see, most recently active first, in one query.
 
     For a signed-in user each room carries `unread`: messages by others after
@@ -38,7 +38,7 @@ def room_list(*, user: AbstractBaseUser | AnonymousUser) -> QuerySet[Room]:
     )
 
 
-def room_visible(*, slug: str, user: AbstractBaseUser) -> tuple[Room, Membership | None] | None:
+def room_visible(*, slug: str, user: User) -> tuple[Room, Membership | None] | None:
     """Return the room `user` may see, and their membership (None in a public room they never joined).
 
     A private room answers None to non-members exactly as a missing room does,
@@ -103,13 +103,13 @@ def open_room_ids() -> list[int]:
     return list(Room.objects.filter(is_archived=False).values_list("pk", flat=True))
 
 
-def membership_get(*, room: Room, user: AbstractBaseUser) -> Membership | None:
+def membership_get(*, room: Room, user: User) -> Membership | None:
     return Membership.objects.filter(room=room, user=user).first()
 
 
 def room_members(*, room: Room) -> list[Membership]:
     """Return the room's members, owner and moderators first, then by name."""
-    rank = {Membership.Role.OWNER: 0, Membership.Role.MODERATOR: 1, Membership.Role.MEMBER: 2}
+    rank: dict[str, int] = {Membership.Role.OWNER: 0, Membership.Role.MODERATOR: 1, Membership.Role.MEMBER: 2}
     members = Membership.objects.filter(room=room).select_related("user")
     return sorted(members, key=lambda membership: (rank[membership.role], membership.user.get_username().lower()))
 
@@ -167,15 +167,15 @@ def message_resume(*, room: Room, after_seq: int, limit: int, changes_after: int
     page = list(_messages(room).filter(seq__gt=after_seq).order_by("-seq")[: limit + 1])
     truncated = len(page) > limit
     messages = page[:limit][::-1]
-    changed = []
+    changed: list[Message] = []
     cleared = None
     if changes_after is not None and changes_after < last_change:
-        changed = _messages(room).filter(seq__lte=after_seq, change__gt=changes_after)
+        changes = _messages(room).filter(seq__lte=after_seq, change__gt=changes_after)
         if changes_after < cleared_change:
             # One frame for the whole clear, however many messages it deleted.
             cleared = (min(cleared_through_seq, after_seq), cleared_change)
-            changed = changed.filter(seq__gt=cleared_through_seq)
-        changed = list(changed.order_by("change"))
+            changes = changes.filter(seq__gt=cleared_through_seq)
+        changed = list(changes.order_by("change"))
     return Resume(
         messages=messages,
         changed=changed,

@@ -8,7 +8,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 from django.db.models import F, OuterRef, Subquery, Value
 from django.db.models.functions import Greatest, Least
@@ -23,7 +23,7 @@ __all__ = ["ChatError"]  # what every service raises, defined with the rules in 
 
 
 def room_create(
-    *, slug: str = "", name: str, topic: str = "", is_private: bool = False, created_by: AbstractBaseUser | None
+    *, slug: str = "", name: str, topic: str = "", is_private: bool = False, created_by: User | None
 ) -> Room:
     """Create a room owned by its creator; the slug defaults to the name, slugified."""
     room = Room(slug=slug or slugify(name)[:64], name=name, topic=topic, is_private=is_private, created_by=created_by)
@@ -95,11 +95,11 @@ def room_clear_history(*, room: Room, batch_size: int = 10_000, progress: Callab
     return deleted
 
 
-def system_user() -> AbstractBaseUser:
+def system_user() -> User:
     return reserved_user(SYSTEM_USERNAME)
 
 
-def reserved_user(username: str, *, active: bool = False) -> AbstractBaseUser:
+def reserved_user(username: str, *, active: bool = False) -> User:
     """Return a user the site itself stands for (see RESERVED_USERNAMES, and seeddemo's authors), without a password.
 
     Inactive unless `active`: nobody can sign in as it either way.
@@ -111,7 +111,7 @@ def reserved_user(username: str, *, active: bool = False) -> AbstractBaseUser:
     return user
 
 
-def room_join(*, room: Room, user: AbstractBaseUser) -> Membership:
+def room_join(*, room: Room, user: User) -> Membership:
     """Make the user a member of a public room (what their unread count is kept on); return the membership.
 
     Called where a user acts in a room (marking it read), never by reading a
@@ -131,7 +131,7 @@ def session_signed_out(*, session_key: str) -> None:
     realtime.publish_after_commit(lambda: realtime.publish_signed_out(session_key=session_key))
 
 
-def member_add(*, room: Room, actor: AbstractBaseUser, username: str, role: str = Membership.Role.MEMBER) -> Membership:
+def member_add(*, room: Room, actor: User, username: str, role: str = Membership.Role.MEMBER) -> Membership:
     """Add a user to the room, or change their role; moderators add members, owners also appoint moderators."""
     actor_membership = _membership_moderating(room=room, actor=actor)
     if role not in (Membership.Role.MEMBER, Membership.Role.MODERATOR):
@@ -148,7 +148,7 @@ def member_add(*, room: Room, actor: AbstractBaseUser, username: str, role: str 
     return membership
 
 
-def member_remove(*, room: Room, actor: AbstractBaseUser, username: str) -> None:
+def member_remove(*, room: Room, actor: User, username: str) -> None:
     """Take a user out of a private room and close their open sockets there (after the commit)."""
     if not room.is_private:
         raise ChatError("public_room", "Anyone signed in can open a public room, so nobody can be removed from it.")
@@ -181,21 +181,21 @@ def membership_delete(membership: Membership) -> None:
             realtime.publish_after_commit(lambda: realtime.publish_removal(room_id=room_id, username=username))
 
 
-def _membership_moderating(*, room: Room, actor: AbstractBaseUser) -> Membership:
+def _membership_moderating(*, room: Room, actor: User) -> Membership:
     membership = selectors.membership_get(room=room, user=actor)
     if membership is None or not membership.can_moderate:
         raise ChatError("forbidden", "Only the room's owner and moderators can manage its members.")
     return membership
 
 
-def _user_named(username: str) -> AbstractBaseUser:
+def _user_named(username: str) -> User:
     user = get_user_model().objects.filter(username=username).first()
     if user is None:
         raise ChatError("unknown_user", f'There is no user called "{username}".')
     return user
 
 
-def token_create(*, user: AbstractBaseUser, name: str) -> tuple[ApiToken, str]:
+def token_create(*, user: User, name: str) -> tuple[ApiToken, str]:
     """Return the new token and its secret, which is shown this once and never stored."""
     secret, key_hash, prefix = tokens.new_secret()
     token = ApiToken.objects.create(user=user, name=name, key_hash=key_hash, prefix=prefix)
@@ -214,7 +214,7 @@ def token_revoke(token: ApiToken) -> None:
         token.save(update_fields=["revoked_at"])
 
 
-def read_mark(*, room: Room, user: AbstractBaseUser, seq: int) -> None:
+def read_mark(*, room: Room, user: User, seq: int) -> None:
     """Record that `user` has seen the room up to `seq`; only ever moves forward, never past the room's last seq.
 
     Reading a public room the user has not joined yet joins it.
@@ -228,7 +228,7 @@ def read_mark(*, room: Room, user: AbstractBaseUser, seq: int) -> None:
         read_mark(room=room, user=user, seq=seq)
 
 
-def message_create(*, room: Room, author: AbstractBaseUser, body: object, nonce: object = None) -> tuple[Message, bool]:
+def message_create(*, room: Room, author: User, body: object, nonce: object = None) -> tuple[Message, bool]:
     """Save a message with the room's next seq, then publish it once committed.
 
     Returns (message, created). A nonce the author already used returns the
@@ -269,7 +269,7 @@ def message_create(*, room: Room, author: AbstractBaseUser, body: object, nonce:
     return message, True
 
 
-def _check_message_rate(author: AbstractBaseUser) -> None:
+def _check_message_rate(author: User) -> None:
     """At most CHAT_MESSAGE_RATE_LIMIT messages per CHAT_MESSAGE_RATE_WINDOW seconds per user, on every path."""
     if author.get_username() == SYSTEM_USERNAME:
         return
@@ -283,16 +283,14 @@ def _check_message_rate(author: AbstractBaseUser) -> None:
         )
 
 
-def _message_for_nonce(*, room: Room, author: AbstractBaseUser, nonce: str) -> Message | None:
+def _message_for_nonce(*, room: Room, author: User, nonce: str) -> Message | None:
     message = Message.objects.select_related("room", "author").filter(author=author, nonce=nonce).first()
     if message is not None and message.room_id != room.pk:
         raise ChatError("invalid_nonce", "This nonce was already used for a message in another room.")
     return message
 
 
-def message_edit(
-    *, room: Room, message_id: object, user: AbstractBaseUser, body: object, by_staff: bool = False
-) -> Message:
+def message_edit(*, room: Room, message_id: object, user: User, body: object, by_staff: bool = False) -> Message:
     """Replace the body of the user's own message, then publish the change once committed.
 
     `by_staff` lets staff edit anyone's message: the admin's path, not the chat's.
@@ -308,7 +306,7 @@ def message_edit(
     return message
 
 
-def message_delete(*, room: Room, message_id: object, user: AbstractBaseUser) -> Message:
+def message_delete(*, room: Room, message_id: object, user: User) -> Message:
     """Delete a message (its author, the room's moderators, or staff) and publish the change once committed.
 
     The row stays, so the room's seqs stay gapless; its body is erased.
@@ -323,7 +321,7 @@ def message_delete(*, room: Room, message_id: object, user: AbstractBaseUser) ->
     return message
 
 
-def _moderates(*, room: Room, user: AbstractBaseUser) -> bool:
+def _moderates(*, room: Room, user: User) -> bool:
     membership = selectors.membership_get(room=room, user=user)
     return membership is not None and membership.can_moderate
 
@@ -439,7 +437,7 @@ def _import_batch(room: Room, batch: list[tuple[int, dict[str, Any]]], result: t
         result.created += len(new)
 
 
-def _import_authors(usernames: set[str], result: transfer.ImportResult) -> dict[str, AbstractBaseUser]:
+def _import_authors(usernames: set[str], result: transfer.ImportResult) -> dict[str, User]:
     users = {user.get_username(): user for user in get_user_model().objects.filter(username__in=usernames)}
     missing = usernames - users.keys()
     if missing:

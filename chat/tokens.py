@@ -6,7 +6,7 @@ import hashlib
 import secrets
 from datetime import timedelta
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.utils import timezone
 
 from chat.models import ApiToken
@@ -26,7 +26,7 @@ def key_hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def token_user(secret: str) -> AbstractBaseUser | None:
+def token_user(secret: str) -> User | None:
     """Return the active user a live token belongs to, or None; records when it was used."""
     token = (
         ApiToken.objects.select_related("user")

@@ -6,7 +6,8 @@ from django.conf import settings
 from django.contrib import messages as flash
 from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
-from django.core.exceptions import ValidationError
+from django.contrib.auth.models import User
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render, resolve_url
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
@@ -14,6 +15,13 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from chat import protocol, selectors, services
 from chat.forms import MemberForm, RoomForm, SignupForm
 from chat.models import Membership, Room
+
+
+def authenticated_user(request: HttpRequest) -> User:
+    """Return the signed-in user of a @login_required view (the decorator checks, but does not narrow the type)."""
+    if not request.user.is_authenticated:
+        raise PermissionDenied
+    return request.user
 
 
 @require_GET
@@ -28,7 +36,7 @@ def room_create(request: HttpRequest) -> HttpResponse:
     form = RoomForm(request.POST)
     if form.is_valid():
         try:
-            room = services.room_create(created_by=request.user, **form.cleaned_data)
+            room = services.room_create(created_by=authenticated_user(request), **form.cleaned_data)
         except ValidationError as error:
             form.add_error(None, error)
         else:
@@ -129,7 +137,7 @@ def member_add(request: HttpRequest, slug: str) -> HttpResponse:
         flash.error(request, "Give the username of the person to add.")
         return redirect("room-detail", slug=room.slug)
     try:
-        membership = services.member_add(room=room, actor=request.user, **form.cleaned_data)
+        membership = services.member_add(room=room, actor=authenticated_user(request), **form.cleaned_data)
     except services.ChatError as error:
         flash.error(request, error.detail)
     else:
@@ -142,7 +150,7 @@ def member_add(request: HttpRequest, slug: str) -> HttpResponse:
 def member_remove(request: HttpRequest, slug: str, username: str) -> HttpResponse:
     room, _ = _visible_or_404(request, slug)
     try:
-        services.member_remove(room=room, actor=request.user, username=username)
+        services.member_remove(room=room, actor=authenticated_user(request), username=username)
     except services.ChatError as error:
         flash.error(request, error.detail)
     else:
@@ -151,7 +159,7 @@ def member_remove(request: HttpRequest, slug: str, username: str) -> HttpRespons
 
 
 def _visible_or_404(request: HttpRequest, slug: str) -> tuple[Room, Membership | None]:
-    visible = selectors.room_visible(slug=slug, user=request.user)
+    visible = selectors.room_visible(slug=slug, user=authenticated_user(request))
     if visible is None:  # missing, or private to this user: both look the same
         raise Http404("No such room.")
     return visible

@@ -29,6 +29,12 @@ class SyncAndAsync:
     def __call__(self, request: HttpRequest):
         return self._acall(request) if self.async_mode else self._call(request)
 
+    def _call(self, request: HttpRequest) -> HttpResponse:
+        raise NotImplementedError
+
+    async def _acall(self, request: HttpRequest) -> HttpResponse:
+        raise NotImplementedError
+
 
 class ResponseMiddleware(SyncAndAsync):
     """A middleware that only adds to the response, in either chain; `finish` says what."""

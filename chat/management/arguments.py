@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.core.management.base import CommandError, OutputWrapper
 
 from chat.models import Room
@@ -26,7 +26,7 @@ def room_named(slug: str) -> Room:
     return room
 
 
-def user_named(username: str) -> AbstractBaseUser:
+def user_named(username: str) -> User:
     user = get_user_model().objects.filter(username=username).first()
     if user is None:
         raise CommandError(f'There is no user "{username}". Check the name, or create the user first.')
