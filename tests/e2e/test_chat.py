@@ -12,7 +12,7 @@ from playwright.async_api import expect
 
 from chat import services
 from chat.models import Message, Room
-from tests.e2e.conftest import (
+from tests.e2e.helpers import (
     RECONNECT_TIMEOUT_MS,
     expect_live,
     expect_messages,
@@ -22,7 +22,7 @@ from tests.e2e.conftest import (
     sign_in_by_form,
 )
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio(loop_scope="session")]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio(loop_scope="session"), pytest.mark.slow]
 
 
 async def test_sign_up_create_a_room_and_chat_live_with_the_room_only(server, browsers, other_user, third_user, room):

@@ -8,7 +8,7 @@ from playwright.async_api import Page, expect
 
 from chat import services
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio(loop_scope="session")]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio(loop_scope="session"), pytest.mark.slow]
 
 PATTERNS = ("short", "long", "socket")
 SENT = {

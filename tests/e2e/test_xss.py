@@ -8,9 +8,9 @@ from django.contrib.auth import get_user_model
 from playwright.async_api import Page, expect
 
 from chat import services
-from tests.e2e.conftest import expect_live, open_room, send
+from tests.e2e.helpers import expect_live, open_room, send
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio(loop_scope="session")]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio(loop_scope="session"), pytest.mark.slow]
 
 
 def payload(where: str) -> str:
