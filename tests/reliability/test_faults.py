@@ -36,7 +36,7 @@ from redis.exceptions import RedisError
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from bench.serverprocess import ServerProcess
-from chat import fanout, services
+from chat import fanout, protocol, services
 from chat.models import Message, Room
 from tests.helpers import session_cookie
 from tests.servers import ASGI_ERROR_MARKERS, assert_no_app_errors
@@ -485,8 +485,10 @@ async def test_redis_killed_and_restarted_under_load_loses_nothing(cluster_on_ow
             await load.stop()
         numbers = await check_nothing_lost(load, last_seq)
 
-    # Every socket was told to resume when the subscription was lost.
+    # Every socket was told to resume when the subscription was lost, with the code the hub sent.
     assert closed_during == CLIENTS, f"only {closed_during} clients were disconnected\n{load.describe()}"
+    codes = Counter(code for c in load.clients for at, code in c.closes if at > killed_at)
+    assert set(codes) == {protocol.CLOSE_SERVICE_RESTART}, f"close codes {dict(codes)}\n{load.describe()}"
     assert recovery <= RECOVERY_LIMIT
     assert_logged_once_per_server(servers, "Fan-out lost its channel-layer subscription")
     assert_logged_once_per_server(servers, "The channel layer (Redis) is unreachable")
@@ -525,6 +527,8 @@ async def test_redis_frozen_keeps_pages_answering_and_clients_recover(cluster_on
 
     assert max(latencies) < 3, f"GET / took up to {max(latencies):.1f} s while Redis was frozen"
     assert max(told) < 6, f"sockets were closed {sorted(told)} s into the freeze"
+    codes = Counter(code for c in load.clients for at, code in c.closes if at > frozen_at)
+    assert set(codes) == {protocol.CLOSE_SERVICE_RESTART}, f"close codes {dict(codes)}\n{load.describe()}"
     assert recovery <= RECOVERY_LIMIT
     assert_logged_once_per_server(servers, "Fan-out lost its channel-layer subscription")
     report(
