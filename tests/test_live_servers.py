@@ -74,18 +74,18 @@ async def test_message_sent_to_one_server_process_reaches_a_socket_on_another(
     assert await stored_messages(other_room) == []
 
 
-async def test_socket_idle_longer_than_redis_socket_timeout_still_receives(
+async def test_sockets_idle_for_7_seconds_still_receive_on_both_processes(
     cluster, sockets, user, other_user, room, alice_cookie, bob_cookie
 ):
-    """Sockets idle for 7 s (longer than redis-py's 5 s default socket_timeout) still receive, on both processes.
+    """After 7 s of silence a message still reaches sockets on its own process and on another.
 
-    Written to guard the channel layer's Redis host settings (settings.py:
-    socket_timeout 30, keepalive, health checks). It does not: with those
-    removed (redis-py defaults) it passes, because the hub publishes a probe to
-    its own channel every second, so no channel-layer connection is ever idle,
-    and the pub/sub reader reads with its own 0.1 s timeout, not socket_timeout.
-    It fails when the channel layer's Redis reads time out (socket_timeout
-    0.001: the hub loses its subscription and closes the sockets with 1012).
+    This guards no setting. It was written for the channel layer's Redis host
+    settings (settings.py: socket_timeout 30, keepalive, health checks), but it
+    passes with all of them removed (redis-py's 5 s socket_timeout), on uvicorn
+    and on daphne: the hub publishes a probe to its own channel every second, so
+    no channel-layer connection is idle, and channels_redis's pub/sub reader reads
+    with a timeout of its own (0.1 s), not socket_timeout. What it does guard is
+    the hub's subscription living through a quiet spell, on both processes.
     """
     server1, server2 = await cluster.start(2)
     alice, _, _ = await sockets.join(server1, alice_cookie, room.slug)
