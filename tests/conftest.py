@@ -2,18 +2,19 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.conf import settings
-from django.test import Client
 
 from chat import services
 from chat.models import Room
 from chatsite.asgi import application
+from tests.helpers import session_cookie
+from tests.servers import ServerCluster, Sockets
 
 # A prefix of its own keeps this run's pub/sub traffic apart from a site, or
 # another test run, using the same Redis.
@@ -71,12 +72,6 @@ def private_room(user, other_user) -> Room:
     return room
 
 
-def session_cookie(user) -> str:
-    client = Client()
-    client.force_login(user)
-    return client.cookies[settings.SESSION_COOKIE_NAME].value
-
-
 @pytest.fixture
 async def ws_connect() -> AsyncIterator[Callable]:
     """Open sockets through the full ASGI stack (origin check, auth, routing); closed at teardown."""
@@ -111,6 +106,42 @@ async def ws_connect() -> AsyncIterator[Callable]:
         # cancels the application) must not fail the teardown as well.
         if not communicator.future.done():
             await communicator.disconnect()
+
+
+# --------------------------------------------------------------------------
+# Server processes and real WebSocket clients (tests/servers.py)
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cluster(transactional_db, tmp_path) -> Iterator[ServerCluster]:
+    """Server processes as the README runs them (uvicorn); each test's own, killed at teardown."""
+    # Depending on transactional_db makes these servers die before the database
+    # is flushed (or dropped), so they never hold it open.
+    servers = ServerCluster(tmp_path)
+    try:
+        yield servers
+    finally:
+        servers.kill_all()
+
+
+@pytest.fixture
+async def sockets(cluster) -> AsyncIterator[Sockets]:
+    opened = Sockets(cluster.logs)
+    try:
+        yield opened
+    finally:
+        await opened.close_all()
+
+
+@pytest.fixture
+def alice_cookie(user) -> str:
+    return session_cookie(user)
+
+
+@pytest.fixture
+def bob_cookie(other_user) -> str:
+    return session_cookie(other_user)
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:

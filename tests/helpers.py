@@ -1,10 +1,20 @@
-"""Helpers the WebSocket tests share (fixtures live in conftest.py)."""
+"""Helpers the tests share (fixtures live in conftest.py; server processes in servers.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 from collections.abc import Callable
+
+from django.conf import settings
+from django.test import Client
+
+
+def session_cookie(user) -> str:
+    """Return the value of a session cookie signed in as `user`."""
+    client = Client()
+    client.force_login(user)
+    return client.cookies[settings.SESSION_COOKIE_NAME].value
 
 
 async def receive(communicator, timeout: float = 3, *, presence: bool = False) -> dict:

@@ -12,11 +12,13 @@ import io
 import json
 import struct
 
+import pytest
 from django.core.management import call_command
 
 from bench import client, report
 
 
+@pytest.mark.slow  # starts server processes
 def test_chatbench_smoke_run_delivers_every_stored_message_once_to_every_socket(tmp_path):
     out_path = tmp_path / "report.json"
     stdout = io.StringIO()
@@ -52,6 +54,7 @@ def test_chatbench_smoke_run_delivers_every_stored_message_once_to_every_socket(
     assert "delivered" in stdout.getvalue()  # the table header
 
 
+@pytest.mark.slow  # starts server processes
 def test_chatbench_rerun_signs_its_users_in_again_and_its_baseline_delivers_everything(tmp_path):
     options = dict(sockets=4, senders=2, rate=5, duration=2, warmup=0.5, max_seconds=80, stdout=io.StringIO())
     database_url = f"sqlite:///{tmp_path}/bench.sqlite3"

@@ -158,9 +158,16 @@ def test_message_body_with_html_is_rendered_escaped(client, user, room):
 def test_room_name_and_topic_with_html_are_rendered_escaped(client, user):
     services.room_create(slug="xss", name=XSS, topic=XSS[:100], created_by=user)
     client.force_login(user)
-    for url in (reverse("room-list"), reverse("room-detail", args=["xss"])):
+    escaped = "&lt;img src=x onerror=alert(1)&gt;&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;"
+    shown = {
+        reverse("room-list"): [r'class="room-name"[^>]*>(.*?)</a>', r'class="room-topic">(.*?)</p>'],
+        reverse("room-detail", args=["xss"]): [r'id="room-title">(.*?)</h1>', r'class="room-topic">(.*?)</p>'],
+    }
+    for url, patterns in shown.items():
         content = client.get(url).content.decode()
         assert "<script>alert" not in content and "<img src=x" not in content
+        for pattern in patterns:  # the name and the topic, each shown as text: its escaped form
+            assert [match.strip() for match in re.findall(pattern, content, re.S)] == [escaped], (url, pattern)
 
 
 def test_page_script_is_served_and_never_uses_inner_html():

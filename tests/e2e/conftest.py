@@ -1,15 +1,16 @@
-"""Browser end-to-end tests: real Chromium pages against real daphne processes.
+"""Browser end-to-end tests: real Chromium pages against real uvicorn processes.
 
 One Chromium (Debian's, driven by Playwright) serves the whole session; each
 test gets fresh browser contexts (separate cookie jars: one per person) and
-its own daphne processes, configured like production (DEBUG off, WhiteNoise,
-the Redis channel layer) on this run's test database. The tests are async and
+its own server processes, started as the README runs the site (uvicorn; see
+tests/servers.py) and configured like production (DEBUG off, WhiteNoise, the
+Redis channel layer) on this run's test database. The tests are async and
 share the session's event loop with the browser.
 
 Waits are bounded: Playwright calls and `expect` give up after TIMEOUT_MS
 unless a test passes a longer timeout for something it knows is slow (a
 server restart). When a test fails, every page it opened is saved as a
-screenshot under var/e2e-screenshots/.
+screenshot under var/e2e-screenshots/. The helpers the tests call are in helpers.py.
 """
 
 from __future__ import annotations
@@ -24,13 +25,12 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from channels.db import database_sync_to_async
 from django.conf import settings
-from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
+from playwright.async_api import Browser, BrowserContext, Page, async_playwright
 
 from bench.serverprocess import ServerProcess
-from tests.conftest import session_cookie
-from tests.test_live_servers import DaphneCluster
+from tests.e2e.helpers import TIMEOUT_MS, sign_in_by_cookie
+from tests.servers import ServerCluster
 
 CHROMIUM = os.environ.get("E2E_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -43,13 +43,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
     "--disable-quic",
 ]
-AXE_JS = Path(settings.BASE_DIR) / "node_modules" / "axe-core" / "axe.min.js"
 SCREENSHOT_DIR = Path(settings.BASE_DIR) / "var" / "e2e-screenshots"
-
-TIMEOUT_MS = 5_000  # any single wait: a click, a navigation, an expect
-RECONNECT_TIMEOUT_MS = 20_000  # the page's reconnect backoff after a server was down for a few seconds
-
-expect.set_options(timeout=TIMEOUT_MS)
 
 
 # --------------------------------------------------------------------------
@@ -112,14 +106,9 @@ async def browser() -> AsyncIterator[Browser]:
 
 
 @pytest.fixture
-def cluster(collected_static, transactional_db, tmp_path) -> DaphneCluster:
-    # Like test_live_servers' `daphne` fixture: depending on transactional_db
-    # makes the servers die before the database is flushed or dropped.
-    servers = DaphneCluster(tmp_path)
-    try:
-        yield servers
-    finally:
-        servers.kill_all()
+def cluster(collected_static, cluster) -> ServerCluster:
+    """tests/conftest.py's `cluster`, serving the collected static files."""
+    return cluster
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -133,7 +122,7 @@ class Browsers:
     """The browser contexts (people) of one test; each page's errors are kept for failure reports."""
 
     browser: Browser
-    cluster: DaphneCluster
+    cluster: ServerCluster
     contexts: list[BrowserContext] = field(default_factory=list)
     errors: dict[Page, list[str]] = field(default_factory=dict)
 
@@ -191,67 +180,3 @@ async def save_screenshots(test_name: str, people: Browsers) -> None:
             print(f"e2e: no screenshot of {page.url}: {error!r}")
         for line in people.errors.get(page, []):
             print(f"e2e: {page.url}: {line}")
-
-
-# --------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------
-
-
-async def sign_in_by_cookie(context: BrowserContext, user, server: ServerProcess) -> None:
-    cookie = await database_sync_to_async(session_cookie)(user)
-    # Cookies ignore ports: one cookie serves every server process on 127.0.0.1.
-    await context.add_cookies([{"name": settings.SESSION_COOKIE_NAME, "value": cookie, "url": server.origin}])
-
-
-async def sign_in_by_form(page: Page, server: ServerProcess, username: str, password: str) -> None:
-    await page.goto(f"{server.origin}/accounts/login/")
-    await page.fill("#id_username", username)
-    await page.fill("#id_password", password)
-    await page.get_by_role("button", name="Log in", exact=True).click()
-    await expect(page).to_have_url(f"{server.origin}/")
-    await expect(page.locator(".whoami")).to_contain_text(username)
-
-
-async def open_room(page: Page, server: ServerProcess, slug: str) -> None:
-    """Open a room page and wait until its socket is live."""
-    await page.goto(f"{server.origin}/rooms/{slug}/")
-    await expect_live(page)
-
-
-async def expect_live(page: Page, timeout: float = TIMEOUT_MS) -> None:
-    await expect(page.locator("#connection-state")).to_have_attribute("data-state", "live", timeout=timeout)
-
-
-async def send(page: Page, body: str) -> None:
-    """Type a message (Shift+Enter for its line breaks) and press Enter; wait until the server acknowledged it."""
-    box = page.locator("#message-input")
-    await box.click()
-    for number, line in enumerate(body.split("\n")):
-        if number:
-            await box.press("Shift+Enter")
-        await page.keyboard.insert_text(line)
-    await box.press("Enter")
-    await expect(page.locator("#messages li.message.pending")).to_have_count(0)
-
-
-async def shown_messages(page: Page) -> list[tuple[int, str]]:
-    """(seq, body text) of every acknowledged message on the page, in page order."""
-    shown = await page.locator("#messages li.message[data-seq]").evaluate_all(
-        "items => items.map(item => [Number(item.dataset.seq), item.querySelector('.body').textContent])"
-    )
-    return [(seq, body) for seq, body in shown]
-
-
-async def expect_messages(page: Page, expected: list[tuple[int, str]], timeout: float = TIMEOUT_MS) -> None:
-    """Wait until the page shows exactly these (seq, body) messages, in this order."""
-    items = page.locator("#messages li.message[data-seq]")
-    await expect(items).to_have_count(len(expected), timeout=timeout)
-    await expect(items.locator(".body")).to_have_text([body for _, body in expected])
-    shown = await shown_messages(page)
-    assert shown == expected
-
-
-async def horizontal_overflow(page: Page) -> tuple[int, int]:
-    """(document scroll width, viewport width): the page overflows sideways when the first is larger."""
-    return tuple(await page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]"))

@@ -12,7 +12,7 @@ from playwright.async_api import expect
 
 from chat import services
 from chat.models import Message, Room
-from tests.e2e.conftest import (
+from tests.e2e.helpers import (
     RECONNECT_TIMEOUT_MS,
     expect_live,
     expect_messages,
@@ -22,7 +22,7 @@ from tests.e2e.conftest import (
     sign_in_by_form,
 )
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio(loop_scope="session")]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio(loop_scope="session"), pytest.mark.slow]
 
 
 async def test_sign_up_create_a_room_and_chat_live_with_the_room_only(server, browsers, other_user, third_user, room):
@@ -57,10 +57,11 @@ async def test_sign_up_create_a_room_and_chat_live_with_the_room_only(server, br
     # bob sees it live, by dave ...
     await expect_messages(bob, [(1, "Welcome to the book club!")])
     await expect(bob.locator("#messages li.message .author")).to_have_text(["dave"])
-    # ... and carol, live in her own room all along, never does.
-    await carol.wait_for_timeout(1000)
+    # ... and carol, live in her own room all along, never does: a message to her room, published
+    # after dave's had reached bob, reaches her, and dave's did not come before it.
     await expect_live(carol)
-    await expect(carol.locator("#messages li.message")).to_have_count(0)
+    await database_sync_to_async(services.message_create)(room=room, author=other_user, body="meanwhile in general")
+    await expect_messages(carol, [(1, "meanwhile in general")])
     await expect(carol.locator("#messages")).not_to_contain_text("book club")
 
 
@@ -81,12 +82,15 @@ async def test_reloading_shows_the_history_once_and_in_order(server, browsers, u
     await expect_messages(alice, expected)
     await expect_messages(bob, expected)
 
-    for page in (alice, bob):
+    for page, other in ((alice, bob), (bob, alice)):
         await page.reload()
         await expect_live(page)
         await expect_messages(page, expected)
-        await page.wait_for_timeout(500)  # a replay after "live" would show up as duplicates here
-        assert await shown_messages(page) == expected
+        # A replay after "live" would show up as duplicates: it would come before a message sent after it.
+        marker = f"after the reload of page {len(expected)}"
+        await send(other, marker)
+        expected.append((len(expected) + 1, marker))
+        await expect_messages(page, expected)
         await expect(page.locator("#messages li.message.pending")).to_have_count(0)
 
 

@@ -9,9 +9,9 @@ import re
 import pytest
 from playwright.async_api import expect
 
-from tests.e2e.conftest import RECONNECT_TIMEOUT_MS, expect_live, expect_messages, open_room, send
+from tests.e2e.helpers import RECONNECT_TIMEOUT_MS, expect_live, expect_messages, open_room, send
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio(loop_scope="session")]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio(loop_scope="session"), pytest.mark.slow]
 
 
 class UpgradeStrippingProxy:

@@ -10,7 +10,7 @@ from channels.db import database_sync_to_async
 from playwright.async_api import Page, expect
 
 from chat import services
-from tests.e2e.conftest import (
+from tests.e2e.helpers import (
     AXE_JS,
     TIMEOUT_MS,
     expect_live,
@@ -20,7 +20,7 @@ from tests.e2e.conftest import (
     send,
 )
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio(loop_scope="session")]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio(loop_scope="session"), pytest.mark.slow]
 
 LONG_WORD = "a" * 300
 HOSTILE = (

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import re
+import time
+
 import pytest
 from channels.db import database_sync_to_async
-from playwright.async_api import Page, expect
+from playwright.async_api import Page, Request, expect
 
 from chat import services
+from tests.e2e.helpers import TIMEOUT_MS
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio(loop_scope="session")]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio(loop_scope="session"), pytest.mark.slow]
 
 PATTERNS = ("short", "long", "socket")
 SENT = {
@@ -31,10 +36,42 @@ async def counters(page: Page) -> dict[str, int]:
     }
 
 
+class LongPolls:
+    """The page's /poll requests, as the browser makes them: how many started, which are still open."""
+
+    def __init__(self, page: Page) -> None:
+        self.started = 0
+        self.open: set[Request] = set()
+        page.on("request", self._start)
+        page.on("requestfinished", self._end)
+        page.on("requestfailed", self._end)
+
+    def _start(self, request: Request) -> None:
+        if "/poll?" in request.url:
+            self.started += 1
+            self.open.add(request)
+
+    def _end(self, request: Request) -> None:
+        self.open.discard(request)
+
+    def waiting(self) -> bool:
+        """A long request (not the first, 1 s one) is open at the server."""
+        return any(int(re.search(r"[?&]timeout=(\d+)", request.url).group(1)) > 1 for request in self.open)
+
+
+async def long_poll_waiting(page: Page, polls: LongPolls) -> None:
+    """Return once a long-poll is waiting at the server and the long panel's counter shows every request."""
+    deadline = time.monotonic() + TIMEOUT_MS / 1000
+    while not (polls.waiting() and (await counters(page))["long"] == polls.started):
+        assert time.monotonic() < deadline, f"no long-poll waiting: {polls.started} started, {await counters(page)}"
+        await asyncio.sleep(0.05)  # polling the condition until the deadline
+
+
 async def test_each_path_sends_every_panel_shows_each_message_once_and_the_costs_differ(
     server, browsers, user, other_user, room
 ):
     alice = await browsers.new_page(user)
+    polls = LongPolls(alice)
     await alice.goto(f"{server.origin}/rooms/{room.slug}/patterns/?interval=1")
     await expect(panel(alice, "socket")).to_have_attribute("data-state", "live")
     await expect(panel(alice, "short")).to_have_attribute("data-state", "polling")
@@ -62,9 +99,9 @@ async def test_each_path_sends_every_panel_shows_each_message_once_and_the_costs
         assert -50 < median <= p95 < 3000, f"{pattern}: median {median} ms, p95 {p95} ms"
 
     # Idle: the short poll keeps asking; the long-poll waits (25 s) and the socket is silent.
-    await alice.wait_for_timeout(1000)  # the long-poll re-asks right after each answer
+    await long_poll_waiting(alice, polls)  # it re-asks right after each answer
     before = await counters(alice)
-    await alice.wait_for_timeout(3200)
+    await alice.wait_for_timeout(3200)  # the scenario: 3.2 s idle, over three short-poll intervals
     after = await counters(alice)
     assert after["short"] >= before["short"] + 2, (before, after)
     assert after["long"] == before["long"], (before, after)
