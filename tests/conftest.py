@@ -36,6 +36,10 @@ for name, value in (("CHAT_MESSAGE_RATE_LIMIT", 100_000), ("CHAT_MAX_SOCKETS_PER
     os.environ[name] = str(value)
     setattr(settings, name, value)
 
+# Each user fixture hashes a password; at Django's 1,000,000 iterations that
+# was most of a fast test's time.
+settings.PASSWORD_HASHERS = ["tests.helpers.FastPBKDF2PasswordHasher", *settings.PASSWORD_HASHERS]
+
 ORIGIN = "http://localhost"
 
 
