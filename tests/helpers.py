@@ -8,6 +8,8 @@ from django.conf import settings
 from django.contrib.auth.hashers import PBKDF2PasswordHasher
 from django.test import Client
 
+ORIGIN = "http://localhost"  # the Origin header the in-process socket tests send
+
 
 class FastPBKDF2PasswordHasher(PBKDF2PasswordHasher):
     """Django's default hasher with few iterations, for the tests' users.
