@@ -13,7 +13,7 @@ from django.conf import settings
 from chat import services
 from chat.models import Room
 from chatsite.asgi import application
-from tests.helpers import session_cookie
+from tests.helpers import ORIGIN, session_cookie
 from tests.servers import ServerCluster, Sockets
 
 # A prefix of its own keeps this run's pub/sub traffic apart from a site, or
@@ -36,7 +36,9 @@ for name, value in (("CHAT_MESSAGE_RATE_LIMIT", 100_000), ("CHAT_MAX_SOCKETS_PER
     os.environ[name] = str(value)
     setattr(settings, name, value)
 
-ORIGIN = "http://localhost"
+# Each user fixture hashes a password; at Django's 1,000,000 iterations that
+# was most of a fast test's time.
+settings.PASSWORD_HASHERS = ["tests.helpers.FastPBKDF2PasswordHasher", *settings.PASSWORD_HASHERS]
 
 
 @pytest.fixture

@@ -7,7 +7,21 @@ import json
 from collections.abc import Callable
 
 from django.conf import settings
+from django.contrib.auth.hashers import PBKDF2PasswordHasher
 from django.test import Client
+
+ORIGIN = "http://localhost"  # the Origin header the in-process socket tests send
+
+
+class FastPBKDF2PasswordHasher(PBKDF2PasswordHasher):
+    """Django's default hasher with few iterations, for the tests' users.
+
+    The hashes keep the "pbkdf2_sha256" name and carry their iteration count,
+    so the server processes the live tests start (which use the default
+    hashers) still check these passwords.
+    """
+
+    iterations = 1_000
 
 
 def session_cookie(user) -> str:

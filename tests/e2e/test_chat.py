@@ -140,15 +140,22 @@ async def test_reconnecting_after_a_restart_and_a_dropped_socket_shows_missed_me
     for body in ("while offline 1", "while offline 2", "while offline 3"):
         await send(bob, body)
     expected += [(5, "while offline 1"), (6, "while offline 2"), (7, "while offline 3")]
-    await alice.wait_for_timeout(1500)  # the page retries meanwhile, and fails
+    # The page retries meanwhile, and fails: a socket opened after going offline has closed.
+    await alice.wait_for_function(
+        "opened => window.__sockets.length > opened && window.__sockets.at(-1).readyState === WebSocket.CLOSED",
+        arg=await alice.evaluate("window.__sockets.length"),
+        timeout=RECONNECT_TIMEOUT_MS,
+    )
     await expect(state).to_have_attribute("data-state", "reconnecting")
     assert await shown_messages(alice) == expected[:4]
     await alice.context.set_offline(False)
     await expect_live(alice, timeout=RECONNECT_TIMEOUT_MS)
     await expect_messages(alice, expected)
 
-    await alice.wait_for_timeout(500)  # nothing arrives twice late
-    assert await shown_messages(alice) == expected
+    # Nothing arrives twice late: a late copy would come before a message bob sends now.
+    await send(bob, "after alice is back")
+    expected.append((8, "after alice is back"))
+    await expect_messages(alice, expected)
     await expect_messages(bob, expected)
 
 
@@ -242,8 +249,11 @@ async def test_a_message_stored_but_never_published_appears_once_the_next_one_re
     await open_room(bob, server, room.slug)
 
     await store_without_publishing(room, user, "its process died before publishing it")
-    await alice.wait_for_timeout(500)
-    await expect(alice.locator("#messages li.message")).to_have_count(0)  # nobody was told
+    # Nobody was told: bob's typing notice, sent after the store, reaches alice with nothing before it.
+    await bob.locator("#message-input").press_sequentially("x")
+    await expect(alice.locator("#typing")).to_contain_text(other_user.username)
+    await expect(alice.locator("#messages li.message")).to_have_count(0)
+    await bob.locator("#message-input").fill("")
     await send(bob, "the next message")
     expected = [(1, "its process died before publishing it"), (2, "the next message")]
     await expect_messages(alice, expected)  # the page asked for the hole

@@ -28,8 +28,7 @@ from websockets.exceptions import ConnectionClosed
 from chat import protocol, services
 from chat.models import Message
 from chatsite.asgi import application
-from tests.conftest import ORIGIN
-from tests.helpers import joined, receive, send, session_cookie
+from tests.helpers import ORIGIN, joined, receive, send, session_cookie
 from tests.servers import FRAME_TIMEOUT
 
 pytestmark = pytest.mark.django_db(transaction=True)
