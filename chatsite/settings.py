@@ -176,8 +176,10 @@ if CHANNEL_LAYER == "redis":
                 "hosts": [
                     {
                         "address": REDIS_URL,
-                        # redis-py 8 defaults socket_timeout to 5 s and caps the
-                        # async pool at 100 connections; both must be explicit.
+                        # redis-py 8 caps the async pool at 100 connections. The
+                        # timeout bounds a read from a Redis that stopped answering
+                        # (pub/sub reads poll every 0.1 s, and the hub's probes keep a
+                        # quiet room's connection busy, so idleness never meets it).
                         "socket_timeout": 30,
                         "socket_connect_timeout": 5,
                         "socket_keepalive": True,

@@ -13,6 +13,8 @@ from channels.db import database_sync_to_async
 from django.core.management import CommandError, call_command
 from django.db import OperationalError
 from django.test import AsyncClient, Client
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from chat import api, ephemeral, fanout, longpoll, realtime, services
 from chat.models import ApiToken, Membership, Message, Room
@@ -289,7 +291,8 @@ def test_healthz_is_200_when_database_and_redis_answer(client):
 
 
 def test_healthz_is_503_and_names_redis_when_redis_is_down(client, monkeypatch):
-    monkeypatch.setattr(ephemeral, "_sync_client", redis.Redis(port=1, socket_connect_timeout=1))
+    nothing_there = redis.Redis(port=1, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
+    monkeypatch.setattr(ephemeral, "_sync_client", nothing_there)
     response = client.get("/healthz")
     assert response.status_code == 503
     assert response.json()["database"] == "ok" and response.json()["redis"].startswith("error")
@@ -398,6 +401,7 @@ async def test_poll_without_credentials_is_401(room):
     assert (response.status_code, response.json()["error"]["code"]) == (401, "not_authenticated")
 
 
+@pytest.mark.slow
 async def test_two_hundred_concurrent_polls_all_get_the_one_message(poll_reads, user, bob_secret, room):
     polls = [asyncio.ensure_future(poll(bob_secret, "after=0&timeout=20")) for _ in range(200)]
     await polls_waiting(room, poll_reads, 200, timeout=20)

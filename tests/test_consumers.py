@@ -372,6 +372,7 @@ async def test_socket_that_falls_too_far_behind_is_closed_with_1013(ws_connect, 
     assert len(outputs) - 1 < 40  # it did not wait to deliver everything
 
 
+@pytest.mark.slow
 async def test_a_quiet_room_keeps_its_subscription_and_still_receives_after_redis_timeouts(
     ws_connect, user, other_user, room
 ):
@@ -411,6 +412,7 @@ async def test_typing_reaches_the_others_and_is_not_echoed(ws_connect, user, oth
     assert await silent(alice, 0.5)
 
 
+@pytest.mark.slow
 async def test_typing_is_relayed_at_most_once_per_two_seconds(ws_connect, user, other_user, room, no_typing_claims):
     bob = await joined(ws_connect, other_user, room)
     alice = await joined(ws_connect, user, room)
