@@ -9,7 +9,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from chat import ephemeral, fanout, presence, protocol, realtime, selectors, services, validation
+from chat import ephemeral, fanout, presence, protocol, realtime, selectors, serversend, services, validation
 from chat.models import Room
 from chat.validation import ChatError
 
@@ -42,6 +42,8 @@ class RoomConsumer(AsyncWebsocketConsumer):
     async def connect(self) -> None:
         try:
             await self.join()
+        except serversend.CLIENT_GONE:
+            return  # the client left during the handshake; disconnect() cleans up
         except LAYER_ERRORS as error:
             # Redis is away: nothing was stored for this socket, and the client
             # resumes from the database once it is back.
@@ -169,6 +171,8 @@ class RoomConsumer(AsyncWebsocketConsumer):
             return
         try:
             await self.handle(command)
+        except serversend.CLIENT_GONE:
+            return  # the client left; disconnect() cleans up
         except LAYER_ERRORS as error:
             # A saved message is safe whatever happens here (it is published
             # after its commit, robustly); the client reconnects and resumes.

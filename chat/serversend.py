@@ -23,6 +23,13 @@ logger = logging.getLogger(__name__)
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
+try:  # uvicorn raises this from `send` once the client has gone; it is an OSError, like a Redis socket's
+    from uvicorn.protocols.utils import ClientDisconnected
+
+    CLIENT_GONE: tuple[type[Exception], ...] = (ClientDisconnected,)
+except ImportError:  # pragma: no cover - uvicorn is pinned in requirements.txt
+    CLIENT_GONE = ()
+
 
 @dataclass(frozen=True)
 class SendMode:

@@ -11,6 +11,7 @@ from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.conf import settings
 from django.test import Client
+from uvicorn.protocols.utils import ClientDisconnected
 
 from chat import ephemeral, fanout, protocol, realtime, selectors, services
 from chat.models import Membership, Message, Room
@@ -694,3 +695,23 @@ async def test_an_import_makes_the_rooms_open_sockets_resume_and_they_get_every_
     replayed, ready = await receive_until_ready(again)
     assert [frame["message"]["body"] for frame in replayed] == ["imported 1", "imported 2", "imported 3"]
     assert ready["last_seq"] == 4
+
+
+async def test_a_client_gone_during_the_resume_is_not_taken_for_a_redis_outage(ws_connect, user, room, caplog):
+    async def app_whose_client_leaves(scope, receive, send):
+        """The site, behind a server whose client vanished: uvicorn's send raises ClientDisconnected (an OSError)."""
+
+        async def send_to_nobody(event):
+            if event["type"] == "websocket.send":
+                raise ClientDisconnected()
+            await send(event)
+
+        await application(scope, receive, send_to_nobody)
+
+    await post(room, user, "replayed to nobody")
+    _, connected = await ws_connect(user, room, after=0, app=app_whose_client_leaves)
+    assert connected
+    bob = await joined(ws_connect, user, room, after=1)  # the site still serves
+    await post(room, user, "live")
+    assert (await receive(bob))["message"]["body"] == "live"
+    assert "unreachable" not in caplog.text

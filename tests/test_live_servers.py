@@ -23,7 +23,7 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 from websockets.exceptions import ConnectionClosed
 
-from chat import services, tokens
+from chat import services
 from tests.servers import FRAME_TIMEOUT, stored_messages, summary, ws_url
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
@@ -281,7 +281,7 @@ async def test_the_docs_bot_follows_a_room_by_long_poll_and_answers(
     cluster, sockets, tmp_path, user, other_user, room, alice_cookie
 ):
     (server,) = await cluster.start(1)
-    secret = await database_sync_to_async(lambda: tokens.token_create(user=other_user, name="pingbot")[1])()
+    secret = await database_sync_to_async(lambda: services.token_create(user=other_user, name="pingbot")[1])()
     alice, _, _ = await sockets.join(server, alice_cookie, room.slug)
     bot_path = tmp_path / "pingbot.py"
     bot_path.write_text(docs_bot_code())
