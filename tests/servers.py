@@ -11,6 +11,7 @@ prefix. Daphne stays supported: `ServerCluster(kind="daphne")`, or
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -328,3 +329,55 @@ class RedisServer:
             return self.log_path.read_text(errors="replace")[-2000:]
         except OSError:
             return ""
+
+
+# --------------------------------------------------------------------------
+# A TCP proxy in front of one server
+# --------------------------------------------------------------------------
+
+
+class TcpProxy:
+    """A reverse proxy in front of one server; `forward(head)` sees (and may rewrite) each connection's request head."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener: asyncio.Server | None = None
+
+    @property
+    def origin(self) -> str:
+        assert self.listener is not None, "start() the proxy first"
+        return f"http://127.0.0.1:{self.listener.sockets[0].getsockname()[1]}"
+
+    async def start(self) -> None:
+        self.listener = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+
+    async def close(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+
+    def forward(self, head: bytes) -> bytes:
+        """Return the request head to send on (the first request of a connection, up to its blank line)."""
+        return head
+
+    def forwarded(self, head: bytes) -> None:
+        """Called once the head has reached the server."""
+
+    async def serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        try:
+            head = self.forward(await client_reader.readuntil(b"\r\n\r\n"))
+            server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except (asyncio.IncompleteReadError, OSError):
+            client_writer.close()
+            return
+        server_writer.write(head)
+        await server_writer.drain()
+        self.forwarded(head)
+        await asyncio.gather(_pipe(client_reader, server_writer), _pipe(server_reader, client_writer))
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    writer.close()

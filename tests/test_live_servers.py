@@ -10,7 +10,6 @@ Two of them also run on daphne, and on a uvicorn and a daphne sharing Redis (PAI
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import sys
@@ -24,7 +23,7 @@ from django.conf import settings
 from websockets.exceptions import ConnectionClosed
 
 from chat import services
-from tests.servers import FRAME_TIMEOUT, stored_messages, summary, ws_url
+from tests.servers import FRAME_TIMEOUT, TcpProxy, stored_messages, summary, ws_url
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -230,51 +229,23 @@ def docs_bot_code() -> str:
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
-class RequestWatchingProxy:
-    """A TCP proxy in front of one server that remembers the request line of each connection it forwards."""
+class RequestWatchingProxy(TcpProxy):
+    """A proxy that remembers the request line of each connection it forwards."""
 
     def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
+        super().__init__(target_port)
         self.requests: list[str] = []
         self.arrived = asyncio.Event()
-        self.listener: asyncio.Server | None = None
 
-    @property
-    def origin(self) -> str:
-        return f"http://127.0.0.1:{self.listener.sockets[0].getsockname()[1]}"
-
-    async def start(self) -> None:
-        self.listener = await asyncio.start_server(self.serve, "127.0.0.1", 0)
-
-    async def close(self) -> None:
-        self.listener.close()
+    def forwarded(self, head: bytes) -> None:
+        self.requests.append(head.split(b"\r\n", 1)[0].decode(errors="replace"))
+        self.arrived.set()
 
     async def seen(self, fragment: str) -> None:
         """Return once a request whose line contains `fragment` has been passed on to the server."""
         while not any(fragment in line for line in self.requests):
             self.arrived.clear()
             await self.arrived.wait()
-
-    async def serve(self, client_reader, client_writer) -> None:
-        try:
-            head = await client_reader.readuntil(b"\r\n\r\n")
-            server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except (asyncio.IncompleteReadError, OSError):
-            client_writer.close()
-            return
-        server_writer.write(head)
-        await server_writer.drain()
-        self.requests.append(head.split(b"\r\n", 1)[0].decode(errors="replace"))
-        self.arrived.set()
-        await asyncio.gather(pipe(client_reader, server_writer), pipe(server_reader, client_writer))
-
-
-async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(OSError):
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    writer.close()
 
 
 async def test_the_docs_bot_follows_a_room_by_long_poll_and_answers(

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import re
 
 import pytest
 from playwright.async_api import expect
 
 from tests.e2e.helpers import RECONNECT_TIMEOUT_MS, expect_live, expect_messages, open_room, send
+from tests.servers import TcpProxy
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio(loop_scope="session"), pytest.mark.slow]
 
 
-class UpgradeStrippingProxy:
+class UpgradeStrippingProxy(TcpProxy):
     """A reverse proxy in front of one server that, while `stripping`, drops the Upgrade header.
 
     As some corporate proxies do: the server then sees a plain GET of the
@@ -22,43 +21,17 @@ class UpgradeStrippingProxy:
     """
 
     def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
+        super().__init__(target_port)
         self.stripping = True
         self.stripped = 0
-        self.listener: asyncio.Server | None = None
 
-    @property
-    def origin(self) -> str:
-        return f"http://127.0.0.1:{self.listener.sockets[0].getsockname()[1]}"
-
-    async def start(self) -> None:
-        self.listener = await asyncio.start_server(self.serve, "127.0.0.1", 0)
-
-    async def close(self) -> None:
-        self.listener.close()
-
-    async def serve(self, client_reader, client_writer) -> None:
+    def forward(self, head: bytes) -> bytes:
         # Chromium opens a connection of its own for each WebSocket, so the
         # first request on a connection is the only one that can be an upgrade.
-        try:
-            head = await client_reader.readuntil(b"\r\n\r\n")
-            if self.stripping and re.search(rb"(?im)^upgrade:\s*websocket", head):
-                head = re.sub(rb"(?im)^(upgrade|connection|sec-websocket-[a-z]+):[^\r\n]*\r\n", b"", head)
-                self.stripped += 1
-            server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except (asyncio.IncompleteReadError, OSError):
-            client_writer.close()
-            return
-        server_writer.write(head)
-        await asyncio.gather(pipe(client_reader, server_writer), pipe(server_reader, client_writer))
-
-
-async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(OSError):
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    writer.close()
+        if self.stripping and re.search(rb"(?im)^upgrade:\s*websocket", head):
+            self.stripped += 1
+            return re.sub(rb"(?im)^(upgrade|connection|sec-websocket-[a-z]+):[^\r\n]*\r\n", b"", head)
+        return head
 
 
 async def test_with_websockets_stripped_the_room_page_chats_by_long_poll_then_switches_back_losing_nothing(
