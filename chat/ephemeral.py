@@ -46,14 +46,35 @@ def _client_sync() -> redis.Redis:
             # Short: every caller fails open or reports, and a frozen Redis must not stall the
             # thread that all consumers' database work shares.
             settings.REDIS_URL,
-            socket_timeout=0.5,
-            socket_connect_timeout=0.5,
+            socket_timeout=settings.CHAT_REDIS_TIMEOUT,
+            socket_connect_timeout=settings.CHAT_REDIS_TIMEOUT,
             health_check_interval=15,
         )
     return _sync_client
 
 
 _warned_at = 0.0
+# Until when Redis counts as away: after a call timed out or failed, the next
+# ones go on without it at once for a moment, instead of each waiting out its
+# own timeout (a request makes several calls; they must not add up).
+AWAY_SECONDS = 1.0
+_away_until = 0.0
+
+
+def redis_away() -> bool:
+    """True for a moment after a call to Redis failed or timed out: skip Redis rather than wait on it."""
+    return time.monotonic() < _away_until
+
+
+def redis_failed() -> None:
+    global _away_until
+    _away_until = time.monotonic() + AWAY_SECONDS
+
+
+def redis_not_failed() -> None:
+    """Forget a recent failure: Redis is worth asking again now."""
+    global _away_until
+    _away_until = 0.0
 
 
 def _warn_once(message: str, every: float = 60.0) -> None:
@@ -94,10 +115,13 @@ def rate_limit(key: str, limit: int, window_s: int = 60) -> int:
             return max(1, math.ceil(hits[0] + window_s - now)) if hits else window_s
         hits.append(now)
         return 0
+    if redis_away():
+        return 0  # fail open, as below
     try:
         wait = float(_client_sync().eval(_RATE_LIMIT, 1, key, now, window_s, limit, f"{now}:{uuid.uuid4().hex[:8]}"))
     except redis.RedisError as error:
         # Fail open: a limit is not worth refusing every message while Redis is away.
+        redis_failed()
         _warn_once(f"Rate limits are not checked while Redis is unreachable: {error!r}")
         return 0
     return max(1, math.ceil(wait)) if wait > 0 else 0

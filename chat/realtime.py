@@ -14,10 +14,11 @@ from collections.abc import Callable
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
+from django.conf import settings
 from django.db import transaction
 from redis.exceptions import RedisError
 
-from chat import protocol
+from chat import ephemeral, protocol
 from chat.models import Message, Room
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,26 @@ def layer_back() -> None:
         logger.warning("The channel layer (Redis) answers again.")
 
 
+def _group_send(group: str, event: dict) -> None:
+    """Publish from sync code (a request, the shared database thread), giving up after CHAT_REDIS_TIMEOUT."""
+    async_to_sync(_group_send_now)(group, event)
+
+
+async def _group_send_now(group: str, event: dict) -> None:
+    """Publish, giving up after CHAT_REDIS_TIMEOUT: a frozen Redis must not hold a request or a thread.
+
+    What was saved stays saved either way; clients that miss the event get it
+    when they resume from the database.
+    """
+    if ephemeral.redis_away():
+        raise RedisError("Redis failed a moment ago; not waiting on it again yet.")
+    try:
+        await asyncio.wait_for(get_channel_layer().group_send(group, event), settings.CHAT_REDIS_TIMEOUT)
+    except LAYER_ERRORS:
+        ephemeral.redis_failed()
+        raise
+
+
 def room_group(room: Room | int) -> str:
     """Return the channel-layer group of a room (by pk, so slug renames are harmless)."""
     return f"room.{room if isinstance(room, int) else room.pk}"
@@ -95,7 +116,7 @@ def message_event(message: Message) -> dict:
 
 def publish_message(message: Message) -> None:
     """Send a committed message to every socket in its room, on every server process."""
-    async_to_sync(get_channel_layer().group_send)(room_group(message.room_id), message_event(message))
+    _group_send(room_group(message.room_id), message_event(message))
 
 
 def publish_change(message: Message) -> None:
@@ -106,39 +127,37 @@ def publish_change(message: Message) -> None:
         "change": message.change,
         "frame": protocol.change_payload(message),
     }
-    async_to_sync(get_channel_layer().group_send)(room_group(message.room_id), event)
+    _group_send(room_group(message.room_id), event)
 
 
 async def publish_presence(*, room_id: int, users: list[str]) -> None:
     """Tell every socket in the room who is online now."""
-    await get_channel_layer().group_send(room_group(room_id), {"type": PRESENCE_EVENT, "room": room_id, "users": users})
+    await _group_send_now(room_group(room_id), {"type": PRESENCE_EVENT, "room": room_id, "users": users})
 
 
 async def publish_typing(*, room_id: int, username: str) -> None:
     """Tell the room's other sockets that this user is typing (ephemeral: nothing is stored)."""
-    await get_channel_layer().group_send(room_group(room_id), {"type": TYPING_EVENT, "room": room_id, "user": username})
+    await _group_send_now(room_group(room_id), {"type": TYPING_EVENT, "room": room_id, "user": username})
 
 
 def publish_removal(*, room_id: int, username: str) -> None:
     """Close the sockets a user removed from a private room has open there, on every server process."""
-    async_to_sync(get_channel_layer().group_send)(
-        room_group(room_id), {"type": REMOVAL_EVENT, "room": room_id, "user": username}
-    )
+    _group_send(room_group(room_id), {"type": REMOVAL_EVENT, "room": room_id, "user": username})
 
 
 def publish_signed_out(*, session_key: str) -> None:
     """Close the sockets of a browser session that signed out, in every room, on every process."""
-    async_to_sync(get_channel_layer().group_send)(SESSIONS_GROUP, {"type": SIGNED_OUT_EVENT, "session": session_key})
+    _group_send(SESSIONS_GROUP, {"type": SIGNED_OUT_EVENT, "session": session_key})
 
 
 def publish_resync(*, room_id: int) -> None:
     """Make every socket in the room resume from the database (its history changed in bulk, e.g. an import)."""
-    async_to_sync(get_channel_layer().group_send)(room_group(room_id), {"type": RESYNC_EVENT, "room": room_id})
+    _group_send(room_group(room_id), {"type": RESYNC_EVENT, "room": room_id})
 
 
 def publish_room_closed(*, room_id: int) -> None:
     """Close every socket in the room, on every server process (it was archived)."""
-    async_to_sync(get_channel_layer().group_send)(room_group(room_id), {"type": ROOM_CLOSED_EVENT, "room": room_id})
+    _group_send(room_group(room_id), {"type": ROOM_CLOSED_EVENT, "room": room_id})
 
 
 def publish_history_cleared(*, room_id: int, through_seq: int, change: int) -> None:
@@ -149,4 +168,4 @@ def publish_history_cleared(*, room_id: int, through_seq: int, change: int) -> N
         "change": change,
         "frame": protocol.history_cleared_payload(through_seq, change),
     }
-    async_to_sync(get_channel_layer().group_send)(room_group(room_id), event)
+    _group_send(room_group(room_id), event)

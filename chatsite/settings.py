@@ -210,6 +210,9 @@ CHAT_SOCKET_MAX_BACKLOG = int(os.environ.get("CHAT_SOCKET_MAX_BACKLOG", "1000"))
 # Seconds after which a socket that stopped refreshing its presence (its
 # server process died) no longer counts as online; refreshed every third of it.
 CHAT_PRESENCE_TTL = float(os.environ.get("CHAT_PRESENCE_TTL", "45"))
+# Seconds a request or the shared database thread may wait on Redis (a publish,
+# a rate limit) before going on without it: what was saved stays saved.
+CHAT_REDIS_TIMEOUT = float(os.environ.get("CHAT_REDIS_TIMEOUT", "0.5"))
 
 LOGGING = {
     "version": 1,

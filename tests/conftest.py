@@ -10,7 +10,7 @@ from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.conf import settings
 
-from chat import services
+from chat import ephemeral, services
 from chat.models import Room
 from chatsite.asgi import application
 from tests.helpers import ORIGIN, session_cookie
@@ -39,6 +39,12 @@ for name, value in (("CHAT_MESSAGE_RATE_LIMIT", 100_000), ("CHAT_MAX_SOCKETS_PER
 # Each user fixture hashes a password; at Django's 1,000,000 iterations that
 # was most of a fast test's time.
 settings.PASSWORD_HASHERS = ["tests.helpers.FastPBKDF2PasswordHasher", *settings.PASSWORD_HASHERS]
+
+
+@pytest.fixture(autouse=True)
+def redis_not_away():
+    """A test that broke Redis must not leave the next one skipping it (chat/ephemeral.py's redis_away)."""
+    ephemeral.redis_not_failed()
 
 
 @pytest.fixture

@@ -657,3 +657,41 @@ async def test_a_socket_opened_while_redis_is_down_is_told_unavailable_then_work
         await ws.close()
     # Redis's absence is logged (with tracebacks from the layer's reader); no connection may raise out of the app.
     assert_no_app_errors(server, ASGI_ERROR_MARKERS)
+
+
+def api_post_seconds(server: ServerProcess, secret: str, slug: str, body: str) -> tuple[int, float]:
+    """POST a message through the API; return its status and how long the answer took."""
+    started = time.monotonic()
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        payload = json.dumps({"body": body, "nonce": uuid.uuid4().hex})
+        headers = {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"}
+        conn.request("POST", f"/api/rooms/{slug}/messages", payload, headers)
+        response = conn.getresponse()
+        response.read()
+    finally:
+        conn.close()
+    return response.status, time.monotonic() - started
+
+
+async def test_with_redis_frozen_an_api_post_is_stored_and_answered_within_a_second(
+    cluster_on_own_redis, own_redis, user
+):
+    def room_and_token() -> tuple[str, str]:
+        room = services.room_create(slug="frozen", name="Frozen", created_by=user)
+        return room.slug, services.token_create(user=user, name="frozen bot")[1]
+
+    slug, secret = await database_sync_to_async(room_and_token)()
+    (server,) = await cluster_on_own_redis.start(1)
+    assert (await asyncio.to_thread(api_post_seconds, server, secret, slug, "before"))[0] == 201
+    own_redis.freeze()
+    try:
+        answers = [await asyncio.to_thread(api_post_seconds, server, secret, slug, f"frozen {n}") for n in range(3)]
+    finally:
+        own_redis.thaw()
+    assert [status for status, _ in answers] == [201, 201, 201]
+    assert max(seconds for _, seconds in answers) < 1, answers
+    stored = await database_sync_to_async(
+        lambda: list(Message.objects.filter(room__slug=slug).values_list("body", flat=True))
+    )()
+    assert stored == ["before", "frozen 0", "frozen 1", "frozen 2"]
