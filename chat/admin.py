@@ -11,16 +11,15 @@ from typing import TYPE_CHECKING, TypedDict
 
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
-from django.contrib.auth.models import User
-from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db.models import OuterRef, QuerySet, Subquery
 from django.http import HttpRequest
 from django.template.response import TemplateResponse
 from django.utils.functional import cached_property
 
-from chat import presence, services
+from chat import ephemeral, services
 from chat.models import ApiToken, Membership, Message, Room
+from chat.views import authenticated_user
 
 if TYPE_CHECKING:
     from django_stubs_ext import WithAnnotations
@@ -28,13 +27,6 @@ if TYPE_CHECKING:
 
 class OwnerName(TypedDict):
     owner_name: str | None  # RoomAdmin.get_queryset's: the first owner's username
-
-
-def _staff_member(request: HttpRequest) -> User:
-    """Return the signed-in user; the admin site lets only active staff in."""
-    if not request.user.is_authenticated:
-        raise PermissionDenied
-    return request.user
 
 
 class CappedCountPaginator(Paginator):
@@ -88,7 +80,7 @@ class RoomAdmin(admin.ModelAdmin):
     def online_now(self, room: Room) -> int | str:
         # One Redis round trip per row (a page has at most 100).
         try:
-            return len(presence.online_now([room.pk])[room.pk])
+            return len(ephemeral.presence_now([room.pk])[room.pk])
         except Exception:
             return "?"  # Redis is down; the page still works
 
@@ -190,7 +182,7 @@ class MessageAdmin(admin.ModelAdmin):
                 services.message_edit(
                     room=message.room,
                     message_id=message.pk,
-                    user=_staff_member(request),
+                    user=authenticated_user(request),
                     body=message.body,
                     by_staff=True,
                 )
@@ -200,7 +192,7 @@ class MessageAdmin(admin.ModelAdmin):
     def delete_model(self, request: HttpRequest, message: Message) -> None:
         # A soft delete: the row keeps its seq, the body is erased, open browsers are told.
         try:
-            services.message_delete(room=message.room, message_id=message.pk, user=_staff_member(request))
+            services.message_delete(room=message.room, message_id=message.pk, user=authenticated_user(request))
         except services.ChatError as error:
             self.message_user(request, f"Message {message} not deleted: {error.detail}", messages.ERROR)
 

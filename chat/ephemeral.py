@@ -71,12 +71,6 @@ def redis_failed() -> None:
     _away_until = time.monotonic() + AWAY_SECONDS
 
 
-def redis_not_failed() -> None:
-    """Forget a recent failure: Redis is worth asking again now."""
-    global _away_until
-    _away_until = 0.0
-
-
 def _warn_once(message: str, every: float = 60.0) -> None:
     """Log a warning at most once a minute: an outage is one event, not one per message."""
     global _warned_at

@@ -56,11 +56,6 @@ async def typing(*, room_id: int, username: str) -> None:
         await realtime.publish_typing(room_id=room_id, username=username)
 
 
-def online_now(room_ids: list[int]) -> dict[int, list[str]]:
-    """Who is online in each room now, for operators (sync; one round trip to Redis)."""
-    return ephemeral.presence_now(room_ids)
-
-
 async def _stay(here: Presence) -> None:
     # Refreshing the member also drops those of sockets whose process died.
     while True:

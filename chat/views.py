@@ -18,7 +18,7 @@ from chat.models import Membership, Room
 
 
 def authenticated_user(request: HttpRequest) -> User:
-    """Return the signed-in user of a @login_required view (the decorator checks, but does not narrow the type)."""
+    """Return the signed-in user of a @login_required view or the admin (they check, but do not narrow the type)."""
     if not request.user.is_authenticated:
         raise PermissionDenied
     return request.user

@@ -2,7 +2,7 @@ import json
 
 from django.core.management.base import BaseCommand
 
-from chat import presence, selectors
+from chat import ephemeral, selectors
 from chat.management.arguments import write_table
 
 
@@ -14,7 +14,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, format: str, **options) -> None:
         stats = selectors.chat_stats()
-        online = presence.online_now(selectors.open_room_ids())
+        online = ephemeral.presence_now(selectors.open_room_ids())
         stats["online_now"] = sorted({user for users in online.values() for user in users})
         if format == "json":
             self.stdout.write(json.dumps(stats, indent=2))

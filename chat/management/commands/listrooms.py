@@ -2,7 +2,7 @@ import json
 
 from django.core.management.base import BaseCommand
 
-from chat import presence, selectors
+from chat import ephemeral, selectors
 from chat.management.arguments import write_table
 
 COLUMNS = ["slug", "name", "messages", "members", "online", "last_activity", "flags"]
@@ -16,7 +16,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, format: str, **options) -> None:
         rooms = selectors.room_overview()
-        online = presence.online_now([room.pop("id") for room in rooms])
+        online = ephemeral.presence_now([room.pop("id") for room in rooms])
         rooms = [{**room, "online": len(users)} for room, users in zip(rooms, online.values(), strict=True)]
         if format == "json":
             self.stdout.write(json.dumps(rooms, indent=2))
