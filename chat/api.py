@@ -296,6 +296,7 @@ async def poll(request: HttpRequest, slug: str) -> JsonResponse:
         if data["messages"]:
             return JsonResponse(data)
         after = data["last_seq"]
+        watch.read_through(after)
         try:
             await asyncio.wait_for(watch.published.wait(), timeout)
         except TimeoutError:

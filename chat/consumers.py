@@ -54,8 +54,6 @@ class RoomConsumer(AsyncWebsocketConsumer):
             if not self.accepted:
                 await self.accept()
             await self.close_with(protocol.CLOSE_SERVICE_RESTART, protocol.unavailable_frame())
-        else:
-            realtime.layer_back()
 
     async def accept(self, subprotocol: str | None = None, headers=None) -> None:
         await super().accept(subprotocol)
@@ -124,7 +122,8 @@ class RoomConsumer(AsyncWebsocketConsumer):
         await self.send(protocol.ready_frame(last_seq, last_change))
         fanout.hub().ready(self.local, last_seq, last_change)
         self.present = await presence.arrive(room_id=room.pk, user=user, socket_id=socket_id)
-        if not self.present.told_room:  # a list told to the room reaches this socket too
+        # A list told to the room reaches this socket too; None: Redis is away, and the hub said so.
+        if not self.present.told_room and self.present.users is not None:
             await self.send(protocol.presence_frame(self.present.users))
 
     async def refuse(self, code: int, error: str, detail: str) -> None:

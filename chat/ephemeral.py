@@ -11,6 +11,8 @@ import math
 import time
 import uuid
 import weakref
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import redis
 import redis.asyncio as aioredis
@@ -19,6 +21,9 @@ from django.conf import settings
 logger = logging.getLogger(__name__)
 
 TYPING_INTERVAL_MS = 2000
+# What a call to Redis raises while it is away, frozen or not answering in time.
+REDIS_ERRORS = (redis.RedisError, OSError, asyncio.TimeoutError)
+T = TypeVar("T")
 
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis] = weakref.WeakKeyDictionary()
 _local_expiry: dict[str, float] = {}
@@ -53,7 +58,7 @@ def _client_sync() -> redis.Redis:
     return _sync_client
 
 
-_warned_at = 0.0
+_warned_at: dict[str, float] = {}
 # Until when Redis counts as away: after a call timed out or failed, the next
 # ones go on without it at once for a moment, instead of each waiting out its
 # own timeout (a request makes several calls; they must not add up).
@@ -71,11 +76,26 @@ def redis_failed() -> None:
     _away_until = time.monotonic() + AWAY_SECONDS
 
 
+async def bounded(call: Callable[[], Awaitable[T]]) -> T:
+    """Make one call to Redis from async code, giving up after CHAT_REDIS_TIMEOUT.
+
+    A frozen Redis must not hold a socket's handshake or a send; right after a
+    failure the call is not even tried, so a burst of callers do not each wait.
+    """
+    if redis_away():
+        raise redis.ConnectionError("Redis failed a moment ago; not waiting on it again yet.")
+    try:
+        return await asyncio.wait_for(call(), settings.CHAT_REDIS_TIMEOUT)
+    except REDIS_ERRORS:
+        redis_failed()
+        raise
+
+
 def _warn_once(message: str, every: float = 60.0) -> None:
-    """Log a warning at most once a minute: an outage is one event, not one per message."""
-    global _warned_at
-    if time.monotonic() - _warned_at >= every:
-        _warned_at = time.monotonic()
+    """Log each warning at most once a minute: an outage is one event, not one per message."""
+    key = message.split(":", 1)[0]
+    if time.monotonic() - _warned_at.get(key, -every) >= every:
+        _warned_at[key] = time.monotonic()
         logger.warning(message)
 
 
@@ -135,7 +155,7 @@ async def claim(key: str, ttl_ms: int) -> bool:
             return False
         _local_expiry[key] = now + ttl_ms / 1000
         return True
-    return bool(await _client().set(key, b"1", nx=True, px=ttl_ms))
+    return bool(await bounded(lambda: _client().set(key, b"1", nx=True, px=ttl_ms)))
 
 
 async def typing_allowed(*, room_id: int, username: str) -> bool:
@@ -164,10 +184,11 @@ _local_presence: dict[str, dict[str, float]] = {}
 
 
 async def presence_update(
-    *, room_id: int, add: str | None = None, remove: str | None = None
+    *, room_id: int, add: str | list[str] | None = None, remove: str | None = None
 ) -> tuple[list[str], list[str]]:
-    """Add or remove a socket's member, drop expired ones; return (users before, users after)."""
+    """Add (or refresh) sockets' members or remove one, drop expired ones; return (users before, users after)."""
     key = _presence_key(room_id)
+    added = [add] if isinstance(add, str) else add or []
     now = time.time()
     expires = now + settings.CHAT_PRESENCE_TTL
     if settings.CHANNEL_LAYER != "redis":
@@ -175,24 +196,27 @@ async def presence_update(
         before = _users(members)
         for member in [m for m, until in members.items() if until <= now]:
             del members[member]
-        if add:
-            members[add] = expires
+        for member in added:
+            members[member] = expires
         if remove:
             members.pop(remove, None)
         return before, _users(members)
     # "Before" counts expired members still in the set: whoever drops them
     # sees the list change, and so tells the room.
-    async with _client().pipeline(transaction=True) as pipe:
-        pipe.zrange(key, 0, -1)
-        pipe.zremrangebyscore(key, "-inf", now)
-        if add:
-            pipe.zadd(key, {add: expires})
-        if remove:
-            pipe.zrem(key, remove)
-        pipe.zrange(key, 0, -1)
-        # The whole set outlives its members by a margin, so an empty room leaves nothing behind.
-        pipe.expire(key, int(settings.CHAT_PRESENCE_TTL * 2) + 1)
-        results = await pipe.execute()
+    pipe = _client().pipeline(transaction=True)
+    pipe.zrange(key, 0, -1)
+    pipe.zremrangebyscore(key, "-inf", now)
+    if added:
+        pipe.zadd(key, dict.fromkeys(added, expires))
+    if remove:
+        pipe.zrem(key, remove)
+    pipe.zrange(key, 0, -1)
+    # The whole set outlives its members by a margin, so an empty room leaves nothing behind.
+    pipe.expire(key, int(settings.CHAT_PRESENCE_TTL * 2) + 1)
+    try:
+        results = await bounded(pipe.execute)
+    finally:
+        await pipe.reset()
     return _users(results[0]), _users(results[-2])
 
 
@@ -243,7 +267,12 @@ async def socket_open(*, user_id: int, socket_id: str, cap: int) -> bool:
         sockets[socket_id] = expires
         return True
     ttl = int(settings.CHAT_PRESENCE_TTL * 2) + 1
-    return bool(await _client().eval(_SOCKET_OPEN, 1, key, now, cap, expires, socket_id, ttl))
+    try:
+        return bool(await bounded(lambda: _client().eval(_SOCKET_OPEN, 1, key, now, cap, expires, socket_id, ttl)))
+    except REDIS_ERRORS as error:
+        # Fail open: a cap is not worth refusing every socket while Redis is away.
+        _warn_once(f"The per-user socket cap is not checked while Redis is unreachable: {error!r}")
+        return True
 
 
 async def socket_refresh(*, user_id: int, socket_id: str) -> None:
@@ -251,14 +280,14 @@ async def socket_refresh(*, user_id: int, socket_id: str) -> None:
     if settings.CHANNEL_LAYER != "redis":
         _local_sockets.setdefault(_sockets_key(user_id), {})[socket_id] = expires
         return
-    await _client().zadd(_sockets_key(user_id), {socket_id: expires}, xx=True)
+    await bounded(lambda: _client().zadd(_sockets_key(user_id), {socket_id: expires}, xx=True))
 
 
 async def socket_close(*, user_id: int, socket_id: str) -> None:
     if settings.CHANNEL_LAYER != "redis":
         _local_sockets.get(_sockets_key(user_id), {}).pop(socket_id, None)
         return
-    await _client().zrem(_sockets_key(user_id), socket_id)
+    await bounded(lambda: _client().zrem(_sockets_key(user_id), socket_id))
 
 
 def presence_member(username: str, socket_id: str) -> str:

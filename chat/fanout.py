@@ -11,43 +11,58 @@ It is the only way a socket receives room events. Each hub also joins one
 site-wide group, for events about a browser session in every room (signing
 out).
 
-Redis pub/sub through the channel layer stays the only path between
-processes (docs/performance.md has the measurements).
+Redis pub/sub through the channel layer stays the only fast path between
+processes (docs/performance.md has the measurements), but the database holds
+the truth, and the hub follows it too. Twice a second it reads where its
+rooms stand (one query for all of them) and compares that with what it has
+delivered (a RoomCursor per room, which live events and rows from the
+database both pass through, so nothing is delivered twice):
 
-The channel layer is at most once: while the hub's subscription is down
-(Redis killed, frozen or unreachable), messages published meanwhile never
-reach this process. The pub/sub layer hides that (its own reader logs and
-retries, and redis-py re-subscribes on reconnect), so the hub checks its
-subscription itself: it publishes a probe to its own channel every second and
-expects to hear it. When a probe cannot be published or is not heard, every
-local socket is closed with 1012 and resumes from the database; once a probe
-comes back, the hub re-joins its rooms' groups and accepts sockets again.
+- While the subscription is down (Redis killed, frozen or unreachable), it
+  delivers from the database whatever its rooms' sockets and long-polls have
+  not had: the same frames, in seq order, about half a second late. Sockets
+  stay open; they are told delivery is delayed and presence unknown. The
+  hub checks every second whether its subscription is back (it publishes a
+  probe to its own channel and expects to hear it), then re-joins its groups
+  and reads the database once more, so nothing published in between is lost.
+- While live, a message committed more than a second ago that never arrived
+  (its publisher died between commit and publish) is read from the database.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 import weakref
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Awaitable, Collection
 from contextvars import Context
-from typing import Any
+from typing import Any, TypeVar, cast
 
+from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
-from redis.exceptions import ConnectionError as RedisConnectionError
 
-from chat import protocol, realtime, serversend
+from chat import ephemeral, presence, protocol, realtime, selectors, serversend
 from chat.serversend import Send
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 LAYER_ERRORS = realtime.LAYER_ERRORS
 PROBE_EVENT = "fanout.probe"
 PROBE_INTERVAL = 1.0  # seconds between probes of the hub's subscription
 PROBE_TIMEOUT = 2.0  # seconds a probe's publish may take before Redis counts as away
 PROBES_MISSED = 3  # probes published but not heard back: the subscription is lost
+FOLLOW_INTERVAL = 0.5  # seconds between reads of where the hub's rooms stand in the database
+HOLE_GRACE = 1.0  # seconds a committed message may take to arrive live before it is read from the database
+# Seconds after the subscription is back during which anything missing is read at once: publishers
+# that failed a moment ago skip Redis for a second (chat/ephemeral.py), so their messages never arrive live.
+SETTLE_SECONDS = 3.0
+# Seconds a message published above a hole waits for the ones below before they are read from the database.
+HOLE_WAIT = 0.2
 
 
 class LocalSocket:
@@ -78,14 +93,138 @@ class LocalSocket:
         self.closed = False
 
 
+class RoomCursor:
+    """What the hub has handed a room's sockets: each message once and in seq order, each change once.
+
+    `seq`: every message up to it was delivered. A message published out of
+    order (publishers in different processes may publish 6 before 5, and a
+    publisher may die between commit and publish) waits in `held` until the
+    ones below it arrive, live or read from the database. `change`: every edit
+    or deletion up to it was delivered, and those in `changes_above` (change
+    numbers have gaps: a message edited twice keeps only its last). Both are
+    None until the room's first socket (or long-poll) has read the database;
+    until then messages are only noted in `seqs_above`, and each replaying
+    socket filters them itself.
+    """
+
+    __slots__ = (
+        "seq", "seqs_above", "held", "held_since", "change", "changes_above", "awaited_seq", "awaited_change",
+    )  # fmt: skip
+
+    def __init__(self) -> None:
+        self.seq: int | None = None
+        self.seqs_above: set[int] = set()
+        self.held: dict[int, dict[str, Any]] = {}
+        self.held_since: float | None = None
+        self.change: int | None = None
+        self.changes_above: set[int] = set()
+        # (position in the database, when it was first seen there) of what has not arrived yet.
+        self.awaited_seq: tuple[int, float] | None = None
+        self.awaited_change: tuple[int, float] | None = None
+
+    def start(self, seq: int, change: int | None) -> None:
+        """Set where the room stood when it was first read; later reads do not move it back."""
+        if self.seq is None:
+            self.seq = seq
+            self.seqs_above = {s for s in self.seqs_above if s > seq}
+            while self.seq + 1 in self.seqs_above:
+                self.seq += 1
+                self.seqs_above.remove(self.seq)
+            # Above a hole: the next read of the database fills it.
+            self.held_since = time.monotonic() if self.seqs_above else None
+        if self.change is None and change is not None:
+            self.change = change
+            self.changes_above = {c for c in self.changes_above if c > change}
+
+    def admit(self, event: dict[str, Any]) -> bool:
+        """True if a message event is the next to deliver; one already delivered or above a hole is not."""
+        seq = event["seq"]
+        if self.has_seq(seq) or seq in self.held:
+            return False
+        if self.seq is None:
+            self.seqs_above.add(seq)
+        elif seq == self.seq + 1:
+            self.seq = seq
+            while self.seq + 1 in self.seqs_above:  # delivered while the room's first socket replayed
+                self.seq += 1
+                self.seqs_above.remove(self.seq)
+        else:
+            self.held[seq] = event
+            self.held_since = self.held_since or time.monotonic()
+            return False
+        return True
+
+    def release(self) -> list[dict[str, Any]]:
+        """Return the held message events that are next in line now, in seq order."""
+        released = []
+        while self.seq is not None and self.seq + 1 in self.held:
+            self.seq += 1
+            released.append(self.held.pop(self.seq))
+        if self.seq is not None:
+            self.held = {seq: event for seq, event in self.held.items() if seq > self.seq}
+        if not self.held and not self.seqs_above:
+            self.held_since = None
+        return released
+
+    def take_change(self, change: int) -> bool:
+        """Count an edit or deletion as delivered; False if it was already."""
+        if (self.change is not None and change <= self.change) or change in self.changes_above:
+            return False
+        self.changes_above.add(change)
+        return True
+
+    def has_seq(self, seq: int) -> bool:
+        return (self.seq is not None and seq <= self.seq) or seq in self.seqs_above
+
+    def skip_to(self, seq: int) -> None:
+        """The sockets resume from the database themselves: count everything up to `seq` as theirs."""
+        if self.seq is not None and seq > self.seq:
+            self.seq = seq
+            self.release()
+
+    def changes_read(self, through: int) -> None:
+        """Every change up to `through` was read from the database, or heard, and delivered."""
+        if self.change is not None and through > self.change:
+            self.change = through
+            self.changes_above = {c for c in self.changes_above if c > through}
+
+    def missing(self, position: selectors.RoomPosition, now: float, grace: float) -> bool:
+        """True when the database holds a message or change this room's sockets have not had for `grace` seconds.
+
+        A message above a hole waits at most HOLE_WAIT, whatever the grace.
+        """
+        assert self.seq is not None and self.change is not None
+        if position.last_seq <= self.seq:
+            self.awaited_seq = None
+        elif self.awaited_seq is None or self.awaited_seq[0] <= self.seq:
+            self.awaited_seq = (position.last_seq, now)
+        newest_change_heard = position.last_change <= self.change or position.last_change in self.changes_above
+        if newest_change_heard:
+            # Live, a lost change that a later one overtook stays lost (docs/reliability.md#known-limits).
+            self.changes_read(position.last_change)
+            self.awaited_change = None
+        elif self.awaited_change is None:
+            self.awaited_change = (position.last_change, now)
+        if self.held_since is not None and now - self.held_since >= HOLE_WAIT:
+            return True
+        return any(
+            awaited is not None and now - awaited[1] >= grace for awaited in (self.awaited_seq, self.awaited_change)
+        )
+
+
 class Watch:
     """The messages published to one room while a long-poll waits, as message payloads, in arrival order."""
 
-    __slots__ = ("published", "messages")
+    __slots__ = ("published", "messages", "cursor")
 
-    def __init__(self) -> None:
+    def __init__(self, cursor: RoomCursor) -> None:
         self.published = asyncio.Event()
         self.messages: list[dict[str, Any]] = []
+        self.cursor = cursor
+
+    def read_through(self, last_seq: int) -> None:
+        """The poll read the room up to `last_seq`: the hub follows the room from there at the latest."""
+        self.cursor.start(last_seq, None)
 
     def add(self, message: dict[str, Any]) -> None:
         self.messages.append(message)
@@ -116,33 +255,41 @@ class RoomHub:
         self.rooms: dict[int, set[LocalSocket]] = {}
         # Long-polls waiting for the next message in a room (chat/longpoll.py).
         self.waiters: dict[int, set[Watch]] = {}
+        # What each room with sockets or long-polls here has been delivered.
+        self.cursors: dict[int, RoomCursor] = {}
         self.channel: str | None = None
+        # The monitor and the follower, started with the first socket or poll; the reader, once subscribed.
+        self.tasks: list[asyncio.Task] = []
         self.reader: asyncio.Task | None = None
         # How the server takes frames, found at the first socket (one server per process).
         self.send_mode: serversend.SendMode | None = None
         self.lock = asyncio.Lock()
-        # Set when the subscription was lost, until a probe published after that is heard.
+        # Set while the subscription is lost: rooms are followed from the database until a probe is heard.
         self.down = False
         self.probes_sent = self.probes_heard = self.down_since = 0
+        # When the subscription was last back (time.monotonic()).
+        self.back_at = -SETTLE_SECONDS
+        self.follow_now = asyncio.Event()
+        self.follow_failing = False
 
     async def join(self, room_id: int, send: Send, user: str = "", session: str = "") -> LocalSocket:
-        """Register a socket; the room's group is subscribed before this returns."""
+        """Register a socket; the room is followed (live, or from the database) before this returns."""
         if self.send_mode is None:
             self.send_mode = serversend.detect(send)
         socket = LocalSocket(room_id, send, user, session, self.send_mode.writable(send))
         async with self.lock:
-            if not self.down:
-                await self._subscribe(room_id)
-            if self.down:  # "subscribed" would not be true: the consumer closes with 1012, the client retries
-                raise RedisConnectionError("The fan-out's channel-layer subscription is not back yet.")
+            await self._subscribe(room_id)
             self.rooms.setdefault(room_id, set()).add(socket)
         return socket
 
     async def watch(self, room_id: int) -> Watch:
-        """Collect the messages published to the room from now on; subscribed before this returns."""
-        watch = Watch()
+        """Collect the messages published to the room from now on; followed before this returns.
+
+        The poll calls Watch.read_through() once it has read the database.
+        """
         async with self.lock:
             await self._subscribe(room_id)
+            watch = Watch(self.cursors[room_id])
             self.waiters.setdefault(room_id, set()).add(watch)
         return watch
 
@@ -156,26 +303,53 @@ class RoomHub:
             await self._unsubscribe_if_idle(room_id)
 
     async def _subscribe(self, room_id: int) -> None:
-        # Called with the lock held.
-        if self.channel is None:
-            self.channel = await self.layer.new_channel(prefix="fanout.")
-            await self.layer.group_add(realtime.SESSIONS_GROUP, self.channel)
-            self.reader = asyncio.get_running_loop().create_task(self._read(), context=Context())
-        if room_id not in self.rooms and room_id not in self.waiters:
-            await self.layer.group_add(realtime.room_group(room_id), self.channel)
+        # Called with the lock held. Never raises for want of Redis: the room is
+        # then followed from the database, and the group joined once Redis is back.
+        if not self.tasks:
+            loop = asyncio.get_running_loop()
+            # Fresh contexts: the tasks must not inherit whichever socket's context variables started the hub.
+            self.tasks = [loop.create_task(job(), context=Context()) for job in (self._monitor, self._follow)]
+        if room_id in self.cursors:
+            return
+        self.cursors[room_id] = RoomCursor()
+        if self.down:
+            return
+        try:
+            if self.channel is None:
+                await self._open_channel()
+            await _bounded(self.layer.group_add(realtime.room_group(room_id), self.channel))
+        except LAYER_ERRORS as error:
+            self._lost(error)
+
+    async def _open_channel(self) -> None:
+        channel = await _bounded(self.layer.new_channel(prefix="fanout."))
+        self.channel = channel
+        self.reader = asyncio.get_running_loop().create_task(self._read(), context=Context())
+        self.tasks.append(self.reader)
+        await _bounded(self.layer.group_add(realtime.SESSIONS_GROUP, channel))
 
     async def _unsubscribe_if_idle(self, room_id: int) -> None:
         # Called with the lock held.
-        if room_id not in self.rooms and room_id not in self.waiters:
-            await self.layer.group_discard(realtime.room_group(room_id), self.channel)
+        if room_id in self.rooms or room_id in self.waiters:
+            return
+        self.cursors.pop(room_id, None)
+        if self.channel is not None and not self.down:
+            # A subscription left behind only brings events nobody here wants.
+            with contextlib.suppress(*LAYER_ERRORS):
+                await _bounded(self.layer.group_discard(realtime.room_group(room_id), self.channel))
 
     def ready(self, socket: LocalSocket, last_seq: int, last_change: int = 0) -> None:
         """Start live delivery after the replay: release held events above `last_seq` / `last_change`."""
         socket.replayed_through = last_seq
         socket.changes_through = last_change
+        cursor = self.cursors.get(socket.room_id)
+        if cursor is not None:
+            cursor.start(last_seq, last_change)
         held, socket.held = socket.held, []
         for frame, seq, change in held:
             self._offer(socket, frame, seq=seq, change=change, inline=False)  # through the writer, in order
+        if self.down:
+            self._offer(socket, protocol.delivery_frame(live=False), inline=False)
 
     async def leave(self, socket: LocalSocket) -> None:
         socket.closed = True
@@ -189,12 +363,27 @@ class RoomHub:
                 await self._unsubscribe_if_idle(socket.room_id)
 
     async def deliver(self, event: dict[str, Any]) -> None:
-        """Hand one published event to every local socket of its room it is meant for."""
+        """Hand one event, published or read from the database, to every local socket of its room it is meant for."""
         if event["type"] == realtime.SIGNED_OUT_EVENT:  # site-wide: the session's sockets in every room
             for room_sockets in self.rooms.values():
                 for socket in [s for s in room_sockets if s.session and s.session == event["session"]]:
                     self._close(socket, protocol.CLOSE_SIGNED_OUT, protocol.signed_out_frame())
             return
+        cursor = self.cursors.get(event["room"])
+        if cursor is not None and event["type"] == realtime.MESSAGE_EVENT:
+            if not cursor.admit(event):  # delivered already (live or from the database), or above a hole
+                if len(cursor.held) == 1:  # a hole just opened: read it from the database unless it fills
+                    asyncio.get_running_loop().call_later(HOLE_WAIT, self.follow_now.set)
+                return
+            await self._fan_out(event)
+            for later in cursor.release():
+                await self._fan_out(later)
+            return
+        if cursor is not None and event["type"] == realtime.CHANGE_EVENT and not cursor.take_change(event["change"]):
+            return
+        await self._fan_out(event)
+
+    async def _fan_out(self, event: dict[str, Any]) -> None:
         if event["type"] == realtime.MESSAGE_EVENT:
             for watch in self.waiters.get(event["room"], ()):
                 watch.add(event["message"])
@@ -238,36 +427,34 @@ class RoomHub:
                     socket.closed = True
 
     async def _read(self) -> None:
-        monitor = asyncio.get_running_loop().create_task(self._monitor(), context=Context())
-        try:
-            while True:
-                try:
-                    event = await self.layer.receive(self.channel)
-                    if event.get("type") in realtime.ROOM_EVENTS:
-                        await self.deliver(event)
-                        # receive() does not suspend while events are queued; let the
-                        # writers send this one before the next, so an outbox only
-                        # grows for a socket whose client is not reading.
-                        await asyncio.sleep(0)
-                    elif event.get("type") == PROBE_EVENT:
-                        self.probes_heard = max(self.probes_heard, event["n"])
-                except asyncio.CancelledError:
-                    raise
-                except LAYER_ERRORS as error:  # layers whose receive() talks to Redis itself
-                    self._lost(error)
-                    await asyncio.sleep(PROBE_INTERVAL)
-                except Exception:
-                    logger.exception("Fan-out reader failed; retrying")
-                    await asyncio.sleep(0.5)
-        finally:
-            monitor.cancel()
+        while True:
+            try:
+                event = await self.layer.receive(self.channel)
+                if event.get("type") in realtime.ROOM_EVENTS:
+                    await self.deliver(event)
+                    # receive() does not suspend while events are queued; let the
+                    # writers send this one before the next, so an outbox only
+                    # grows for a socket whose client is not reading.
+                    await asyncio.sleep(0)
+                elif event.get("type") == PROBE_EVENT:
+                    self.probes_heard = max(self.probes_heard, event["n"])
+            except asyncio.CancelledError:
+                raise
+            except LAYER_ERRORS as error:  # layers whose receive() talks to Redis itself
+                self._lost(error)
+                await asyncio.sleep(PROBE_INTERVAL)
+            except Exception:
+                logger.exception("Fan-out reader failed; retrying")
+                await asyncio.sleep(0.5)
 
     async def _monitor(self) -> None:
         """Probe the subscription every second: publish to the hub's own channel and expect to hear it."""
         while True:
             await asyncio.sleep(PROBE_INTERVAL)
-            self.probes_sent += 1
             try:
+                if self.channel is None:
+                    await self._open_channel()
+                self.probes_sent += 1
                 probe = {"type": PROBE_EVENT, "n": self.probes_sent}
                 await asyncio.wait_for(self.layer.send(self.channel, probe), PROBE_TIMEOUT)
             except LAYER_ERRORS as error:
@@ -282,34 +469,38 @@ class RoomHub:
                     continue  # still away; the next probe tries again
 
     def _lost(self, error: BaseException) -> None:
-        """Messages may have been published that this process never heard: every local socket resumes.
+        """Messages may be published that this process never hears: follow its rooms from the database.
 
-        The error frame and 1012 make clients reconnect (with backoff) and
-        resume from the database; long-polls wake and read it again. Logged
-        once per outage.
+        Sockets stay open and are told that delivery is delayed (and who is
+        online unknown); long-polls are fed the same way. Logged once per outage.
         """
         if self.down:
             return
         self.down, self.down_since = True, self.probes_sent
         count = sum(len(sockets) for sockets in self.rooms.values())
         logger.error(
-            "Fan-out lost its channel-layer subscription (%s: %s); closing %d local sockets so they resume",
+            "Fan-out lost its channel-layer subscription (%s: %s); following %d rooms (%d local sockets) "
+            "from the database until it is back",
             type(error).__name__,
             error,
+            len(self.cursors),
             count,
         )
-        frame = protocol.unavailable_frame()
+        frame = protocol.delivery_frame(live=False)
         for sockets in self.rooms.values():
             for socket in list(sockets):
-                self._close(socket, protocol.CLOSE_SERVICE_RESTART, frame)
-        self._wake_waiters()
+                if socket.replayed_through is not None:  # a replaying socket is told by ready()
+                    self._offer(socket, frame, inline=False)
+        self.follow_now.set()
 
     async def _rejoin(self) -> None:
-        """The subscription is back: re-join the groups of rooms still in use, forget closed sockets.
+        """The subscription is back: re-join the groups of rooms still in use, and switch back to live.
 
         The pub/sub layer's connection re-subscribes by itself on reconnect (in
-        redis-py), so there this only repairs a group_add that failed; the core
-        layer keeps groups in Redis, which a restart empties.
+        redis-py), so there this only repairs a group_add that failed or was
+        skipped; the core layer keeps groups in Redis, which a restart empties.
+        The database is read once more at once, so that a message published
+        before the groups were joined again is not missed.
         """
         async with self.lock:
             for room_id in list(self.rooms):
@@ -318,11 +509,114 @@ class RoomHub:
                 if not self.rooms[room_id]:
                     del self.rooms[room_id]
                     await self._unsubscribe_if_idle(room_id)
-            for group in {realtime.SESSIONS_GROUP, *map(realtime.room_group, {*self.rooms, *self.waiters})}:
-                await self.layer.group_add(group, self.channel)
+            for group in {realtime.SESSIONS_GROUP, *map(realtime.room_group, self.cursors)}:
+                await _bounded(self.layer.group_add(group, self.channel))
             self.down = False
-        logger.warning("Fan-out's channel-layer subscription is back; accepting sockets again")
-        self._wake_waiters()  # a poll that started meanwhile reads the database again
+            self.back_at = time.monotonic()
+        logger.warning("Fan-out's channel-layer subscription is back; delivering live again")
+        self.follow_now.set()
+        frame = protocol.delivery_frame(live=True)
+        for sockets in self.rooms.values():
+            for socket in list(sockets):
+                if socket.replayed_through is not None:
+                    self._offer(socket, frame, inline=False)
+        # Sockets showed presence as unknown; the room's list may also have been lost with Redis.
+        for room_id in list(self.rooms):
+            try:
+                await presence.recount(room_id=room_id)
+            except LAYER_ERRORS:
+                break
+
+    async def _follow(self) -> None:
+        """Twice a second, compare where the hub's rooms stand in the database with what was delivered."""
+        while True:
+            try:
+                await asyncio.wait_for(self.follow_now.wait(), FOLLOW_INTERVAL)
+            except TimeoutError:
+                pass
+            self.follow_now.clear()
+            try:
+                await self._catch_up()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                # The database itself is away: log once, keep trying.
+                if not self.follow_failing:
+                    self.follow_failing = True
+                    logger.error("Fan-out could not read its rooms from the database: %r", error)
+            else:
+                if self.follow_failing:
+                    self.follow_failing = False
+                    logger.warning("Fan-out reads its rooms from the database again")
+
+    async def _catch_up(self) -> None:
+        """Deliver from the database what the rooms' sockets and polls are missing.
+
+        While the subscription is down, a publish from this process just
+        failed, or the subscription came back a moment ago, anything missing is
+        read at once; while live, only what has been missing for HOLE_GRACE
+        (its publisher died between commit and publish). One query when
+        nothing is missing, two when something is.
+        """
+        if not self.cursors:
+            return
+        now = time.monotonic()
+        following = self.down or ephemeral.redis_away() or now - self.back_at < SETTLE_SECONDS
+        positions = await database_sync_to_async(selectors.room_positions)(list(self.cursors))
+        grace = 0.0 if following else HOLE_GRACE
+        behind: dict[int, tuple[selectors.RoomPosition, int, int]] = {}
+        for room_id, position in positions.items():
+            cursor = self.cursors.get(room_id)
+            if cursor is None or cursor.seq is None:
+                continue  # its first socket or poll has not read the database yet
+            cursor.start(position.last_seq, position.last_change)  # a poll sets only the seq
+            if cursor.missing(position, now, grace):
+                behind[room_id] = (position, cursor.seq, cast(int, cursor.change))
+        if behind:
+            news = await database_sync_to_async(selectors.rooms_news)(behind, limit=settings.CHAT_RESUME_LIMIT)
+            for room_id, resume in news.items():
+                await self._deliver_news(room_id, behind[room_id][0], resume)
+        if following:
+            await self._enforce_access(positions)
+
+    async def _deliver_news(self, room_id: int, position: selectors.RoomPosition, resume: selectors.Resume) -> None:
+        cursor = self.cursors.get(room_id)
+        if cursor is None:
+            return
+        if resume.next_seq is not None:
+            # Too many to stream: the sockets resume from the database themselves, and polls read it.
+            cursor.skip_to(position.last_seq)
+            self._wake_waiters(room_id)
+            for socket in list(self.rooms.get(room_id, ())):
+                self._close(socket, protocol.CLOSE_SERVICE_RESTART, protocol.resync_frame())
+            return
+        if resume.cleared is not None:
+            through_seq, change = resume.cleared
+            await self.deliver(realtime.history_cleared_event(room_id=room_id, through_seq=through_seq, change=change))
+        for message in resume.messages:
+            if not cursor.has_seq(message.seq):
+                await self.deliver(realtime.message_event(message))
+            elif message.change:  # delivered out of order before, and edited or deleted since
+                await self.deliver(realtime.change_event(message))
+        for message in resume.changed:
+            await self.deliver(realtime.change_event(message))
+        cursor.changes_read(resume.last_change)
+
+    async def _enforce_access(self, positions: dict[int, selectors.RoomPosition]) -> None:
+        """Close the sockets that events lost with Redis would have closed: removals, archives, sign-outs."""
+        private = [room_id for room_id in self.rooms if room_id in positions and positions[room_id].is_private]
+        sessions = {s.session for sockets in self.rooms.values() for s in sockets if s.session and not s.closed}
+        members = await database_sync_to_async(selectors.private_room_member_names)(private) if private else {}
+        signed_in = await database_sync_to_async(selectors.live_session_keys)(sessions) if sessions else set()
+        for room_id, sockets in self.rooms.items():
+            position = positions.get(room_id)
+            for socket in list(sockets):
+                if position is not None and position.is_archived:
+                    self._close(socket, protocol.CLOSE_ROOM_ARCHIVED, protocol.archived_frame())
+                elif room_id in private and socket.user not in members.get(room_id, ()):
+                    self._close(socket, protocol.CLOSE_REMOVED, protocol.removed_frame())
+                elif socket.session and socket.session not in signed_in:
+                    self._close(socket, protocol.CLOSE_SIGNED_OUT, protocol.signed_out_frame())
 
     def _wake_waiters(self, room_id: int | None = None) -> None:
         """Wake the long-polls of one room, or of every room."""
@@ -399,6 +693,11 @@ class RoomHub:
             logger.debug("Closing a closed socket failed", exc_info=True)
 
 
+async def _bounded(call: Awaitable[T]) -> T:
+    """A channel-layer call that gives up after CHAT_REDIS_TIMEOUT: a frozen Redis must not hold a handshake."""
+    return await asyncio.wait_for(call, settings.CHAT_REDIS_TIMEOUT)
+
+
 _hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, RoomHub] = weakref.WeakKeyDictionary()
 
 
@@ -406,7 +705,7 @@ def hub() -> RoomHub:
     """Return this event loop's hub (the channel layer, too, is per loop)."""
     loop = asyncio.get_running_loop()
     current = _hubs.get(loop)
-    if current is None or (current.reader is not None and current.reader.done()):
-        # A hub whose reader ended (cancelled at shutdown) no longer owns its channel.
+    if current is None or any(task.done() for task in current.tasks):
+        # A hub whose tasks ended (cancelled at shutdown) no longer follows its rooms.
         current = _hubs[loop] = RoomHub(get_channel_layer())
     return current

@@ -116,6 +116,14 @@ def presence_frame(users: list[str]) -> str:
     return encode({"type": "presence", "users": users})
 
 
+def delivery_frame(*, live: bool) -> str:
+    """Say whether messages arrive live or, while Redis is away, from the database about a second late.
+
+    While delayed, who is online is unknown and typing is not relayed.
+    """
+    return encode({"type": "delivery", "mode": "live" if live else "delayed"})
+
+
 def change_frame(message: Message) -> str:
     return encode(change_payload(message))
 

@@ -7,16 +7,13 @@ Services and chat/presence.py call these functions; nothing else publishes.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 from collections.abc import Callable
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
-from django.conf import settings
 from django.db import transaction
-from redis.exceptions import RedisError
 
 from chat import ephemeral, protocol
 from chat.models import Message, Room
@@ -34,7 +31,7 @@ RESYNC_EVENT = "chat.resync"
 # The group every process's hub joins, for events about a browser session in all rooms.
 SESSIONS_GROUP = "sessions"
 # What a channel layer raises while Redis is away or not answering.
-LAYER_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+LAYER_ERRORS = ephemeral.REDIS_ERRORS
 
 ROOM_EVENTS = (
     MESSAGE_EVENT, CHANGE_EVENT, TYPING_EVENT, PRESENCE_EVENT, REMOVAL_EVENT, ROOM_CLOSED_EVENT, SIGNED_OUT_EVENT,
@@ -70,7 +67,9 @@ def layer_down(error: BaseException) -> None:
     global _layer_down
     if not _layer_down:
         _layer_down = True
-        logger.error("The channel layer (Redis) is unreachable; sockets are told to reconnect: %r", error)
+        logger.error(
+            "The channel layer (Redis) is unreachable; messages reach sockets from the database meanwhile: %r", error
+        )
 
 
 def layer_back() -> None:
@@ -91,13 +90,7 @@ async def _group_send_now(group: str, event: dict) -> None:
     What was saved stays saved either way; clients that miss the event get it
     when they resume from the database.
     """
-    if ephemeral.redis_away():
-        raise RedisError("Redis failed a moment ago; not waiting on it again yet.")
-    try:
-        await asyncio.wait_for(get_channel_layer().group_send(group, event), settings.CHAT_REDIS_TIMEOUT)
-    except LAYER_ERRORS:
-        ephemeral.redis_failed()
-        raise
+    await ephemeral.bounded(lambda: get_channel_layer().group_send(group, event))
 
 
 def room_group(room: Room | int) -> str:
@@ -119,15 +112,27 @@ def publish_message(message: Message) -> None:
     _group_send(room_group(message.room_id), message_event(message))
 
 
-def publish_change(message: Message) -> None:
-    """Tell every socket in the room that a message was edited or deleted (after the commit)."""
-    event = {
+def change_event(message: Message) -> dict:
+    return {
         "type": CHANGE_EVENT,
         "room": message.room_id,
         "change": message.change,
         "frame": protocol.change_payload(message),
     }
-    _group_send(room_group(message.room_id), event)
+
+
+def history_cleared_event(*, room_id: int, through_seq: int, change: int) -> dict:
+    return {
+        "type": CHANGE_EVENT,
+        "room": room_id,
+        "change": change,
+        "frame": protocol.history_cleared_payload(through_seq, change),
+    }
+
+
+def publish_change(message: Message) -> None:
+    """Tell every socket in the room that a message was edited or deleted (after the commit)."""
+    _group_send(room_group(message.room_id), change_event(message))
 
 
 async def publish_presence(*, room_id: int, users: list[str]) -> None:
@@ -162,10 +167,4 @@ def publish_room_closed(*, room_id: int) -> None:
 
 def publish_history_cleared(*, room_id: int, through_seq: int, change: int) -> None:
     """Tell every socket in the room that all its messages up to `through_seq` were deleted."""
-    event = {
-        "type": CHANGE_EVENT,
-        "room": room_id,
-        "change": change,
-        "frame": protocol.history_cleared_payload(through_seq, change),
-    }
-    _group_send(room_group(room_id), event)
+    _group_send(room_group(room_id), history_cleared_event(room_id=room_id, through_seq=through_seq, change=change))

@@ -375,9 +375,71 @@ class TcpProxy:
         await asyncio.gather(_pipe(client_reader, server_writer), _pipe(server_reader, client_writer))
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+class StallingTcpProxy:
+    """A TCP proxy (in front of Redis) that can stop forwarding, as a blackholed network path does.
+
+    While stalled nothing is refused and nothing answers: open connections
+    hang, and new ones are accepted and hang too. Once it flows again, what
+    was sent meanwhile arrives late.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self.listener: asyncio.Server | None = None
+        self.connections: set[asyncio.Task] = set()
+
+    @property
+    def url(self) -> str:
+        assert self.listener is not None, "start() the proxy first"
+        return f"redis://127.0.0.1:{self.listener.sockets[0].getsockname()[1]}/0"
+
+    async def start(self) -> None:
+        self.listener = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+
+    async def close(self) -> None:
+        self.flowing.set()
+        if self.listener is not None:
+            self.listener.close()
+        for task in self.connections:
+            task.cancel()
+        await asyncio.gather(*self.connections, return_exceptions=True)
+
+    def stall(self) -> None:
+        self.flowing.clear()
+
+    def flow(self) -> None:
+        self.flowing.set()
+
+    async def serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.connections.add(task)
+        try:
+            await self.flowing.wait()
+            try:
+                server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+            except OSError:  # Redis is down: refuse, as it would
+                return
+            try:
+                await asyncio.gather(
+                    _pipe(client_reader, server_writer, self.flowing), _pipe(server_reader, client_writer, self.flowing)
+                )
+            finally:
+                server_writer.close()
+        except asyncio.CancelledError:
+            pass  # close(): asyncio's server logs a connection task that ends cancelled
+        finally:
+            client_writer.close()
+            self.connections.discard(task)
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, gate: asyncio.Event | None = None) -> None:
     with contextlib.suppress(OSError):
         while data := await reader.read(65536):
+            if gate is not None:
+                await gate.wait()
             writer.write(data)
             await writer.drain()
     writer.close()

@@ -6,11 +6,11 @@ never touched: these tests kill and freeze their own (tests/servers.py's RedisSe
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from tests.servers import RedisServer, ServerCluster
+from tests.servers import RedisServer, ServerCluster, StallingTcpProxy
 
 
 @pytest.fixture
@@ -29,4 +29,22 @@ def own_redis(tmp_path) -> Iterator[RedisServer]:
 def cluster_on_own_redis(own_redis, cluster) -> ServerCluster:
     """tests/conftest.py's `cluster`, on this test's own Redis; its servers are killed before that Redis."""
     cluster.env["REDIS_URL"] = own_redis.url
+    return cluster
+
+
+@pytest.fixture
+async def redis_link(own_redis) -> AsyncIterator[StallingTcpProxy]:
+    """A proxy in front of this test's own Redis that can be blackholed (it stops forwarding)."""
+    link = StallingTcpProxy(own_redis.port)
+    await link.start()
+    try:
+        yield link
+    finally:
+        await link.close()
+
+
+@pytest.fixture
+def cluster_through_link(redis_link, cluster) -> ServerCluster:
+    """tests/conftest.py's `cluster`, reaching this test's own Redis through `redis_link`."""
+    cluster.env["REDIS_URL"] = redis_link.url
     return cluster
