@@ -14,7 +14,7 @@ from chat import ephemeral, services
 from chat.models import Room
 from chatsite.asgi import application
 from tests.helpers import ORIGIN, session_cookie
-from tests.servers import ServerCluster, Sockets
+from tests.servers import RedisServer, ServerCluster, Sockets
 
 # A prefix of its own keeps this run's pub/sub traffic apart from a site, or
 # another test run, using the same Redis.
@@ -131,6 +131,25 @@ def cluster(transactional_db, tmp_path) -> Iterator[ServerCluster]:
         yield servers
     finally:
         servers.kill_all()
+
+
+@pytest.fixture
+def own_redis(tmp_path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        if server.proc is not None and server.proc.poll() is None:
+            server.thaw()  # a stopped process cannot die of SIGKILL until it runs again
+            server.kill()
+
+
+@pytest.fixture
+def cluster_on_own_redis(own_redis, cluster) -> ServerCluster:
+    """tests/conftest.py's `cluster`, on this test's own Redis; its servers are killed before that Redis."""
+    cluster.env["REDIS_URL"] = own_redis.url
+    return cluster
 
 
 @pytest.fixture

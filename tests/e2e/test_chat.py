@@ -258,3 +258,36 @@ async def test_a_message_stored_but_never_published_appears_once_the_next_one_re
     expected = [(1, "its process died before publishing it"), (2, "the next message")]
     await expect_messages(alice, expected)  # the page asked for the hole
     await expect_messages(bob, expected)
+
+
+async def test_while_redis_is_away_the_page_says_delayed_and_the_chat_goes_on(
+    cluster_on_own_redis, own_redis, browsers, user, other_user, room
+):
+    alice_server, bob_server = await cluster_on_own_redis.start(2)
+    alice = await browsers.new_page(user, server=alice_server)
+    bob = await browsers.new_page(other_user, server=bob_server)
+    await open_room(alice, alice_server, room.slug)
+    await open_room(bob, bob_server, room.slug)
+    await expect(bob.locator("#online")).to_contain_text("2 online")
+    await send(alice, "before")
+    expected = [(1, "before")]
+
+    own_redis.kill()
+    for page in (alice, bob):  # the socket stays open; the page says what changed
+        await expect(page.locator("#connection-state")).to_have_attribute("data-state", "delayed")
+        await expect(page.locator("#connection-state")).to_have_text("Live (delayed)")
+        await expect(page.locator("#online")).to_have_text("Who is online is unknown for now")
+    await send(alice, "while Redis is away")
+    await send(bob, "still here")
+    expected += [(2, "while Redis is away"), (3, "still here")]
+    await expect_messages(alice, expected)
+    await expect_messages(bob, expected)
+
+    own_redis.start()
+    for page in (alice, bob):
+        await expect_live(page, timeout=RECONNECT_TIMEOUT_MS)
+        await expect(page.locator("#online")).to_contain_text("2 online")
+    await send(bob, "Redis is back")
+    expected.append((4, "Redis is back"))
+    await expect_messages(alice, expected)
+    await expect_messages(bob, expected)

@@ -1,35 +1,17 @@
-"""Fault injection: a redis-server of each test's own, and server processes pointed at it.
+"""Fault injection: server processes reaching a redis-server of the test's own through a proxy that can stall.
 
-The shared Redis (REDIS_URL, port 6379) that the rest of the suite uses is
-never touched: these tests kill and freeze their own (tests/servers.py's RedisServer).
+The own Redis (`own_redis`, in tests/conftest.py) is what these tests kill
+and freeze; the shared Redis (REDIS_URL, port 6379) that the rest of the
+suite uses is never touched.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.servers import RedisServer, ServerCluster, StallingTcpProxy
-
-
-@pytest.fixture
-def own_redis(tmp_path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        if server.proc is not None and server.proc.poll() is None:
-            server.thaw()  # a stopped process cannot die of SIGKILL until it runs again
-            server.kill()
-
-
-@pytest.fixture
-def cluster_on_own_redis(own_redis, cluster) -> ServerCluster:
-    """tests/conftest.py's `cluster`, on this test's own Redis; its servers are killed before that Redis."""
-    cluster.env["REDIS_URL"] = own_redis.url
-    return cluster
+from tests.servers import ServerCluster, StallingTcpProxy
 
 
 @pytest.fixture

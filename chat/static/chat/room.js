@@ -12,7 +12,7 @@
 import { Composer } from "./room/composer.js";
 import { Connection } from "./room/connection.js";
 import { MessageControls } from "./room/controls.js";
-import { forgetPresence, hideTyping, showPresence, showTyping } from "./room/members.js";
+import { forgetPresence, hideTyping, presenceUnknown, showPresence, showTyping } from "./room/members.js";
 import { MessageLog } from "./room/messages.js";
 import { Reading } from "./room/reading.js";
 import {
@@ -79,6 +79,10 @@ function handleFrame(frame) {
       break;
     case "presence":
       showPresence(frame.users);
+      break;
+    case "delivery":
+      connection.delivery(frame.mode);
+      if (frame.mode === "delayed") presenceUnknown();
       break;
     case "message_updated":
       onUpdated(frame);

@@ -69,6 +69,19 @@ export class Connection {
     setState("live", "Live");
   }
 
+  // The server says how messages reach this socket: "live", or "delayed" (read
+  // from the database about a second late while its Redis is away).
+  delivery(mode) {
+    if (!this.live) return;
+    if (mode === "delayed") {
+      setState("delayed", "Live (delayed)");
+      stateLabel.title = "The server is catching up: messages arrive about a second late, and who is online is unknown.";
+    } else {
+      setState("live", "Live");
+      stateLabel.title = "";
+    }
+  }
+
   async closed(event) {
     this.live = false;
     const final = finalClose(event.code);

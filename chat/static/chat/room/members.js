@@ -17,6 +17,13 @@ export function forgetPresence() {
   online.textContent = "";
 }
 
+// The server cannot tell who is online for now (its Redis is away); typing pauses too.
+export function presenceUnknown() {
+  online.textContent = "Who is online is unknown for now";
+  online.title = "";
+  for (const user of [...typists.keys()]) hideTyping(user);
+}
+
 export function showTyping(user) {
   clearTimeout(typists.get(user));
   typists.set(user, setTimeout(() => hideTyping(user), TYPING_SHOWN_MS));
