@@ -35,7 +35,13 @@ def _client() -> aioredis.Redis:
     client = _clients.get(loop)
     if client is None:
         client = _clients[loop] = aioredis.Redis.from_url(
-            settings.REDIS_URL, socket_timeout=5, socket_connect_timeout=5, health_check_interval=15
+            settings.REDIS_URL,
+            socket_timeout=5,
+            socket_connect_timeout=5,
+            health_check_interval=15,
+            # As many as the channel layer's: every socket's arrival and departure uses one for a moment,
+            # and redis-py's default of 100 ran out when 1,000 sockets reconnected at once.
+            max_connections=1000,
         )
     return client
 

@@ -271,6 +271,8 @@ class RoomHub:
         self.back_at = -SETTLE_SECONDS
         self.follow_now = asyncio.Event()
         self.follow_failing = False
+        # Rooms whose presence this process has yet to count again after Redis was away.
+        self.recount_rooms: set[int] = set()
 
     async def join(self, room_id: int, send: Send, user: str = "", session: str = "") -> LocalSocket:
         """Register a socket; the room is followed (live, or from the database) before this returns."""
@@ -520,12 +522,8 @@ class RoomHub:
             for socket in list(sockets):
                 if socket.replayed_through is not None:
                     self._offer(socket, frame, inline=False)
-        # Sockets showed presence as unknown; the room's list may also have been lost with Redis.
-        for room_id in list(self.rooms):
-            try:
-                await presence.recount(room_id=room_id)
-            except LAYER_ERRORS:
-                break
+        # Sockets show presence as unknown, and the lists may have been lost with Redis: the follower recounts.
+        self.recount_rooms = set(self.rooms)
 
     async def _follow(self) -> None:
         """Twice a second, compare where the hub's rooms stand in the database with what was delivered."""
@@ -536,6 +534,7 @@ class RoomHub:
                 pass
             self.follow_now.clear()
             try:
+                await self._recount_presence()
                 await self._catch_up()
             except asyncio.CancelledError:
                 raise
@@ -548,6 +547,17 @@ class RoomHub:
                 if self.follow_failing:
                     self.follow_failing = False
                     logger.warning("Fan-out reads its rooms from the database again")
+
+    async def _recount_presence(self) -> None:
+        """Count this process's sockets in each room again once Redis is back (until it succeeds)."""
+        while self.recount_rooms and not self.down:
+            room_id = next(iter(self.recount_rooms))
+            try:
+                if room_id in self.rooms:
+                    await presence.recount(room_id=room_id)
+            except LAYER_ERRORS:
+                return  # Redis failed a moment ago: the next round tries again
+            self.recount_rooms.discard(room_id)
 
     async def _catch_up(self) -> None:
         """Deliver from the database what the rooms' sockets and polls are missing.

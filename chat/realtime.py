@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
+import time
 from collections.abc import Callable
 
 from asgiref.sync import async_to_sync
@@ -60,23 +62,32 @@ def _publish_saved(publish: Callable[[], None]) -> None:
 
 
 _layer_down = False
+# When the outage was last logged, and whether "answers again" is still owed for it.
+_logged_down_at = -math.inf
+_back_owed = False
+LOG_EVERY = 60.0  # seconds: calls failing and succeeding by turns, as Redis comes back, are one outage
 
 
 def layer_down(error: BaseException) -> None:
-    """Log an outage of the channel layer once, not once per socket or per publish."""
-    global _layer_down
+    """Log an outage of the channel layer once, not once per socket or per publish, nor per flap as it recovers."""
+    global _layer_down, _logged_down_at, _back_owed
     if not _layer_down:
         _layer_down = True
-        logger.error(
-            "The channel layer (Redis) is unreachable; messages reach sockets from the database meanwhile: %r", error
-        )
+        if time.monotonic() - _logged_down_at >= LOG_EVERY:
+            _logged_down_at, _back_owed = time.monotonic(), True
+            logger.error(
+                "The channel layer (Redis) is unreachable; messages reach sockets from the database meanwhile: %r",
+                error,
+            )
 
 
 def layer_back() -> None:
-    global _layer_down
+    global _layer_down, _back_owed
     if _layer_down:
         _layer_down = False
-        logger.warning("The channel layer (Redis) answers again.")
+        if _back_owed:
+            _back_owed = False
+            logger.warning("The channel layer (Redis) answers again.")
 
 
 def _group_send(group: str, event: dict) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -13,7 +14,8 @@ from chatsite.logfilters import AtMostEvery
 
 
 @pytest.fixture
-def layer_state():
+def layer_state(monkeypatch):
+    monkeypatch.setattr(realtime, "_logged_down_at", -math.inf)  # no outage logged in the last minute
     yield
     realtime.layer_back()  # the outage flag is per process: leave it as found
 
