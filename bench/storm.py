@@ -39,6 +39,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from itertools import count
 
+import redis
 from django.conf import settings
 
 from bench import report
@@ -321,6 +322,7 @@ class Storm:
 
         survivors = p.others
         stats_before = await read_stats(survivors, since=time.time())  # the counters; no resume listed
+        redis_before = await asyncio.to_thread(redis_stats)
         usage_before = report.usage_snapshot(survivors)
         kill_wall = time.time()
         self.killed_at = loop.time()
@@ -329,6 +331,7 @@ class Storm:
         resumed = await self.wait(lambda: all(c.resumed_at is not None for c in self.clients), p.wait_s, None)
         window_end = loop.time()
         usage_after = report.usage_snapshot(survivors)
+        redis_after = await asyncio.to_thread(redis_stats)
         stats_after = await read_stats(survivors, since=kill_wall)
         done = sum(c.resumed_at is not None for c in self.clients)
         self.say(f"storm: {done}/{len(self.clients)} resumed in {window_end - self.killed_at:.2f} s")
@@ -351,6 +354,7 @@ class Storm:
             "window_s": window_end - self.killed_at,
             "usage": (usage_before, usage_after),
             "stats": (stats_before, stats_after),
+            "redis": (redis_before, redis_after),
             "stored": stored,
         }
 
@@ -392,6 +396,18 @@ def fetch_stats(server: ServerProcess, since: float) -> dict | None:
 
 async def read_stats(servers: list[ServerProcess], since: float) -> list[dict | None]:
     return list(await asyncio.gather(*(asyncio.to_thread(fetch_stats, s, since) for s in servers)))
+
+
+def redis_stats() -> dict | None:
+    """Commands Redis has run and bytes it has sent, in all (shared with whatever else uses that Redis)."""
+    client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=STATS_TIMEOUT)
+    try:
+        info = client.info("stats")
+    except redis.RedisError:
+        return None
+    finally:
+        client.close()
+    return {"commands": info["total_commands_processed"], "sent_bytes": info["total_net_output_bytes"]}
 
 
 # --------------------------------------------------------------------------
@@ -463,6 +479,10 @@ def figures(storm: Storm, raw: dict) -> dict:
             )
         processes.append(row)
     client_cpu = usage_after["client"] - usage_before["client"]
+    redis_before, redis_after = raw["redis"]
+    redis_load = None
+    if redis_before and redis_after:
+        redis_load = {key: redis_after[key] - redis_before[key] for key in redis_before}
     other_cpu_pct = None
     if usage_before["machine"] and usage_after["machine"]:
         # What else ran meanwhile (another engineer's tests, say): it slows every figure above.
@@ -519,6 +539,9 @@ def figures(storm: Storm, raw: dict) -> dict:
         "processes": processes,
         "client_cpu_pct": round(100 * client_cpu / window, 1),
         "other_cpu_pct": other_cpu_pct,
+        # During the storm, anyone's: the senders and the other processes' probes are in it too.
+        "redis_commands": redis_load and redis_load["commands"],
+        "redis_sent_mib": redis_load and round(redis_load["sent_bytes"] / 2**20, 1),
         "ok": not ok_reasons,
         "fail_reasons": ok_reasons,
     }
@@ -564,6 +587,11 @@ def render(f: dict) -> str:
         if row.get("statements_per_resume"):
             shown = ", ".join(f"{name} {n:g}" for name, n in row["statements_per_resume"].items())
             lines.append(f"  {row['process']} statements per resume: {shown}")
+    if f["redis_commands"] is not None:
+        lines.append(
+            f"Redis during the storm: {f['redis_commands']} commands, {f['redis_sent_mib']} MiB sent "
+            "(everyone's on that Redis)"
+        )
     if f["errors"]:
         lines.append(f"error frames: {f['errors']}")
     lines.append("PASS" if f["ok"] else "FAIL: " + "; ".join(f["fail_reasons"]))

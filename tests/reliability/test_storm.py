@@ -36,8 +36,9 @@ RESUME_LIMIT = 30.0  # seconds from the kill to the last socket's ready: the pro
 # What a resume's handshake reads, and nothing else: the session and its user
 # (Channels' AuthMiddleware), the room and the membership (selectors.room_visible),
 # the room's cursors and one page of at most CHAT_RESUME_LIMIT messages
-# (selectors.message_resume; a seventh query only for a client whose
-# changes_after is behind the room's, which nobody edits here).
+# (selectors.message_resume; a seventh query, and past CHAT_RESUME_LIMIT
+# changes an eighth, only for a client whose changes_after is behind the
+# room's, and nobody edits here).
 MAX_QUERIES_PER_RESUME = 6
 TEST_LIMIT = 90.0
 
