@@ -7,7 +7,10 @@ the bench and tests/reliability/test_storm.py read:
 - every SQL statement Django runs (`connection.execute_wrapper`, installed on
   each new connection), in all and per WebSocket connection whose handshake
   carried `?after=`, that is per resume: how many, of what kind ("SELECT
-  chat_message"), and how long the database took;
+  chat_message"), and how long the database took; on PostgreSQL also the
+  `SELECT 1` health checks (`CONN_HEALTH_CHECKS`: the first query after each
+  `close_old_connections()`, which Channels runs around every
+  `database_sync_to_async` call), which bypass the execute wrappers;
 - the thread Channels' `database_sync_to_async` runs everything on (thread
   sensitive, outside any request: one thread per process, so a process's
   sockets never run two queries at once): calls, the longest queue, the
@@ -48,6 +51,7 @@ class Resume:
 
     opened_at: float  # unix time
     queries: int = 0
+    health_checks: int = 0
     db_s: float = 0.0
     statements: Counter = field(default_factory=Counter)
 
@@ -58,6 +62,7 @@ class Stats:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.queries = 0
+        self.health_checks = 0
         self.db_s = 0.0
         self.resumes: list[Resume] = []
         self.calls = 0  # jobs run on the shared database thread
@@ -77,10 +82,18 @@ class Stats:
                 match = STATEMENT.match(sql)
                 resume.statements[f"{match.group(1).upper()} {match.group(2)}" if match else sql[:30]] += 1
 
+    def health_check(self) -> None:
+        resume = current_resume.get()
+        with self.lock:
+            self.health_checks += 1
+            if resume is not None:
+                resume.health_checks += 1
+
     def read(self, since: float) -> dict:
         with self.lock:
             answer = {
                 "queries": self.queries,
+                "health_checks": self.health_checks,
                 "db_s": round(self.db_s, 4),
                 "db_thread": {
                     "calls": self.calls,
@@ -93,6 +106,7 @@ class Stats:
                     {
                         "opened_at": r.opened_at,
                         "queries": r.queries,
+                        "health_checks": r.health_checks,
                         "db_s": round(r.db_s, 5),
                         "statements": r.statements,
                     }
@@ -121,6 +135,14 @@ def count_on(sender, connection, **kwargs) -> None:
     # The wrapper object outlives its DB-API connection (CONN_MAX_AGE): install once.
     if count_query not in connection.execute_wrappers:
         connection.execute_wrappers.append(count_query)
+        if connection.vendor == "postgresql":  # SQLite's is_usable() runs no query
+            is_usable = connection.is_usable
+
+            def counted_is_usable() -> bool:
+                stats.health_check()
+                return is_usable()
+
+            connection.is_usable = counted_is_usable
 
 
 connection_created.connect(count_on)

@@ -467,6 +467,9 @@ def figures(storm: Storm, raw: dict) -> dict:
                 resume_connections=len(resumes),
                 queries_per_resume=round(sum(r["queries"] for r in resumes) / len(resumes), 2) if resumes else None,
                 max_queries_per_resume=max((r["queries"] for r in resumes), default=None),
+                health_checks_per_resume=(
+                    round(sum(r.get("health_checks", 0) for r in resumes) / len(resumes), 2) if resumes else None
+                ),
                 statements_per_resume={name: round(n / len(resumes), 2) for name, n in sorted(statements.items())}
                 if resumes
                 else {},  # fmt: skip
@@ -570,6 +573,7 @@ def render(f: dict) -> str:
         ("resumes", "resumes", 8),
         ("queries/resume", "queries_per_resume", 15),
         ("max", "max_queries_per_resume", 4),
+        ("+SELECT 1", "health_checks_per_resume", 9),
         ("db ms/resume", "db_ms_per_resume", 13),
         ("db thread busy%", "db_thread_busy_pct", 16),
         ("peak queue", "db_thread_peak_queue", 11),
