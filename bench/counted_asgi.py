@@ -1,7 +1,7 @@
 """This site's application with its database work counted: the servers of `manage.py stormbench`.
 
 Serve with `uvicorn bench.counted_asgi:application` (the README's flags; bench/serverprocess.py).
-It is `chatsite.asgi:application`, unchanged, plus three counters that only
+It is `chatsite.asgi:application`, unchanged, plus counters that only
 the bench and tests/reliability/test_storm.py read:
 
 - every SQL statement Django runs (`connection.execute_wrapper`, installed on
@@ -15,6 +15,7 @@ the bench and tests/reliability/test_storm.py read:
   sensitive, outside any request: one thread per process, so a process's
   sockets never run two queries at once): calls, the longest queue, the
   longest wait for the thread, and its busy time;
+- the WebSocket connections still open (their `disconnect()` not yet done);
 - `GET /bench/db-stats[?since=<unix time>]` answers them as JSON, before the
   site's own routing sees the request. The resumes listed are those opened at
   or after `since`; the longest queue and wait are since the previous read.
@@ -63,6 +64,7 @@ class Stats:
         self.lock = threading.Lock()
         self.queries = 0
         self.health_checks = 0
+        self.open_websockets = 0
         self.db_s = 0.0
         self.resumes: list[Resume] = []
         self.calls = 0  # jobs run on the shared database thread
@@ -94,6 +96,7 @@ class Stats:
             answer = {
                 "queries": self.queries,
                 "health_checks": self.health_checks,
+                "open_websockets": self.open_websockets,
                 "db_s": round(self.db_s, 4),
                 "db_thread": {
                     "calls": self.calls,
@@ -191,10 +194,19 @@ async def application(scope, receive, send):
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": body})
         return
-    if scope["type"] == "websocket" and b"after=" in scope.get("query_string", b""):
+    if scope["type"] != "websocket":
+        await site_application(scope, receive, send)
+        return
+    if b"after=" in scope.get("query_string", b""):
         resume = Resume(opened_at=time.time())
         with stats.lock:
             stats.resumes.append(resume)
         # Copied into every database_sync_to_async call this connection makes.
         current_resume.set(resume)
-    await site_application(scope, receive, send)
+    with stats.lock:
+        stats.open_websockets += 1
+    try:
+        await site_application(scope, receive, send)
+    finally:
+        with stats.lock:
+            stats.open_websockets -= 1

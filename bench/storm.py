@@ -65,6 +65,8 @@ HANDSHAKE_TIMEOUT = 30.0
 CONNECT_CONCURRENCY = 20  # handshakes at once while the clients first connect to the home process
 STATS_TIMEOUT = 10.0
 POLL = 0.05  # seconds between looks at a condition with a deadline
+# What the survivors' logs are searched for, before and after the clients close.
+LOG_MARKERS = ("Traceback", "MaxConnectionsError", "is unreachable", "Refreshing presence")
 
 
 class StormFailed(Exception):
@@ -305,6 +307,16 @@ class Storm:
             for client in self.senders + self.clients:
                 if client.sock is not None:
                     client.sock.close()
+            await self.closed_everywhere()
+
+    async def closed_everywhere(self, timeout: float = 15.0) -> None:
+        """Wait until the survivors have run every closed socket's disconnect() (its log lines come then)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            counted = await read_stats(self.plan.others, since=time.time())
+            if all(c is None or c["open_websockets"] == 0 for c in counted):
+                return
+            await asyncio.sleep(0.1)  # polling the servers until the deadline
 
     async def measure(self, tasks: list[asyncio.Task]) -> dict:
         p = self.plan
@@ -355,6 +367,8 @@ class Storm:
             "usage": (usage_before, usage_after),
             "stats": (stats_before, stats_after),
             "redis": (redis_before, redis_after),
+            # Where each survivor's log stood before the clients closed: what follows is the teardown's.
+            "log_marks": [len(server.log_text()) for server in survivors],
             "stored": stored,
         }
 
@@ -480,6 +494,10 @@ def figures(storm: Storm, raw: dict) -> dict:
                 db_thread_peak_queue=after["db_thread"]["peak_waiting"],
                 db_thread_max_wait_ms=round(1000 * after["db_thread"]["max_wait_s"], 1),
             )
+        log = server.log_text()
+        mark = raw["log_marks"][k]
+        row["log_during"] = {m: log[:mark].count(m) for m in LOG_MARKERS if m in log[:mark]}
+        row["log_teardown"] = {m: log[mark:].count(m) for m in LOG_MARKERS if m in log[mark:]}
         processes.append(row)
     client_cpu = usage_after["client"] - usage_before["client"]
     redis_before, redis_after = raw["redis"]
@@ -596,6 +614,12 @@ def render(f: dict) -> str:
             f"Redis during the storm: {f['redis_commands']} commands, {f['redis_sent_mib']} MiB sent "
             "(everyone's on that Redis)"
         )
+    for row in f["processes"]:
+        if row["log_during"] or row["log_teardown"]:
+            lines.append(
+                f"  {row['process']} log: during the run {row['log_during'] or '-'}; "
+                f"as the clients closed {row['log_teardown'] or '-'}"
+            )
     if f["errors"]:
         lines.append(f"error frames: {f['errors']}")
     lines.append("PASS" if f["ok"] else "FAIL: " + "; ".join(f["fail_reasons"]))
