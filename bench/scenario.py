@@ -331,17 +331,10 @@ class ChatBench:
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "config": self.config(),
             "setup": {},
-            "main": None,
-            "baseline": None,
-            "ratios": None,
             "aborted": None,
+            **self.empty_results(),
         }
-        load = f"find-max over {o.rates}" if o.find_max else f"{o.rate:g} msg/s per room"
-        self.say(
-            f"chatbench {self.run_id}: {o.sockets} sockets, {o.rooms} room(s), "
-            f"{o.server} x{o.processes}, {load}, "
-            f"{o.duration:g} s per measurement; logs in {self.log_dir}"
-        )
+        self.say(self.banner())
         # The hard cap: whatever hangs, the servers die a little after the deadline.
         watchdog = threading.Timer(o.max_seconds + 15, self.kill_all)
         watchdog.daemon = True
@@ -367,7 +360,7 @@ class ChatBench:
             if previous_term is not None:
                 signal.signal(signal.SIGTERM, previous_term)
         self.report["elapsed_s"] = round(time.monotonic() - self.started, 1)
-        measured = bool(self.report["main"] and self.report["main"]["steps"])
+        measured = self.measured()
         if measured or failure is None:
             self.finish_report()
         if failure is None and not measured:
@@ -375,6 +368,23 @@ class ChatBench:
         if failure is not None:
             raise failure
         return self.report
+
+    def empty_results(self) -> dict:
+        """Return the report's result keys, before anything is measured."""
+        return {"main": None, "baseline": None, "ratios": None}
+
+    def banner(self) -> str:
+        o = self.options
+        load = f"find-max over {o.rates}" if o.find_max else f"{o.rate:g} msg/s per room"
+        return (
+            f"chatbench {self.run_id}: {o.sockets} sockets, {o.rooms} room(s), "
+            f"{o.server} x{o.processes}, {load}, "
+            f"{o.duration:g} s per measurement; logs in {self.log_dir}"
+        )
+
+    def measured(self) -> bool:
+        """Whether the run measured anything worth reporting (an aborted run may have)."""
+        return bool(self.report["main"] and self.report["main"]["steps"])
 
     def config(self) -> dict:
         o = self.options
@@ -420,7 +430,7 @@ class ChatBench:
         self.sessions = self.sign_in_users(main_servers)
         self.reader = main_servers[0]  # serves `history` reads for both phases
         rooms = self.create_rooms("m")
-        loop_factory = _uvloop_factory()
+        loop_factory = uvloop_factory()
         self.report["config"]["client_loop"] = "uvloop" if loop_factory else "asyncio"
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             self.report["main"] = self.new_phase("main", MAIN_APP, main_servers, rooms, MAIN_WS_PATH)
@@ -473,11 +483,13 @@ class ChatBench:
         self.say(f"{phase}: {count} x {kind} {app} up on {ports}")
         return new
 
-    def sign_in_users(self, servers: list[ServerProcess]) -> list[SiteSession]:
+    def sign_in_users(self, servers: list[ServerProcess], count: int | None = None) -> list[SiteSession]:
+        """Sign in `count` users (by default one per MAX_SOCKETS_PER_USER sockets, like browser tabs)."""
         o = self.options
-        count = math.ceil(o.sockets / MAX_SOCKETS_PER_USER)
+        count = count or math.ceil(o.sockets / MAX_SOCKETS_PER_USER)
         names = [f"{o.user_prefix}-u{i + 1:03d}" for i in range(count)]
-        self.say(f"users: signing in {count} ({MAX_SOCKETS_PER_USER} sockets per user at most; ~0.4 s of hashing each)")
+        per_user = math.ceil(o.sockets / count)
+        self.say(f"users: signing in {count} ({per_user} sockets per user at most; ~0.4 s of hashing each)")
         started = time.monotonic()
         sessions: list[SiteSession | None] = [None] * count
         how = Counter()
@@ -763,7 +775,7 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _uvloop_factory():
+def uvloop_factory():
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is in requirements.txt

@@ -157,7 +157,10 @@ def message_resume(*, room: Room, after_seq: int, limit: int, changes_after: int
     """Return what a client holding everything up to `after_seq` missed, newest `limit` at most.
 
     With `changes_after`, also the messages up to `after_seq` edited or deleted
-    since that change, in change order.
+    since that change, in change order: `limit` at most too. Past that the
+    client starts afresh, as after a gap: the newest `limit` messages as they
+    are now, and none of the changes. However long the client was away, a
+    resume is at most four queries of at most `limit` + 1 rows each.
     """
     # Read the room first: everything committed before this read is in the
     # queries below, and anything later reaches the socket live. A client ahead
@@ -177,7 +180,17 @@ def message_resume(*, room: Room, after_seq: int, limit: int, changes_after: int
             # One frame for the whole clear, however many messages it deleted.
             cleared = (min(cleared_through_seq, after_seq), cleared_change)
             changes = changes.filter(seq__gt=cleared_through_seq)
-        changed = list(changes.order_by("change"))
+        changed = list(changes.order_by("change")[: limit + 1])
+        if len(changed) > limit:
+            # Too many to replay one by one (a moderator deleted a flood, say).
+            newest = list(_messages(room).order_by("-seq")[:limit])[::-1]
+            return Resume(
+                messages=newest,
+                changed=[],
+                last_change=last_change,
+                next_seq=newest[0].seq,  # changes exist, so messages do
+                last_seq=newest[-1].seq,
+            )
     return Resume(
         messages=messages,
         changed=changed,

@@ -109,12 +109,14 @@ def assert_no_app_errors(server: ServerProcess, markers: tuple[str, ...] = APP_E
 class ServerCluster:
     """Starts servers for one test and remembers them so teardown can kill every one.
 
-    `kind` is a bench/serverprocess.py server: "uvicorn" (the README's command) or "daphne".
+    `kind` is a bench/serverprocess.py server: "uvicorn" (the README's command) or "daphne";
+    `app` the ASGI application they serve (the site's, or bench/counted_asgi.py's count of its queries).
     """
 
-    def __init__(self, log_dir: Path, kind: str = "uvicorn") -> None:
+    def __init__(self, log_dir: Path, kind: str = "uvicorn", app: str = APP) -> None:
         self.log_dir = log_dir
         self.kind = kind
+        self.app = app
         self.env = server_env()
         self.servers: list[ServerProcess] = []
 
@@ -123,7 +125,7 @@ class ServerCluster:
         kinds = list(kinds) or [self.kind] * count
         names = [f"{kind}-{len(self.servers) + i + 1}" for i, kind in enumerate(kinds)]
         new = [
-            ServerProcess(name, kind, APP, self.env, self.log_dir / f"{name}.log")
+            ServerProcess(name, kind, self.app, self.env, self.log_dir / f"{name}.log")
             for name, kind in zip(names, kinds, strict=True)
         ]
         self.servers.extend(new)  # before spawning: teardown must see them even if startup fails

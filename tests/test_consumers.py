@@ -508,6 +508,27 @@ async def test_resume_replays_edits_and_deletions_since_the_clients_last_change(
     assert await silent(bob, 0.5)
 
 
+async def test_resume_with_more_changes_than_the_limit_starts_afresh_from_the_newest_page(
+    ws_connect, user, other_user, room, settings
+):
+    settings.CHAT_RESUME_LIMIT = 3
+    messages = [await post(room, user, f"m{n}") for n in range(1, 7)]
+    for message in messages[:4]:  # changes 1-4, all at or below the client's after
+        await delete(room, user, message)
+
+    bob, _ = await ws_connect(other_user, room, after=6, changes_after=0)
+    replayed, ready = await receive_until_ready(bob)
+
+    # Four changes are more than a resume replays: a gap, then the newest three messages as they are now.
+    assert replayed[0] == {"type": "gap", "after": 6, "next_seq": 4}
+    assert [(f["type"], f["message"]["seq"], f["message"]["body"]) for f in replayed[1:]] == [
+        ("message", 4, ""),
+        ("message", 5, "m5"),
+        ("message", 6, "m6"),
+    ]
+    assert ready == {"type": "ready", "last_seq": 6, "last_change": 4}
+
+
 async def test_resumed_and_history_messages_never_carry_a_deleted_body(ws_connect, user, room):
     secret = await post(room, user, "my password is hunter2")
     await delete(room, user, secret)
