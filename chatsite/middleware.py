@@ -7,7 +7,10 @@ import time
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
+from django.template import loader
 from whitenoise.middleware import WhiteNoiseMiddleware
+
+from chat import api, database
 
 
 class SyncAndAsync:
@@ -96,3 +99,42 @@ class StaticFilesMiddleware(SyncAndAsync, WhiteNoiseMiddleware):
         if static_file is not None:
             return self.serve(static_file, request)
         return await self.get_response(request)
+
+
+class DatabaseUnavailableMiddleware(SyncAndAsync):
+    """Answers 503 while the database is unreachable, instead of a 500 with a traceback per request.
+
+    Pages get templates/503.html, the API its JSON error shape with code
+    `database_unavailable`; both say `Retry-After`. The outage is logged once
+    (chat/database.py). Last in MIDDLEWARE, so the answer still passes every
+    other middleware's response step (the security headers, the API's clock).
+    """
+
+    def __init__(self, get_response) -> None:
+        self.get_response = get_response
+        self._choose_mode(get_response)
+
+    def _call(self, request: HttpRequest) -> HttpResponse:
+        return self.get_response(request)
+
+    async def _acall(self, request: HttpRequest) -> HttpResponse:
+        return await self.get_response(request)
+
+    def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
+        if not isinstance(exception, database.DATABASE_ERRORS):
+            return None  # Django's own handling: a 500 and the traceback in the log
+        database.database_down(exception)
+        response = database_unavailable_response(request)
+        # The outage is logged once, above; not Django's "Service Unavailable" line per request too.
+        response._has_been_logged = True  # type: ignore[attr-defined]
+        return response
+
+
+def database_unavailable_response(request: HttpRequest) -> HttpResponse:
+    headers = {"Retry-After": str(database.RETRY_AFTER)}
+    if request.path.startswith("/api/"):
+        detail = f"The database is briefly unavailable; try again in {database.RETRY_AFTER} s."
+        return api.error_response(503, "database_unavailable", detail, headers)
+    # Rendered without the request: no context processor may look up the session or the user.
+    return HttpResponse(loader.render_to_string("503.html"), status=503, headers=headers)
+
