@@ -10,7 +10,7 @@ from django.http import HttpRequest, HttpResponse
 from django.template import loader
 from whitenoise.middleware import WhiteNoiseMiddleware
 
-from chat import api, database
+from chat import api, database, protocol
 
 
 class SyncAndAsync:
@@ -138,3 +138,38 @@ def database_unavailable_response(request: HttpRequest) -> HttpResponse:
     # Rendered without the request: no context processor may look up the session or the user.
     return HttpResponse(loader.render_to_string("503.html"), status=503, headers=headers)
 
+
+class DatabaseUnavailableHandshake:
+    """ASGI middleware around the WebSocket stack's session and user lookup (channels' AuthMiddleware).
+
+    While the database is unreachable that lookup fails before any consumer
+    runs; the server would refuse the handshake with an HTTP 500 and log a
+    traceback. Instead the socket is told `unavailable` and closed with 1012,
+    as the consumer does when the database fails during its own handshake,
+    and the page reconnects with backoff.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        received = False
+
+        async def receive_noted():
+            nonlocal received
+            received = True
+            return await receive()
+
+        try:
+            return await self.app(scope, receive_noted, send)
+        except database.DATABASE_ERRORS as error:
+            if received:  # the consumer had started: not a failed lookup, and not for us to answer
+                raise
+            database.database_down(error)
+            await receive()  # websocket.connect
+            await send({"type": "websocket.accept"})
+            await send({"type": "websocket.send", "text": protocol.unavailable_frame()})
+            try:
+                await send({"type": "websocket.close", "code": protocol.CLOSE_SERVICE_RESTART})
+            except Exception:
+                await send({"type": "websocket.close"})  # daphne refuses 1012 (see RoomConsumer.close)
