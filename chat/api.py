@@ -18,7 +18,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
 
-from chat import ephemeral, longpoll, protocol, selectors, services, tokens, validation
+from chat import database, ephemeral, longpoll, protocol, selectors, services, tokens, validation
 from chat.models import Room
 from chat.validation import ChatError
 
@@ -180,6 +180,8 @@ def endpoint(*methods: str, writes: tuple[str, ...] = ()) -> Callable[[Handler],
                 return _error_response(error)
             except ChatError as error:
                 return _error_response(ApiError.from_chat_error(error))
+            except database.DATABASE_ERRORS:
+                raise  # chatsite.middleware answers 503, and logs the outage once
             except Exception:
                 logger.exception("API request %s %s failed", request.method, request.path)
                 return error_response(500, "server_error", "Something went wrong on the server; try again.")

@@ -9,7 +9,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from chat import ephemeral, fanout, presence, protocol, realtime, selectors, serversend, services, validation
+from chat import database, ephemeral, fanout, presence, protocol, realtime, selectors, serversend, services, validation
 from chat.models import Room
 from chat.validation import ChatError
 
@@ -48,12 +48,20 @@ class RoomConsumer(AsyncWebsocketConsumer):
             # Redis is away: nothing was stored for this socket, and the client
             # resumes from the database once it is back.
             realtime.layer_down(error)
-            for cleanup in (self.unsubscribe, self.release_socket):
-                with contextlib.suppress(*LAYER_ERRORS):
-                    await cleanup()
-            if not self.accepted:
-                await self.accept()
-            await self.close_with(protocol.CLOSE_SERVICE_RESTART, protocol.unavailable_frame())
+            await self.give_up()
+        except DATABASE_ERRORS as error:
+            # The database is away: the same answer; the client resumes once it is back.
+            database.database_down(error)
+            await self.give_up()
+
+    async def give_up(self) -> None:
+        """Undo what join() did so far, then tell the client to come back (`unavailable`, 1012)."""
+        for cleanup in (self.unsubscribe, self.release_socket):
+            with contextlib.suppress(*LAYER_ERRORS):
+                await cleanup()
+        if not self.accepted:
+            await self.accept()
+        await self.close_with(protocol.CLOSE_SERVICE_RESTART, protocol.unavailable_frame())
 
     async def accept(self, subprotocol: str | None = None, headers=None) -> None:
         await super().accept(subprotocol)
@@ -177,6 +185,11 @@ class RoomConsumer(AsyncWebsocketConsumer):
             # after its commit, robustly); the client reconnects and resumes.
             realtime.layer_down(error)
             await self.close_with(protocol.CLOSE_SERVICE_RESTART, protocol.unavailable_frame())
+        except DATABASE_ERRORS as error:
+            # The database is away: this frame gets an error and the socket stays
+            # open; a send gets `not_saved` with its nonce, and is sent again.
+            database.database_down(error)
+            await self.send(protocol.database_unavailable_frame(command))
 
     async def handle(self, command: protocol.ClientCommand) -> None:
         if isinstance(command, protocol.SendCommand):
@@ -205,11 +218,11 @@ class RoomConsumer(AsyncWebsocketConsumer):
                 protocol.error_frame(error.code, error.detail, command.nonce, retry_after=error.retry_after)
             )
             return
+        except DATABASE_ERRORS:
+            raise  # receive() answers not_saved, and logs the outage once rather than per message
         except Exception:
             logger.exception("Saving a message in room %s failed", self.joined_room.slug)
-            await self.send(
-                protocol.error_frame("not_saved", "The message was not saved; send it again.", command.nonce)
-            )
+            await self.send(protocol.not_saved_frame(command.nonce))
             return
         if not created:
             # A retry: the original was broadcast already, so answer only this socket.
@@ -232,6 +245,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
 
 
 LAYER_ERRORS = realtime.LAYER_ERRORS
+DATABASE_ERRORS = database.DATABASE_ERRORS
 
 
 def _query_value(scope: dict, name: str) -> str | None:

@@ -77,6 +77,17 @@ def unavailable_frame() -> str:
     return error_frame("unavailable", "The chat is briefly unavailable; reconnecting.")
 
 
+def not_saved_frame(nonce: Any) -> str:
+    return error_frame("not_saved", "The message was not saved; send it again with the same nonce.", nonce)
+
+
+def database_unavailable_frame(command: ClientCommand) -> str:
+    """Answer a frame the database could not serve: a send gets `not_saved` with its nonce."""
+    if isinstance(command, SendCommand):
+        return not_saved_frame(command.nonce)
+    return error_frame("database_unavailable", "The database is briefly unavailable; try again in a moment.")
+
+
 def resync_frame() -> str:
     return error_frame("resync", "This room's history changed; loading it again.")
 

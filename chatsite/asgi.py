@@ -18,10 +18,15 @@ from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E40
 from chat.fanout import DirectSend  # noqa: E402
 from chat.longpoll import SharedSyncThread  # noqa: E402
 from chat.routing import websocket_urlpatterns  # noqa: E402
+from chatsite.middleware import DatabaseUnavailableHandshake  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
         "http": SharedSyncThread(django_asgi_app),
-        "websocket": DirectSend(AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns)))),
+        "websocket": DirectSend(
+            AllowedHostsOriginValidator(
+                DatabaseUnavailableHandshake(AuthMiddlewareStack(URLRouter(websocket_urlpatterns)))
+            )
+        ),
     }
 )

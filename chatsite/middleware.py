@@ -7,7 +7,10 @@ import time
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
+from django.template import loader
 from whitenoise.middleware import WhiteNoiseMiddleware
+
+from chat import api, database, protocol
 
 
 class SyncAndAsync:
@@ -96,3 +99,77 @@ class StaticFilesMiddleware(SyncAndAsync, WhiteNoiseMiddleware):
         if static_file is not None:
             return self.serve(static_file, request)
         return await self.get_response(request)
+
+
+class DatabaseUnavailableMiddleware(SyncAndAsync):
+    """Answers 503 while the database is unreachable, instead of a 500 with a traceback per request.
+
+    Pages get templates/503.html, the API its JSON error shape with code
+    `database_unavailable`; both say `Retry-After`. The outage is logged once
+    (chat/database.py). Last in MIDDLEWARE, so the answer still passes every
+    other middleware's response step (the security headers, the API's clock).
+    """
+
+    def __init__(self, get_response) -> None:
+        self.get_response = get_response
+        self._choose_mode(get_response)
+
+    def _call(self, request: HttpRequest) -> HttpResponse:
+        return self.get_response(request)
+
+    async def _acall(self, request: HttpRequest) -> HttpResponse:
+        return await self.get_response(request)
+
+    def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
+        if not isinstance(exception, database.DATABASE_ERRORS):
+            return None  # Django's own handling: a 500 and the traceback in the log
+        database.database_down(exception)
+        response = database_unavailable_response(request)
+        # The outage is logged once, above; not Django's "Service Unavailable" line per request too.
+        response._has_been_logged = True  # type: ignore[attr-defined]
+        return response
+
+
+def database_unavailable_response(request: HttpRequest) -> HttpResponse:
+    headers = {"Retry-After": str(database.RETRY_AFTER)}
+    if request.path.startswith("/api/"):
+        detail = f"The database is briefly unavailable; try again in {database.RETRY_AFTER} s."
+        return api.error_response(503, "database_unavailable", detail, headers)
+    # Rendered without the request: no context processor may look up the session or the user.
+    return HttpResponse(loader.render_to_string("503.html"), status=503, headers=headers)
+
+
+class DatabaseUnavailableHandshake:
+    """ASGI middleware around the WebSocket stack's session and user lookup (channels' AuthMiddleware).
+
+    While the database is unreachable that lookup fails before any consumer
+    runs; the server would refuse the handshake with an HTTP 500 and log a
+    traceback. Instead the socket is told `unavailable` and closed with 1012,
+    as the consumer does when the database fails during its own handshake,
+    and the page reconnects with backoff.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        received = False
+
+        async def receive_noted():
+            nonlocal received
+            received = True
+            return await receive()
+
+        try:
+            return await self.app(scope, receive_noted, send)
+        except database.DATABASE_ERRORS as error:
+            if received:  # the consumer had started: not a failed lookup, and not for us to answer
+                raise
+            database.database_down(error)
+            await receive()  # websocket.connect
+            await send({"type": "websocket.accept"})
+            await send({"type": "websocket.send", "text": protocol.unavailable_frame()})
+            try:
+                await send({"type": "websocket.close", "code": protocol.CLOSE_SERVICE_RESTART})
+            except Exception:
+                await send({"type": "websocket.close"})  # daphne refuses 1012 (see RoomConsumer.close)

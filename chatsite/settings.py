@@ -87,6 +87,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "chatsite.middleware.DatabaseUnavailableMiddleware",  # last: its 503 passes every response step above
 ]
 
 ROOT_URLCONF = "chatsite.urls"

@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 
+import channels.auth
 import pytest
 import redis
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.conf import settings
+from django.db import OperationalError
 from django.test import Client
 from uvicorn.protocols.utils import ClientDisconnected
 
-from chat import ephemeral, fanout, protocol, realtime, selectors, services
+from chat import database, ephemeral, fanout, protocol, realtime, selectors, services
 from chat.models import Membership, Message, Room
 from chatsite.asgi import application
 from tests.helpers import joined, receive, receive_until_ready, send, silent
@@ -212,6 +214,55 @@ async def test_failed_save_is_not_broadcast_and_sender_gets_an_error(ws_connect,
     error = await receive(alice)
     assert (error["type"], error["code"], error["nonce"]) == ("error", "not_saved", "n-broken")
     assert await silent(bob, 0.5)
+
+
+def database_away(*args, **kwargs):
+    raise OperationalError("connection to server at 127.0.0.1 failed: Connection refused")
+
+
+async def test_while_the_database_is_away_each_frame_gets_an_error_and_the_socket_keeps_serving(
+    ws_connect, user, other_user, room, monkeypatch
+):
+    monkeypatch.setattr(database, "_down", False)
+    bob = await joined(ws_connect, other_user, room)
+    alice = await joined(ws_connect, user, room)
+    for module, name in ((services, "message_create"), (services, "read_mark"), (selectors, "message_list")):
+        monkeypatch.setattr(module, name, database_away)
+
+    await send(alice, type="send", body="later", nonce="n-away")
+    assert await receive(alice) == {
+        "type": "error", "code": "not_saved", "nonce": "n-away",
+        "detail": "The message was not saved; send it again with the same nonce.",
+    }  # fmt: skip
+    for frame in ({"type": "history", "before": 5, "limit": 3}, {"type": "read", "seq": 1}):
+        await send(alice, **frame)
+        error = await receive(alice)
+        assert (error["type"], error["code"], error["nonce"]) == ("error", "database_unavailable", None)
+    assert await silent(bob, 0.3)
+
+    monkeypatch.undo()  # the database is back: the same socket, the same nonce
+    await send(alice, type="send", body="later", nonce="n-away")
+    assert (await receive(alice))["message"]["nonce"] == "n-away"
+    assert (await receive(bob))["message"]["body"] == "later"
+
+
+@pytest.mark.parametrize("where", ["the user lookup", "the room lookup"])
+async def test_a_handshake_while_the_database_is_away_is_told_unavailable_and_closed_with_1012(
+    ws_connect, user, room, monkeypatch, where
+):
+    monkeypatch.setattr(database, "_down", False)
+    if where == "the user lookup":  # in channels' AuthMiddleware, before any consumer runs
+        monkeypatch.setattr(channels.auth, "get_user", database_sync_to_async(database_away))
+    else:
+        monkeypatch.setattr(selectors, "room_visible", database_away)
+    alice, connected = await ws_connect(user, room)
+    assert connected
+    assert (await receive(alice))["code"] == "unavailable"
+    assert await alice.receive_output(timeout=2) == {"type": "websocket.close", "code": protocol.CLOSE_SERVICE_RESTART}
+    assert database._down
+
+    monkeypatch.undo()
+    await joined(ws_connect, user, room)
 
 
 async def test_retried_nonce_answers_the_sender_with_the_original_and_stores_one_row(

@@ -1,14 +1,24 @@
-"""While Redis is away: what was saved stays saved, and the logs say so once, not once a second."""
+"""While Redis or the database is away: what was saved stays saved, and the logs say so once, not once a second.
+
+The database's outage for real (a PostgreSQL of the test's own, restarted
+under chat load) is tests/reliability/test_database.py; here the queries fail
+on purpose, and every query of the request fails, the session's included.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
 import pytest
+from django.conf import settings
+from django.db import OperationalError, connection
+from django.db.backends.signals import connection_created
+from django.test import Client
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from chat import realtime, services
+from chat import database, realtime, services
 from chat.models import Message
 from chatsite.logfilters import AtMostEvery
 
@@ -65,3 +75,78 @@ def test_a_repeated_log_record_is_let_through_once_a_minute_with_a_count_of_the_
     # Another message, or the same one from another logger, is its own kind.
     assert once_a_minute.filter(record("Unexpected exception while cleaning-up channel:"))
     assert once_a_minute.filter(record("Unexpected exception in receive task", name="other"))
+
+
+@contextlib.contextmanager
+def database_away():
+    """Every query on this thread's connection fails the way a stopped PostgreSQL makes it fail."""
+
+    def refuse(execute, sql, params, many, context):
+        raise OperationalError('connection to server at "127.0.0.1", port 5432 failed: Connection refused')
+
+    with connection.execute_wrapper(refuse):
+        yield
+
+
+@pytest.fixture
+def database_state(monkeypatch):
+    monkeypatch.setattr(database, "_down", False)  # the outage flag is per process: leave it as found
+
+
+@pytest.mark.django_db
+def test_while_the_database_is_away_a_page_is_a_friendly_503_that_needs_no_database(user, room, database_state):
+    browser = Client()
+    browser.force_login(user)
+    with database_away():  # the session and the user cannot be read either
+        response = browser.get(f"/rooms/{room.slug}/")
+
+    assert response.status_code == 503
+    assert response["Retry-After"] == str(database.RETRY_AFTER)
+    assert response["Content-Type"].startswith("text/html")
+    assert "Content-Security-Policy" in response  # the answer passed the other middleware
+    page = response.content.decode()
+    assert "Back in a moment" in page and "cannot reach its database" in page
+    assert "Traceback" not in page and "OperationalError" not in page
+    assert "Log in" not in page  # the header does not pretend to know who is signed in
+    # The session cookie is kept: nobody is signed out by an outage.
+    assert settings.SESSION_COOKIE_NAME not in response.cookies
+    assert browser.get(f"/rooms/{room.slug}/").status_code == 200  # and once it is back, the page works
+
+
+@pytest.mark.django_db
+def test_while_the_database_is_away_the_api_answers_503_with_its_json_error_shape(user, room, database_state):
+    secret = services.token_create(user=user, name="bot")[1]
+    with database_away():
+        responses = [
+            Client().get(f"/api/rooms/{room.slug}/messages", headers={"Authorization": f"Bearer {secret}"}),
+            Client().get("/api/rooms/", headers={"Authorization": f"Bearer {secret}"}),
+        ]
+    for response in responses:
+        assert response.status_code == 503
+        assert response["Content-Type"] == "application/json"
+        assert response["Retry-After"] == str(database.RETRY_AFTER)
+        assert response.json() == {
+            "error": {
+                "code": "database_unavailable",
+                "detail": f"The database is briefly unavailable; try again in {database.RETRY_AFTER} s.",
+            }
+        }
+
+
+@pytest.mark.django_db
+def test_a_database_outage_is_logged_once_and_its_end_once_not_a_traceback_per_request(
+    user, room, caplog, database_state
+):
+    browser = Client()
+    browser.force_login(user)
+    with caplog.at_level(logging.INFO), database_away():
+        for path in ("/", f"/rooms/{room.slug}/", "/api/rooms/", "/"):
+            assert browser.get(path).status_code == 503
+    with caplog.at_level(logging.INFO):
+        connection_created.send(sender=type(connection), connection=connection)  # a connection opens: it is back
+        assert browser.get("/").status_code == 200
+    logged = [(record.name, record.getMessage()) for record in caplog.records]
+    assert [name for name, _ in logged] == ["chat.database", "chat.database"], logged
+    assert logged[0][1].startswith("The database is unreachable; requests get 503 and sends not_saved")
+    assert logged[1][1] == "The database answers again."
+    assert not [record for record in caplog.records if record.exc_info]

@@ -1,16 +1,17 @@
-"""Chatting in real browsers: live delivery, history, reconnecting, presence, typing, edits."""
+"""Chatting in real browsers: live delivery, history, reconnecting, presence, typing, edits, retried sends."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 from channels.db import database_sync_to_async
 from django.db import transaction
 from django.db.models import F
-from playwright.async_api import expect
+from playwright.async_api import WebSocketRoute, expect
 
-from chat import services
+from chat import protocol, services
 from chat.models import Message, Room
 from tests.e2e.helpers import (
     RECONNECT_TIMEOUT_MS,
@@ -291,3 +292,38 @@ async def test_while_redis_is_away_the_page_says_delayed_and_the_chat_goes_on(
     expected.append((4, "Redis is back"))
     await expect_messages(alice, expected)
     await expect_messages(bob, expected)
+
+
+async def test_a_send_the_server_could_not_save_says_retrying_and_goes_again_with_its_nonce(
+    server, browsers, user, room
+):
+    alice = await browsers.new_page(user)
+    sends: list[dict] = []  # every send frame the page wrote
+
+    def route(page_side: WebSocketRoute) -> None:
+        server_side = page_side.connect_to_server()
+
+        def from_page(message: str | bytes) -> None:
+            frame = json.loads(message)
+            if frame["type"] == "send":
+                sends.append(frame)
+                if len(sends) <= 2:  # the database is away: the server's answer, the server untouched
+                    page_side.send(protocol.not_saved_frame(frame["nonce"]))
+                    return
+            server_side.send(message)
+
+        page_side.on_message(from_page)
+
+    await alice.route_web_socket(re.compile(r"/ws/rooms/"), route)
+    await open_room(alice, server, room.slug)
+    box = alice.locator("#message-input")
+    await box.fill("saved at the third try")
+    await box.press("Enter")
+    pending = alice.locator("#messages li.message.pending")
+    await expect(pending.locator(".status")).to_have_text("Not saved yet — retrying…")
+    await expect(pending).to_have_count(0)  # the backoff: 0.5 s, then 1 s (±25%)
+    await expect_messages(alice, [(1, "saved at the third try")])
+    await expect(alice.locator("#messages li.message.failed")).to_have_count(0)
+    assert len(sends) == 3 and len({frame["nonce"] for frame in sends}) == 1, sends
+    stored = await database_sync_to_async(lambda: list(Message.objects.values_list("body", "nonce")))()
+    assert stored == [("saved at the third try", sends[0]["nonce"])]

@@ -1,12 +1,17 @@
 // The composer: the textarea, its hint line, and the sends not acknowledged
 // yet. Each send carries a nonce; the server stores each (author, nonce) once,
-// so a send queued offline, or sent again after a reconnect or through the
-// API, never makes a second message.
+// so a send queued offline, sent again after a reconnect or through the API,
+// or retried after the server could not save it, never makes a second message.
 import { newNonce, postMessage } from "../live.js";
 import { LIMITS } from "../protocol.js";
 import { appendPending, isAtBottom, renderMessage, scrollToBottom } from "./render.js";
 
 const TYPING_SEND_MS = 1500; // one "typing" frame at most this often
+// A send the server could not save (its database is away: docs/protocol.md) goes
+// again, same nonce, after RETRY_FIRST_MS, then twice as long each time up to RETRY_MAX_MS.
+const RETRYABLE = new Set(["not_saved", "database_unavailable"]);
+const RETRY_FIRST_MS = 500;
+const RETRY_MAX_MS = 5000;
 // Only where there is a physical keyboard; touch keyboards have their own Enter.
 const KEYBOARD_HINT = window.matchMedia && matchMedia("(hover: hover) and (pointer: fine)").matches
   ? "Enter to send · Shift+Enter for a new line" : "";
@@ -20,7 +25,7 @@ export class Composer {
     this.username = username;
     this.connection = connection;
     this.onPosted = onPosted;
-    this.pending = new Map(); // nonce -> {body, element}
+    this.pending = new Map(); // nonce -> {body, element, retries, retryTimer}
     this.lastTypingSent = 0;
     this.form = document.getElementById("composer");
     this.input = document.getElementById("message-input");
@@ -51,7 +56,7 @@ export class Composer {
     status.className = "status";
     element.querySelector(".message-head").append(" ", status);
     appendPending(element);
-    const item = { body: body, element: element };
+    const item = { body: body, element: element, retries: 0, retryTimer: null };
     this.pending.set(nonce, item);
     if (this.connection.fallbackLive) this.sendByApi(nonce, item);
     else this.mark(item, this.connection.send({ type: "send", body: body, nonce: nonce }) ? "Sending…" : "Waiting for connection…");
@@ -67,6 +72,7 @@ export class Composer {
   // The socket is live again: sends never acknowledged go again, same nonces.
   resendAll() {
     for (const [nonce, item] of this.pending) {
+      clearTimeout(item.retryTimer);
       this.connection.send({ type: "send", body: item.body, nonce: nonce });
       this.mark(item, "Sending…");
     }
@@ -88,23 +94,28 @@ export class Composer {
     }
     const { response, data } = result;
     if (response.ok && data) this.onPosted(data);
-    else if (response.status < 500 && data && data.error) this.onError({ nonce: nonce, ...data.error });
-    else this.mark(item, "Waiting for connection…");
+    else if (data && data.error && (response.status < 500 || RETRYABLE.has(data.error.code))) {
+      this.onError({ nonce: nonce, ...data.error });
+    } else this.mark(item, "Waiting for connection…");
   }
 
   // A message arrived: if it is one of this page's sends, its placeholder goes.
   acknowledge(message) {
     const item = message.nonce != null && this.pending.get(message.nonce);
     if (item && message.author === this.username) {
+      clearTimeout(item.retryTimer);
       item.element.remove();
       this.pending.delete(message.nonce);
     }
   }
 
-  // An "error" frame (or API error): a send it names failed; any other is shown in the hint.
+  // An "error" frame (or API error): a send it names was not saved (tried again) or
+  // refused (failed); any other is shown in the hint.
   onError(frame) {
     const item = frame.nonce != null ? this.pending.get(frame.nonce) : null;
-    if (item) {
+    if (item && RETRYABLE.has(frame.code)) {
+      this.retryLater(frame.nonce, item);
+    } else if (item) {
       this.pending.delete(frame.nonce);
       item.element.classList.add("failed");
       this.mark(item, `Not sent: ${frame.detail}`);
@@ -112,6 +123,18 @@ export class Composer {
     } else {
       this.hint.textContent = frame.detail;
     }
+  }
+
+  retryLater(nonce, item) {
+    this.mark(item, "Not saved yet — retrying…");
+    const delay = Math.min(RETRY_MAX_MS, RETRY_FIRST_MS * 2 ** item.retries) * (0.75 + Math.random() / 2);
+    item.retries += 1;
+    clearTimeout(item.retryTimer);
+    item.retryTimer = setTimeout(() => {
+      if (this.pending.get(nonce) !== item) return; // acknowledged meanwhile
+      if (this.connection.fallbackLive) this.sendByApi(nonce, item);
+      else this.connection.send({ type: "send", body: item.body, nonce: nonce }); // offline: resendAll sends it
+    }, delay);
   }
 
   update() {
