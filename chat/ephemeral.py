@@ -78,8 +78,13 @@ def redis_away() -> bool:
 
 
 def redis_failed() -> None:
+    skip_redis(AWAY_SECONDS)
+
+
+def skip_redis(seconds: float) -> None:
+    """Skip Redis for `seconds` from now (the hub, while it knows Redis is away, keeps this going)."""
     global _away_until
-    _away_until = time.monotonic() + AWAY_SECONDS
+    _away_until = max(_away_until, time.monotonic() + seconds)
 
 
 async def bounded(call: Callable[[], Awaitable[T]]) -> T:

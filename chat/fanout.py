@@ -63,6 +63,8 @@ HOLE_GRACE = 1.0  # seconds a committed message may take to arrive live before i
 SETTLE_SECONDS = 3.0
 # Seconds a message published above a hole waits for the ones below before they are read from the database.
 HOLE_WAIT = 0.2
+# Seconds at least between two reads of the database, however often the hub is woken (a failed publish wakes it).
+READ_GAP = 0.1
 
 
 class LocalSocket:
@@ -532,7 +534,12 @@ class RoomHub:
                 await asyncio.wait_for(self.follow_now.wait(), FOLLOW_INTERVAL)
             except TimeoutError:
                 pass
+            else:
+                await asyncio.sleep(READ_GAP)  # woken early: what else is woken by then is read too
             self.follow_now.clear()
+            if self.down:
+                # Nobody in this process waits on Redis while the hub knows it is away.
+                ephemeral.skip_redis(PROBE_INTERVAL + FOLLOW_INTERVAL)
             try:
                 await self._recount_presence()
                 await self._catch_up()
@@ -613,20 +620,24 @@ class RoomHub:
         cursor.changes_read(resume.last_change)
 
     async def _enforce_access(self, positions: dict[int, selectors.RoomPosition]) -> None:
-        """Close the sockets that events lost with Redis would have closed: removals, archives, sign-outs."""
-        private = [room_id for room_id in self.rooms if room_id in positions and positions[room_id].is_private]
-        sessions = {s.session for sockets in self.rooms.values() for s in sockets if s.session and not s.closed}
+        """Close the sockets that events lost with Redis would have closed: removals, archives, sign-outs.
+
+        Only the sockets open before the reads are judged: one that opened
+        meanwhile was checked by its own handshake, perhaps against newer rows.
+        """
+        judged = [(room_id, s) for room_id, sockets in self.rooms.items() for s in sockets if not s.closed]
+        private = {room_id for room_id, _ in judged if room_id in positions and positions[room_id].is_private}
+        sessions = {s.session for _, s in judged if s.session}
         members = await database_sync_to_async(selectors.private_room_member_names)(private) if private else {}
         signed_in = await database_sync_to_async(selectors.live_session_keys)(sessions) if sessions else set()
-        for room_id, sockets in self.rooms.items():
+        for room_id, socket in judged:
             position = positions.get(room_id)
-            for socket in list(sockets):
-                if position is not None and position.is_archived:
-                    self._close(socket, protocol.CLOSE_ROOM_ARCHIVED, protocol.archived_frame())
-                elif room_id in private and socket.user not in members.get(room_id, ()):
-                    self._close(socket, protocol.CLOSE_REMOVED, protocol.removed_frame())
-                elif socket.session and socket.session not in signed_in:
-                    self._close(socket, protocol.CLOSE_SIGNED_OUT, protocol.signed_out_frame())
+            if position is not None and position.is_archived:
+                self._close(socket, protocol.CLOSE_ROOM_ARCHIVED, protocol.archived_frame())
+            elif room_id in private and socket.user not in members.get(room_id, ()):
+                self._close(socket, protocol.CLOSE_REMOVED, protocol.removed_frame())
+            elif socket.session and socket.session not in signed_in:
+                self._close(socket, protocol.CLOSE_SIGNED_OUT, protocol.signed_out_frame())
 
     def _wake_waiters(self, room_id: int | None = None) -> None:
         """Wake the long-polls of one room, or of every room."""
@@ -709,6 +720,16 @@ async def _bounded(call: Awaitable[T]) -> T:
 
 
 _hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, RoomHub] = weakref.WeakKeyDictionary()
+
+
+def _read_database_now() -> None:
+    """A publish after a commit failed (in some thread): every hub here reads the database now, not in 0.5 s."""
+    with contextlib.suppress(RuntimeError):  # a closed loop, or a hub added meanwhile (it reads soon anyway)
+        for loop, room_hub in list(_hubs.items()):
+            loop.call_soon_threadsafe(room_hub.follow_now.set)
+
+
+realtime.on_publish_missed(_read_database_now)
 
 
 def hub() -> RoomHub:

@@ -52,11 +52,22 @@ def publish_after_commit(publish: Callable[[], None]) -> None:
     transaction.on_commit(functools.partial(_publish_saved, publish), robust=True)
 
 
+# Called (from the thread that committed) when a publish after a commit failed:
+# the fan-out hubs of this process read the database at once (chat/fanout.py).
+_missed_listeners: list[Callable[[], None]] = []
+
+
+def on_publish_missed(listener: Callable[[], None]) -> None:
+    _missed_listeners.append(listener)
+
+
 def _publish_saved(publish: Callable[[], None]) -> None:
     try:
         publish()
     except LAYER_ERRORS as error:
         layer_down(error)
+        for listener in _missed_listeners:
+            listener()
     else:
         layer_back()
 

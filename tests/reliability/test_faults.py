@@ -27,9 +27,11 @@ import uuid
 
 import pytest
 from channels.db import database_sync_to_async
+from django.contrib.sessions.backends.db import SessionStore
+from django.contrib.sessions.models import Session
 
 from bench.serverprocess import ServerProcess
-from chat import fanout, realtime, services
+from chat import fanout, protocol, realtime, services
 from chat.models import Message
 from tests.reliability.load import (
     FRAME_TIMEOUT,
@@ -137,12 +139,18 @@ async def test_the_chat_goes_on_while_redis_is_away(outage, cluster_through_link
     # Nobody was disconnected, and every message reached everyone in time and in order.
     assert not any(c.closes or c.failed_connects for c in load.clients), load.describe()
     during = delivery_delays(load, began, ended)
+    acks = sorted(
+        item.acked_at - item.sent_at
+        for item in load.acked().values()
+        if item.acked_at is not None and began <= item.sent_at <= ended
+    )
     overall = delivery_delays(load, 0, float("inf"))
     assert len(during) >= OUTAGE_CLIENTS * OUTAGE_CLIENTS * OUTAGES[outage], "too few messages during the outage"
     assert max(overall) <= DELIVERY_LIMIT, f"a message took {max(overall):.2f} s to reach a client"
     assert not any(c.out_of_order for c in load.clients), {c.name: c.out_of_order[:5] for c in load.clients}
     assert max(pages) < ANSWER_LIMIT, f"GET / took up to {max(pages):.2f} s while Redis was {outage}"
     assert max(resumes) < ANSWER_LIMIT, f"a resume took up to {max(resumes):.2f} s while Redis was {outage}"
+    assert acks[-1] < ANSWER_LIMIT, f"a send was acknowledged after up to {acks[-1]:.2f} s while Redis was {outage}"
     # It switched to the database and back by itself, once each, and said so once.
     assert_logged_once_per_server(servers, "Fan-out lost its channel-layer subscription")
     assert_logged_once_per_server(servers, "Fan-out's channel-layer subscription is back")
@@ -161,6 +169,8 @@ async def test_the_chat_goes_on_while_redis_is_away(outage, cluster_through_link
         delay_max_ms=round(1000 * max(overall)),
         page_max_ms=round(1000 * max(pages)),
         resume_max_ms=round(1000 * max(resumes)),
+        ack_p99_ms=round(1000 * acks[int(len(acks) * 0.99)]),
+        ack_max_ms=round(1000 * acks[-1]),
         **numbers,
         load=load.describe(),
     )
@@ -260,6 +270,65 @@ async def test_a_hub_that_stops_hearing_its_subscription_follows_the_database_an
         await eventually(lambda: len(frames()) == 7, "the next message, to both sockets")
         bodies = [f["message"]["body"] for f in frames() if f["type"] == "message"]
         assert bodies == ["while deaf", "after", "after"]  # each once per socket, whichever path brought it
+    finally:
+        for task in hub.tasks:
+            task.cancel()
+
+
+async def test_while_the_hub_is_deaf_removals_archiving_and_sign_outs_still_close_exactly_those_sockets(
+    monkeypatch, user, other_user, third_user, room, other_room, private_room
+):
+    monkeypatch.setattr(fanout, "PROBE_INTERVAL", 0.02)
+    layer = DeafeningLayer()
+    hub = fanout.RoomHub(layer)
+    sent: dict[str, list[dict]] = {}
+
+    async def join(name: str, room_id: int, username: str, session: str = "") -> fanout.LocalSocket:
+        async def send(event: dict) -> None:
+            sent.setdefault(name, []).append(event)
+
+        socket = await hub.join(room_id, send, username, session)
+        hub.ready(socket, 0)
+        return socket
+
+    def closes() -> dict[str, int]:
+        return {name: e["code"] for name, events in sent.items() for e in events if e["type"] == "websocket.close"}
+
+    def new_session(who) -> str:
+        store = SessionStore()
+        store["_auth_user_id"] = str(who.pk)
+        store.create()
+        return store.session_key
+
+    carol_session, alice_session = await database_sync_to_async(lambda: (new_session(third_user), new_session(user)))()
+    try:
+        await join("bob in secret", private_room.pk, other_user.username)
+        await join("alice in secret", private_room.pk, user.username)
+        await join("carol in room", room.pk, third_user.username, carol_session)
+        await join("alice in room", room.pk, user.username, alice_session)
+        await join("bob in other room", other_room.pk, other_user.username)
+        layer.deaf = True  # the events that close sockets are lost from now on
+        deadline = time.monotonic() + 3
+        while not hub.down:
+            assert time.monotonic() < deadline, "the hub did not notice"
+            await asyncio.sleep(0.01)  # polling the condition until the deadline
+
+        def change_rows() -> None:
+            services.member_remove(room=private_room, actor=user, username=other_user.username)
+            services.room_archive(room=other_room)
+            Session.objects.filter(session_key=carol_session).delete()  # carol signed out
+
+        await database_sync_to_async(change_rows)()
+        deadline = time.monotonic() + 3
+        while len(closes()) < 3:
+            assert time.monotonic() < deadline, f"closed so far: {closes()}"
+            await asyncio.sleep(0.01)  # polling the condition until the deadline
+        await asyncio.sleep(2 * fanout.FOLLOW_INTERVAL)  # two more reads: nobody else is closed
+        assert closes() == {
+            "bob in secret": protocol.CLOSE_REMOVED,
+            "bob in other room": protocol.CLOSE_ROOM_ARCHIVED,
+            "carol in room": protocol.CLOSE_SIGNED_OUT,
+        }
     finally:
         for task in hub.tasks:
             task.cancel()
