@@ -346,3 +346,14 @@ async def test_a_client_that_stops_reading_delays_nobody_else_on_uvicorn_and_is_
             await ws.close()
     finally:
         cluster.kill_all()
+
+
+async def test_a_message_published_above_a_hole_waits_for_it_and_each_is_delivered_once_in_order(hub):
+    socket = FakeSocket()
+    hub.ready(await hub.join(ROOM_ID, socket.send), 0)
+    await publish(2)  # from one process, before 1 from another
+    await publish(1)
+    await publish(1)  # the same message again (read from the database, say)
+    await publish(3)
+    await eventually(lambda: socket.seqs == [1, 2, 3])
+    assert hub.cursors[ROOM_ID].seq == 3 and not hub.cursors[ROOM_ID].held

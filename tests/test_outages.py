@@ -18,7 +18,7 @@ from django.db.backends.signals import connection_created
 from django.test import Client
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from chat import database, realtime, services
+from chat import database, ephemeral, realtime, services
 from chat.models import Message
 from chatsite.logfilters import AtMostEvery
 
@@ -150,3 +150,17 @@ def test_a_database_outage_is_logged_once_and_its_end_once_not_a_traceback_per_r
     assert logged[0][1].startswith("The database is unreachable; requests get 503 and sends not_saved")
     assert logged[1][1] == "The database answers again."
     assert not [record for record in caplog.records if record.exc_info]
+
+
+async def test_the_per_user_socket_cap_fails_open_while_redis_is_away(monkeypatch, caplog):
+    async def refused(*args, **kwargs):
+        raise RedisConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    monkeypatch.setattr(settings, "CHANNEL_LAYER", "redis")
+    monkeypatch.setattr(ephemeral.aioredis.Redis, "eval", refused)
+    monkeypatch.setattr(ephemeral, "_warned_at", {})  # no warning given in the last minute
+    with caplog.at_level(logging.WARNING):
+        opened = [await ephemeral.socket_open(user_id=1, socket_id=f"s{n}", cap=1) for n in range(3)]
+    assert opened == [True, True, True]  # over the cap of 1, and not refused
+    warnings = [r.getMessage() for r in caplog.records if "socket cap is not checked" in r.getMessage()]
+    assert len(warnings) == 1

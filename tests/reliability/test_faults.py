@@ -251,23 +251,29 @@ async def test_a_hub_that_stops_hearing_its_subscription_follows_the_database_an
         layer.deaf = True  # no error anywhere: the probes just stop coming back
         await eventually(lambda: hub.down, "the hub noticed")
         assert frames() == [{"type": "delivery", "mode": "delayed"}]
-        await post(room=room, author=user, body="while deaf")  # published elsewhere: this hub never hears it
+        message, _ = await post(room=room, author=user, body="while deaf")  # published elsewhere: never heard here
         await eventually(lambda: len(frames()) == 2, "the message, from the database")
         assert frames()[1]["message"]["body"] == "while deaf"
         assert [m["body"] for m in poll.messages] == ["while deaf"]  # long-polls are fed the same way
+        await database_sync_to_async(services.message_edit)(room=room, message_id=message.pk, user=user, body="edited")
+        await eventually(lambda: len(frames()) == 3, "the edit, from the database")
+        assert (frames()[2]["type"], frames()[2]["message"]["body"]) == ("message_updated", "edited")
+        await database_sync_to_async(services.message_delete)(room=room, message_id=message.pk, user=user)
+        await eventually(lambda: len(frames()) == 4, "the deletion, from the database")
+        assert (frames()[3]["type"], frames()[3]["seq"]) == ("message_deleted", 1)
         late = await hub.join(room.pk, send, "bob")  # a socket opened meanwhile is accepted, and told
-        hub.ready(late, 1)
-        await eventually(lambda: len(frames()) == 3, "the late socket told")
-        assert frames()[2] == {"type": "delivery", "mode": "delayed"}
+        hub.ready(late, 1, 2)
+        await eventually(lambda: len(frames()) == 5, "the late socket told")
+        assert frames()[4] == {"type": "delivery", "mode": "delayed"}
         assert hub.rooms[room.pk] and not any(s.closed for s in hub.rooms[room.pk])
 
         layer.deaf = False
         await eventually(lambda: not hub.down, "the hub back")
         assert layer.groups_added.count(realtime.room_group(room.pk)) == 2  # joined, and joined again
-        await eventually(lambda: len(frames()) == 5, "both sockets told")
-        assert frames()[3:] == [{"type": "delivery", "mode": "live"}] * 2
+        await eventually(lambda: len(frames()) == 7, "both sockets told")
+        assert frames()[5:] == [{"type": "delivery", "mode": "live"}] * 2
         await post(room=room, author=user, body="after")
-        await eventually(lambda: len(frames()) == 7, "the next message, to both sockets")
+        await eventually(lambda: len(frames()) == 9, "the next message, to both sockets")
         bodies = [f["message"]["body"] for f in frames() if f["type"] == "message"]
         assert bodies == ["while deaf", "after", "after"]  # each once per socket, whichever path brought it
     finally:
