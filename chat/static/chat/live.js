@@ -11,7 +11,7 @@
 // All three carry the same messages with the same seqs, so a page can switch
 // between them without losing or repeating one: it keeps messages by seq.
 const SOCKET_BACKOFF_CAP_MS = 15000;
-// After "unavailable" (Redis restarting) the server is back within seconds.
+// After "unavailable" (the database restarting) the server is back within seconds.
 const UNAVAILABLE_BACKOFF_CAP_MS = 3000;
 const POLL_TIMEOUT_S = 25;
 
