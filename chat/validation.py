@@ -65,10 +65,27 @@ def required(data: Mapping[str, Any], name: str, example: str) -> Any:
     return data[name]
 
 
+def storable(text: str) -> bool:
+    """True unless the text holds what no database column takes: NUL, or half a UTF-16 surrogate pair.
+
+    JSON can carry both ("\\u0000", "\\ud800"); PostgreSQL refuses the first,
+    and neither database can encode the second.
+    """
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def message_body(body: object) -> str:
     """Return the body to store, or raise saying what is wrong with it."""
     if not isinstance(body, str):
         raise ChatError("invalid_body", "body must be a string.")
+    if not storable(body):
+        raise ChatError("invalid_body", "body cannot contain NUL characters or unpaired surrogates.")
     if not body.strip():
         raise ChatError("empty_body", "A message needs some text.")
     limit = settings.CHAT_MESSAGE_MAX_LENGTH
@@ -81,7 +98,7 @@ def nonce(value: object) -> str | None:
     """Return the client's nonce for a send (None when not given)."""
     if value is None or value == "":
         return None
-    if not isinstance(value, str) or len(value) > NONCE_MAX_LENGTH:
+    if not isinstance(value, str) or len(value) > NONCE_MAX_LENGTH or not storable(value):
         raise ChatError("invalid_nonce", f"nonce must be a string of at most {NONCE_MAX_LENGTH} characters.")
     return value
 
@@ -89,7 +106,7 @@ def nonce(value: object) -> str | None:
 def string_field(data: Mapping[str, Any], name: str, *, required: bool = False) -> str:
     """Return a string field of a JSON object ("" when absent and optional)."""
     value = data.get(name, "")
-    if not isinstance(value, str) or (required and not value.strip()):
+    if not isinstance(value, str) or (required and not value.strip()) or not storable(value):
         raise ChatError("invalid_field", f'"{name}" must be a{" non-empty" if required else ""} string.')
     return value
 

@@ -162,6 +162,8 @@ def test_posting_returns_201_and_a_retry_with_the_same_nonce_returns_the_origina
         ({"body": "   "}, 400, "empty_body"),
         ({"body": 5}, 400, "invalid_body"),
         ({"body": "x" * 4001}, 413, "body_too_long"),
+        ({"body": "a\u0000b"}, 400, "invalid_body"),
+        ('{"body": "a\\ud800b"}', 400, "invalid_body"),
         ({"body": "x", "nonce": "n" * 65}, 400, "invalid_nonce"),
         ({"body": "x" * 4000, "padding": "p" * 65 * 1024}, 413, "request_too_large"),
         ("{oops", 400, "invalid_json"),

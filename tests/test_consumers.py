@@ -146,6 +146,12 @@ BAD_FRAMES = [
     pytest.param({"text_data": json.dumps({"type": "send", "body": "  \n "})}, "empty_body", id="blank-body"),
     pytest.param({"text_data": json.dumps({"type": "send", "body": 5})}, "invalid_body", id="body-not-text"),
     pytest.param({"text_data": json.dumps({"type": "send", "body": "x" * 4001})}, "body_too_long", id="body-4001"),
+    # PostgreSQL refuses NUL in text, and no database can store half a surrogate pair.
+    pytest.param({"text_data": json.dumps({"type": "send", "body": "a\u0000b"})}, "invalid_body", id="body-nul"),
+    pytest.param({"text_data": '{"type": "send", "body": "a\\ud800b"}'}, "invalid_body", id="body-surrogate"),
+    pytest.param(
+        {"text_data": json.dumps({"type": "send", "body": "x", "nonce": "n\u0000"})}, "invalid_nonce", id="nonce-nul"
+    ),
     pytest.param(
         {"text_data": json.dumps({"type": "send", "body": "x", "pad": "y" * 65536})}, "frame_too_large", id="frame-64k"
     ),
