@@ -286,12 +286,22 @@ async def socket_open(*, user_id: int, socket_id: str, cap: int) -> bool:
         return True
 
 
-async def socket_refresh(*, user_id: int, socket_id: str) -> None:
+async def sockets_refresh(sockets: list[tuple[int, str]]) -> None:
+    """Keep counting these (user id, socket id) pairs for another CHAT_PRESENCE_TTL, in one round trip."""
     expires = time.time() + settings.CHAT_PRESENCE_TTL
     if settings.CHANNEL_LAYER != "redis":
-        _local_sockets.setdefault(_sockets_key(user_id), {})[socket_id] = expires
+        for user_id, socket_id in sockets:
+            _local_sockets.setdefault(_sockets_key(user_id), {})[socket_id] = expires
         return
-    await bounded(lambda: _client().zadd(_sockets_key(user_id), {socket_id: expires}, xx=True))
+    if not sockets:
+        return
+    pipe = _client().pipeline(transaction=False)
+    for user_id, socket_id in sockets:
+        pipe.zadd(_sockets_key(user_id), {socket_id: expires}, xx=True)
+    try:
+        await bounded(pipe.execute)
+    finally:
+        await pipe.reset()
 
 
 async def socket_close(*, user_id: int, socket_id: str) -> None:

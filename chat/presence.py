@@ -4,18 +4,23 @@ The state is short-lived and lives in Redis with an expiry (chat/ephemeral.py);
 changes reach the room's sockets through chat/realtime.py. The consumer calls
 these functions and never publishes itself.
 
+Each process keeps its sockets counted with one task, not one per socket:
+every CHAT_PRESENCE_TTL / 3 seconds it refreshes them in one round trip to
+Redis per room, and the socket caps in one more.
+
 While Redis is away both pause: a socket still opens, and is told that who
-is online is unknown (chat/fanout.py); typing signals are dropped. Each
-socket's heartbeat counts it again once Redis answers, and the hub recounts
+is online is unknown (chat/fanout.py); typing signals are dropped. The next
+refresh counts the sockets again once Redis answers, and the hub recounts
 its rooms at once when its subscription is back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from django.conf import settings
 from django.contrib.auth.models import User
@@ -37,15 +42,16 @@ class Presence:
     # Who was online when the socket arrived (None: unknown, Redis is away), and whether the room was told.
     users: list[str] | None
     told_room: bool
-    heartbeat: asyncio.Task | None = field(default=None, repr=False)
 
 
-# The sockets counted by this process, per room, for recount() (per event loop, as the hub).
+# The sockets counted by this process, per room (per event loop, as the hub),
+# and the one task per loop that keeps them all counted.
 _here: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, set[Presence]]] = weakref.WeakKeyDictionary()
+_refreshers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task] = weakref.WeakKeyDictionary()
 
 
-def _local(room_id: int) -> set[Presence]:
-    return _here.setdefault(asyncio.get_running_loop(), {}).setdefault(room_id, set())
+def _rooms() -> dict[int, set[Presence]]:
+    return _here.setdefault(asyncio.get_running_loop(), {})
 
 
 async def arrive(*, room_id: int, user: User, socket_id: str) -> Presence:
@@ -57,25 +63,40 @@ async def arrive(*, room_id: int, user: User, socket_id: str) -> Presence:
         realtime.layer_down(error)
         users, told = None, False
     here = Presence(room_id=room_id, user_id=user.pk, socket_id=socket_id, member=member, users=users, told_room=told)
-    here.heartbeat = asyncio.get_running_loop().create_task(_stay(here))
-    _local(room_id).add(here)
+    _rooms().setdefault(room_id, set()).add(here)
+    _keep_counting()
     return here
 
 
 async def leave(here: Presence) -> None:
     """Stop counting the socket; the room is told if its list changed."""
-    if here.heartbeat is not None:
-        here.heartbeat.cancel()
-    _local(here.room_id).discard(here)
+    rooms = _rooms()
+    present = rooms.get(here.room_id, set())
+    present.discard(here)
+    if not present:
+        rooms.pop(here.room_id, None)
     await _update(room_id=here.room_id, remove=here.member)
 
 
 async def recount(*, room_id: int) -> None:
     """Count this process's sockets in the room again and tell the room (after Redis was away)."""
-    members = [here.member for here in _local(room_id)]
+    members = [here.member for here in _rooms().get(room_id, ())]
     if members:
         _, users = await ephemeral.presence_update(room_id=room_id, add=members)
         await realtime.publish_presence(room_id=room_id, users=users)
+
+
+async def refresh() -> None:
+    """Count every socket of this process again: one round trip to Redis per room, one for all socket caps.
+
+    Refreshing also drops the members of sockets whose process died, and
+    tells their rooms.
+    """
+    rooms = _rooms()
+    for room_id, present in list(rooms.items()):
+        if present:
+            await _update(room_id=room_id, add=[here.member for here in present])
+    await ephemeral.sockets_refresh([(here.user_id, here.socket_id) for p in rooms.values() for here in p])
 
 
 async def typing(*, room_id: int, username: str) -> None:
@@ -90,21 +111,30 @@ async def typing(*, room_id: int, username: str) -> None:
         realtime.layer_down(error)
 
 
-async def _stay(here: Presence) -> None:
-    # Refreshing the member also drops those of sockets whose process died.
+def _keep_counting() -> None:
+    """Start this loop's refresher, unless it runs: one task per process, however many sockets."""
+    loop = asyncio.get_running_loop()
+    task = _refreshers.get(loop)
+    if task is None or task.done():
+        # A fresh context: the task must not inherit the first socket's context variables.
+        _refreshers[loop] = loop.create_task(_refresh_every_while(), context=contextvars.Context())
+
+
+async def _refresh_every_while() -> None:
     while True:
         await asyncio.sleep(settings.CHAT_PRESENCE_TTL / 3)
         try:
-            await _update(room_id=here.room_id, add=here.member)
-            await ephemeral.socket_refresh(user_id=here.user_id, socket_id=here.socket_id)
+            await refresh()
         except realtime.LAYER_ERRORS as error:
-            realtime.layer_down(error)  # once per outage, not once per socket
+            realtime.layer_down(error)  # once per outage
         except Exception:
-            logger.warning("Refreshing presence in room %s failed", here.room_id, exc_info=True)
+            logger.warning("Refreshing presence failed", exc_info=True)
 
 
-async def _update(*, room_id: int, add: str | None = None, remove: str | None = None) -> tuple[list[str], bool]:
-    """Change one socket's member; tell the room when its list changed. Return (users, told)."""
+async def _update(
+    *, room_id: int, add: str | list[str] | None = None, remove: str | None = None
+) -> tuple[list[str], bool]:
+    """Add or refresh sockets' members, or remove one; tell the room when its list changed. Return (users, told)."""
     before, users = await ephemeral.presence_update(room_id=room_id, add=add, remove=remove)
     if users == before:
         return users, False
