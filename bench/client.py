@@ -76,6 +76,7 @@ class Recorder:
 
     def __init__(self, rooms: int) -> None:
         self.latencies_ns = array("q")
+        self.sent_ns = array("q")  # each delivery's send time (wall clock), beside its latency: the timeline
         self.delivered = [0] * rooms
         self.errors: Counter[str] = Counter()
         self.errors_by_room = [0] * rooms
@@ -196,7 +197,9 @@ class BenchSocket(asyncio.Protocol):
                     self.received.append(int(match.group(2)))
                     recorder = self.recorder
                     if recorder is not None:
-                        recorder.latencies_ns.append(now - int(match.group(1)))
+                        sent_ns = int(match.group(1))
+                        recorder.latencies_ns.append(now - sent_ns)
+                        recorder.sent_ns.append(sent_ns)
                         recorder.delivered[self.room] += 1
                     pos = end
                     continue
@@ -273,7 +276,9 @@ class BenchSocket(asyncio.Protocol):
             if match is not None:
                 self.received.append(int(match.group(2)))
                 if self.recorder is not None:
-                    self.recorder.latencies_ns.append(now - int(match.group(1)))
+                    sent_ns = int(match.group(1))
+                    self.recorder.latencies_ns.append(now - sent_ns)
+                    self.recorder.sent_ns.append(sent_ns)
                     self.recorder.delivered[self.room] += 1
                 return
         try:

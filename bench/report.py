@@ -173,10 +173,59 @@ def step_figures(
         step["machine_cpu_pct"] = round(100 * busy_ms / 1000 / window, 1)
         step["other_cpu_pct"] = max(0.0, round(100 * (busy_ms - server_cpu_ms - client_cpu_ms) / 1000 / window, 1))
         step["steal_pct"] = round(100 * steal_ms / 1000 / window, 1)
+    step["timeline"] = timeline(raw, marks)
     reasons = fail_reasons(step, errors, closed, p99_limit_ms)
     step["ok"] = not reasons
     step["fail_reasons"] = reasons
     return step
+
+
+def timeline(raw: StepRaw, marks: dict) -> list[dict]:
+    """Per second of the step, by send time: deliveries, p50 / p99 / max latency, and the servers' CPU.
+
+    A stall shows as a second whose max and p99 jump while its CPU does not.
+    """
+    recorder = raw.recorder
+    start_ns = marks.get("start_ns")
+    if recorder is None or start_ns is None:
+        return []
+    by_second: dict[int, list[int]] = {}
+    for sent_ns, latency_ns in zip(recorder.sent_ns, recorder.latencies_ns, strict=True):
+        by_second.setdefault(max(0, (sent_ns - start_ns) // 1_000_000_000), []).append(latency_ns)
+    samples = marks.get("seconds", [])
+    rows = []
+    for second in sorted(by_second):
+        latencies = sorted(by_second[second])
+        row = {
+            "second": second,
+            "deliveries": len(latencies),
+            "p50_ms": round(percentile(latencies, 0.50) / 1e6, 1),
+            "p99_ms": round(percentile(latencies, 0.99) / 1e6, 1),
+            "max_ms": round(latencies[-1] / 1e6, 1),
+        }
+        if second + 1 < len(samples):
+            a, b = samples[second], samples[second + 1]
+            ticks = sum(
+                y - x for x, y in zip(a["servers"], b["servers"], strict=True) if x is not None and y is not None
+            )
+            row["server_cpu_pct"] = round(100 * ticks / CLK_TCK / (b["time"] - a["time"]), 1)
+        rows.append(row)
+    return rows
+
+
+def render_timeline(phase: dict) -> str:
+    """The per-second rows of each step of a phase (chatbench --timeline)."""
+    lines = []
+    for step in phase.get("steps", []):
+        lines.append(f"  {step['rate_per_room']:g} msg/s per room, per second by send time:")
+        lines.append("    second  deliveries  p50 ms  p99 ms  max ms  srv CPU%")
+        for row in step.get("timeline", []):
+            cpu = row.get("server_cpu_pct")
+            lines.append(
+                f"    {row['second']:>6}  {row['deliveries']:>10}  {row['p50_ms']:>6}  {row['p99_ms']:>6}"
+                f"  {row['max_ms']:>6}  {'' if cpu is None else cpu:>8}"
+            )
+    return "\n".join(lines)
 
 
 def fail_reasons(step: dict, errors: dict, closed: Counter, p99_limit_ms: float) -> list[str]:
@@ -282,8 +331,8 @@ def finish(report: dict, *, find_max: bool) -> None:
         report["ratios"] = ratios(main, base, find_max=find_max)
 
 
-def render(report: dict, *, find_max: bool, p99_limit_ms: float) -> str:
-    """Return the printed report: each phase's table, why steps failed, and the ratios."""
+def render(report: dict, *, find_max: bool, p99_limit_ms: float, timelines: bool = False) -> str:
+    """Return the printed report: each phase's table (and timelines), why steps failed, and the ratios."""
     lines = ["", f"chatbench {report['run_id']} — {report['elapsed_s']} s in all"]
     for phase in (report["main"], report["baseline"]):
         if not phase:
@@ -305,6 +354,8 @@ def render(report: dict, *, find_max: bool, p99_limit_ms: float) -> str:
             )
         if phase["log_warnings"]:
             lines.append(f"  server logs with warnings: {phase['log_warnings']}")
+        if timelines:
+            lines.append(render_timeline(phase))
     if report["ratios"]:
         r = report["ratios"]
         inverse = f" (baseline {1 / r['server_cpu_per_1k']:.1f}x ours)" if r["server_cpu_per_1k"] else ""

@@ -268,6 +268,10 @@ class Options:
     sockets: int = 200
     rooms: int = 1
     senders: int = 10
+    # Distinct signed-in users the sockets belong to; 0: one per MAX_SOCKETS_PER_USER sockets, like browser tabs.
+    users: int = 0
+    # Print each step's per-second timeline (it is in the JSON report either way).
+    timeline: bool = False
     rate: float = 20.0
     duration: float = 10.0
     body_size: int = 100
@@ -411,7 +415,7 @@ class ChatBench:
     def finish_report(self) -> None:
         o = self.options
         report.finish(self.report, find_max=o.find_max)
-        self.say(report.render(self.report, find_max=o.find_max, p99_limit_ms=o.p99_limit_ms))
+        self.say(report.render(self.report, find_max=o.find_max, p99_limit_ms=o.p99_limit_ms, timelines=o.timeline))
         report.write(self.report, o.json_path, self.say)
 
     # -- set-up ------------------------------------------------------------------
@@ -486,7 +490,7 @@ class ChatBench:
     def sign_in_users(self, servers: list[ServerProcess], count: int | None = None) -> list[SiteSession]:
         """Sign in `count` users (by default one per MAX_SOCKETS_PER_USER sockets, like browser tabs)."""
         o = self.options
-        count = count or math.ceil(o.sockets / MAX_SOCKETS_PER_USER)
+        count = count or o.users or math.ceil(o.sockets / MAX_SOCKETS_PER_USER)
         names = [f"{o.user_prefix}-u{i + 1:03d}" for i in range(count)]
         per_user = math.ceil(o.sockets / count)
         self.say(f"users: signing in {count} ({per_user} sockets per user at most; ~0.4 s of hashing each)")
@@ -674,15 +678,26 @@ class ChatBench:
             body_size=self.options.body_size,
             drain=self.options.drain,
         )
-        marks: dict = {}
-        raw = await run_step(
-            plan,
-            lambda: marks.update(start=report.usage_snapshot(servers)),
-            lambda: marks.update(end=report.usage_snapshot(servers)),
-        )
+        marks: dict = {"seconds": []}
+        sampler = asyncio.get_running_loop().create_task(self.sample_every_second(servers, marks["seconds"]))
+        try:
+            raw = await run_step(
+                plan,
+                lambda: marks.update(start=report.usage_snapshot(servers), start_ns=time.time_ns()),
+                lambda: marks.update(end=report.usage_snapshot(servers)),
+            )
+        finally:
+            sampler.cancel()
         self.number += max(1, round(rate * duration)) * len(rooms)
         counts = await self.check_step(raw, rooms, known_last_seq)
         return report.step_figures(plan, raw, marks, servers, counts, self.options.p99_limit_ms), raw
+
+    @staticmethod
+    async def sample_every_second(servers, samples: list[dict]) -> None:
+        """The servers' CPU once a second through a step, for its timeline."""
+        while True:
+            samples.append(report.usage_snapshot(servers))
+            await asyncio.sleep(1.0)  # the timeline's resolution
 
     async def run_steps(self, phase: dict, servers, rooms, sockets: list) -> None:
         """Run the warm-up, then one step per rate (stopping at the first failure under --find-max)."""

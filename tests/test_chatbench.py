@@ -55,6 +55,37 @@ def test_chatbench_smoke_run_delivers_every_stored_message_once_to_every_socket(
 
 
 @pytest.mark.slow  # starts server processes
+def test_chatbench_with_one_user_prints_each_seconds_deliveries_latency_and_cpu(tmp_path):
+    out_path = tmp_path / "report.json"
+    stdout = io.StringIO()
+    call_command(
+        "chatbench",
+        sockets=6,
+        users=1,
+        senders=2,
+        rate=5,
+        duration=3,
+        warmup=0.5,
+        timeline=True,
+        database_url=f"sqlite:///{tmp_path}/bench.sqlite3",
+        json=str(out_path),
+        max_seconds=50,
+        stdout=stdout,
+    )
+    report = json.loads(out_path.read_text())
+    assert report["setup"]["users"] == 1
+    step = report["main"]["steps"][0]
+    assert step["delivered"] == step["expected"] == 15 * 6, step
+    seconds = step["timeline"]
+    assert [row["second"] for row in seconds] == [0, 1, 2]  # by send time: 3 s of sending
+    assert sum(row["deliveries"] for row in seconds) == step["latency_samples"]
+    for row in seconds:
+        assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"], row
+    assert all(row["server_cpu_pct"] >= 0 for row in seconds[:-1])
+    assert "second  deliveries  p50 ms  p99 ms  max ms  srv CPU%" in stdout.getvalue()
+
+
+@pytest.mark.slow  # starts server processes
 def test_chatbench_rerun_signs_its_users_in_again_and_its_baseline_delivers_everything(tmp_path):
     options = dict(sockets=4, senders=2, rate=5, duration=2, warmup=0.5, max_seconds=80, stdout=io.StringIO())
     database_url = f"sqlite:///{tmp_path}/bench.sqlite3"

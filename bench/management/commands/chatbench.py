@@ -62,6 +62,12 @@ class Command(BaseCommand):
             default=d.senders,
             help=f"sockets per room that send; they share the room's rate ({d.senders})",
         )
+        parser.add_argument(
+            "--users",
+            type=int,
+            default=d.users,
+            help="signed-in users the sockets belong to, 1 included (default: one per 20 sockets, like tabs)",
+        )
         parser.add_argument("--rate", type=float, default=d.rate, help=f"messages per second PER ROOM ({d.rate:g})")
         parser.add_argument(
             "--duration", type=float, default=d.duration, help=f"seconds of sending per measurement ({d.duration:g})"
@@ -89,6 +95,11 @@ class Command(BaseCommand):
             type=float,
             default=d.warmup,
             help=f"seconds of unreported sending before the first step ({d.warmup:g})",
+        )
+        parser.add_argument(
+            "--timeline",
+            action="store_true",
+            help="print each step's seconds: deliveries, p50 / p99 / max latency and server CPU (always in --json)",
         )
         parser.add_argument(
             "--baseline", action="store_true", help=f"measure {BASELINE_APP} the same way afterwards and compare"
