@@ -5,8 +5,9 @@ changes reach the room's sockets through chat/realtime.py. The consumer calls
 these functions and never publishes itself.
 
 Each process keeps its sockets counted with one task, not one per socket:
-every CHAT_PRESENCE_TTL / 3 seconds it refreshes them in one round trip to
-Redis per room, and the socket caps in one more.
+every CHAT_PRESENCE_TTL / 3 seconds it refreshes them, one round trip to
+Redis per room, spread over the period in slices of the rooms so that no
+moment pays for all of them.
 
 While Redis is away both pause: a socket still opens, and is told that who
 is online is unknown (chat/fanout.py); typing signals are dropped. The next
@@ -86,16 +87,16 @@ async def recount(*, room_id: int) -> None:
         await realtime.publish_presence(room_id=room_id, users=users)
 
 
-async def refresh() -> None:
-    """Count every socket of this process again: one round trip to Redis per room, one for all socket caps.
+async def refresh(*, part: int = 0, parts: int = 1) -> None:
+    """Count this process's sockets again, in rooms whose id is `part` modulo `parts`.
 
+    One round trip to Redis per room, one for those rooms' socket caps.
     Refreshing also drops the members of sockets whose process died, and
     tells their rooms.
     """
-    rooms = _rooms()
-    for room_id, present in list(rooms.items()):
-        if present:
-            await _update(room_id=room_id, add=[here.member for here in present])
+    rooms = {room_id: present for room_id, present in _rooms().items() if room_id % parts == part and present}
+    for room_id, present in rooms.items():
+        await _update(room_id=room_id, add=[here.member for here in present])
     await ephemeral.sockets_refresh([(here.user_id, here.socket_id) for p in rooms.values() for here in p])
 
 
@@ -120,15 +121,21 @@ def _keep_counting() -> None:
         _refreshers[loop] = loop.create_task(_refresh_every_while(), context=contextvars.Context())
 
 
+# The refresh is spread over its period in this many slices of the rooms:
+# refreshing 10,000 sockets at once held the event loop for about 0.3 s.
+REFRESH_SLICES = 30
+
+
 async def _refresh_every_while() -> None:
     while True:
-        await asyncio.sleep(settings.CHAT_PRESENCE_TTL / 3)
-        try:
-            await refresh()
-        except realtime.LAYER_ERRORS as error:
-            realtime.layer_down(error)  # once per outage
-        except Exception:
-            logger.warning("Refreshing presence failed", exc_info=True)
+        for part in range(REFRESH_SLICES):
+            await asyncio.sleep(settings.CHAT_PRESENCE_TTL / 3 / REFRESH_SLICES)
+            try:
+                await refresh(part=part, parts=REFRESH_SLICES)
+            except realtime.LAYER_ERRORS as error:
+                realtime.layer_down(error)  # once per outage
+            except Exception:
+                logger.warning("Refreshing presence failed", exc_info=True)
 
 
 async def _update(
