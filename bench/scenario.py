@@ -422,11 +422,7 @@ class ChatBench:
 
     def run(self) -> None:
         o = self.options
-        self.env = server_env(database_url=o.database_url, run_id=self.run_id)
-        started = time.monotonic()
-        self.say(f"migrate: {o.database_url}")
-        migrate(self.env, timeout=min(180.0, self.remaining("migrate")))
-        self.report["setup"]["migrate_s"] = round(time.monotonic() - started, 1)
+        self.migrate_database()
 
         started = time.monotonic()
         main_servers = self.start_servers("main", MAIN_APP, o.processes)
@@ -454,6 +450,15 @@ class ChatBench:
             )
             for server in base_servers:
                 server.stop()
+
+    def migrate_database(self) -> None:
+        """Set the servers' environment and migrate their database (bench/storm.py does the same)."""
+        o = self.options
+        self.env = server_env(database_url=o.database_url, run_id=self.run_id)
+        started = time.monotonic()
+        self.say(f"migrate: {o.database_url}")
+        migrate(self.env, timeout=min(180.0, self.remaining("migrate")))
+        self.report["setup"]["migrate_s"] = round(time.monotonic() - started, 1)
 
     def remaining(self, stage: str) -> float:
         left = self.deadline - time.monotonic()

@@ -50,8 +50,6 @@ from bench.scenario import (
     ChatBench,
     Options,
     OutOfTime,
-    migrate,
-    server_env,
     uvloop_factory,
 )
 from bench.serverprocess import ServerProcess
@@ -702,11 +700,7 @@ class StormBench(ChatBench):
 
     def run(self) -> None:
         o = self.options
-        self.env = server_env(database_url=o.database_url, run_id=self.run_id)
-        started = time.monotonic()
-        self.say(f"migrate: {o.database_url}")
-        migrate(self.env, timeout=min(180.0, self.remaining("migrate")))
-        self.report["setup"]["migrate_s"] = round(time.monotonic() - started, 1)
+        self.migrate_database()
         servers = self.start_servers("storm", COUNTED_APP, o.processes)
         home, others = servers[0], servers[1:]
         self.sessions = self.sign_in_users(others, o.users)

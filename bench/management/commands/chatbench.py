@@ -2,7 +2,7 @@
 
     python manage.py chatbench [--sockets 200] [--rate 20] [--duration 10]
                                [--server uvicorn|daphne] [--processes 1] [--rooms 1]
-                               [--senders 10]
+                               [--senders 10] [--users N] [--timeline]
                                [--find-max [--rates 10,20,...]] [--baseline]
                                [--json FILE|-] [--max-seconds 600]
 
@@ -22,19 +22,16 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from django.core.management.base import BaseCommand, CommandError
-
-from bench.scenario import BASELINE_APP, BenchFailed, ChatBench, Options
+from bench.management.benchcommand import BenchCommand
+from bench.scenario import BASELINE_APP, ChatBench, Options
 from bench.serverprocess import UVICORN_WS
 
 
-class Command(BaseCommand):
+class Command(BenchCommand):
     help = (
         "Benchmark the live chat: starts servers, signs users up, connects sockets, sends at a fixed rate "
         "and reports loss, duplicates, latency percentiles, deliveries/s and server CPU per 1,000 deliveries."
     )
-    # It never touches this process's database: everything goes over HTTP and WebSockets.
-    requires_system_checks = []
 
     def add_arguments(self, parser) -> None:
         d = Options()
@@ -73,14 +70,6 @@ class Command(BaseCommand):
             "--duration", type=float, default=d.duration, help=f"seconds of sending per measurement ({d.duration:g})"
         )
         parser.add_argument(
-            "--body-size", type=int, default=d.body_size, help=f"characters per message body ({d.body_size})"
-        )
-        parser.add_argument(
-            "--database-url",
-            default=d.database_url,
-            help="the servers' database; migrated first (var/bench.sqlite3)",
-        )
-        parser.add_argument(
             "--find-max", action="store_true", help="step the rate up; report the highest rate that passes"
         )
         parser.add_argument("--rates", default=d.rates, help=f"per-room rates for --find-max ({d.rates})")
@@ -104,21 +93,8 @@ class Command(BaseCommand):
         parser.add_argument(
             "--baseline", action="store_true", help=f"measure {BASELINE_APP} the same way afterwards and compare"
         )
-        parser.add_argument(
-            "--user-prefix", default=d.user_prefix, help=f"usernames are PREFIX-u001, ... ({d.user_prefix})"
-        )
-        parser.add_argument("--json", dest="json_path", metavar="FILE", help="write the report as JSON; - for stdout")
-        parser.add_argument(
-            "--max-seconds", type=float, default=d.max_seconds, help=f"hard cap on the whole run ({d.max_seconds:g})"
-        )
+        self.add_run_arguments(parser, d)
 
     def handle(self, *args, **options) -> None:
         chosen = Options(**{f.name: options[f.name] for f in fields(Options)})
-        try:
-            ChatBench(chosen, self.say).execute()
-        except BenchFailed as error:
-            raise CommandError(str(error), returncode=error.returncode) from None
-
-    def say(self, text: str) -> None:
-        self.stdout.write(text)
-        self.stdout.flush()
+        self.run_bench(ChatBench(chosen, self.say))

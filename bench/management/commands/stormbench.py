@@ -22,19 +22,15 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from django.core.management.base import BaseCommand, CommandError
-
-from bench.scenario import BenchFailed
+from bench.management.benchcommand import BenchCommand
 from bench.storm import StormBench, StormOptions
 
 
-class Command(BaseCommand):
+class Command(BenchCommand):
     help = (
         "Benchmark a reconnect storm: kill the server process holding every socket and measure how fast, "
         "and at what database cost, they resume on the others, and that none loses or repeats a message."
     )
-    # It never touches this process's database: everything goes over HTTP and WebSockets.
-    requires_system_checks = []
 
     def add_arguments(self, parser) -> None:
         d = StormOptions()
@@ -63,27 +59,8 @@ class Command(BaseCommand):
             default=d.resume_limit,
             help=f"seconds within which every socket must be resumed to PASS ({d.resume_limit:g})",
         )
-        parser.add_argument(
-            "--body-size", type=int, default=d.body_size, help=f"characters per message body ({d.body_size})"
-        )
-        parser.add_argument(
-            "--database-url", default=d.database_url, help="the servers' database; migrated first (var/bench.sqlite3)"
-        )
-        parser.add_argument(
-            "--user-prefix", default=d.user_prefix, help=f"usernames are PREFIX-u001, ... ({d.user_prefix})"
-        )
-        parser.add_argument("--json", dest="json_path", metavar="FILE", help="write the report as JSON; - for stdout")
-        parser.add_argument(
-            "--max-seconds", type=float, default=d.max_seconds, help=f"hard cap on the whole run ({d.max_seconds:g})"
-        )
+        self.add_run_arguments(parser, d)
 
     def handle(self, *args, **options) -> None:
         chosen = StormOptions(**{f.name: options[f.name] for f in fields(StormOptions) if f.name in options})
-        try:
-            StormBench(chosen, self.say).execute()
-        except BenchFailed as error:
-            raise CommandError(str(error), returncode=error.returncode) from None
-
-    def say(self, text: str) -> None:
-        self.stdout.write(text)
-        self.stdout.flush()
+        self.run_bench(StormBench(chosen, self.say))
