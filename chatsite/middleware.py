@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
-from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.conf import settings
+from django.contrib.auth import middleware as auth_middleware
+from django.contrib.messages import middleware as messages_middleware
+from django.contrib.sessions import middleware as sessions_middleware
 from django.http import HttpRequest, HttpResponse
+from django.middleware import clickjacking, common, csrf, security
 from django.template import loader
 from whitenoise.middleware import WhiteNoiseMiddleware
 
@@ -37,6 +42,94 @@ class SyncAndAsync:
 
     async def _acall(self, request: HttpRequest) -> HttpResponse:
         raise NotImplementedError
+
+
+class OnTheLoop:
+    """Mixed into Django's own middleware: in the async chain, hooks that do no I/O run on the event loop.
+
+    MiddlewareMixin runs each process_request and process_response through
+    sync_to_async, a thread hop each: six or seven per request in this stack.
+    A thousand long-polls woken by one message queued their six response hops
+    on their one shared thread (chat/longpoll.py) and answered over a second
+    after the post. Only the hooks that may write (saving a modified session,
+    storing flash messages, reading a form body) still go to a thread; say
+    which in `request_in_thread` and `response_in_thread`. The sync chain
+    (WSGI, the test client) is Django's own, unchanged.
+    """
+
+    async_mode: bool
+    get_response: Callable
+
+    def request_in_thread(self, request: HttpRequest) -> bool:
+        return False
+
+    def response_in_thread(self, request: HttpRequest, response: HttpResponse) -> bool:
+        return False
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponse:
+        response = None
+        process_request = getattr(self, "process_request", None)
+        if process_request is not None:
+            if self.request_in_thread(request):
+                response = await sync_to_async(process_request, thread_sensitive=True)(request)
+            else:
+                response = process_request(request)
+        response = response or await self.get_response(request)
+        process_response = getattr(self, "process_response", None)
+        if process_response is not None:
+            if self.response_in_thread(request, response):
+                response = await sync_to_async(process_response, thread_sensitive=True)(request, response)
+            else:
+                response = process_response(request, response)
+        return response
+
+
+class SecurityMiddleware(OnTheLoop, security.SecurityMiddleware):
+    """Headers and the HTTPS redirect: no I/O."""
+
+
+class SessionMiddleware(OnTheLoop, sessions_middleware.SessionMiddleware):
+    """Creating the (lazy) session store is no I/O; saving a modified session is a database write."""
+
+    def response_in_thread(self, request: HttpRequest, response: HttpResponse) -> bool:
+        session = getattr(request, "session", None)
+        return session is not None and (session.modified or settings.SESSION_SAVE_EVERY_REQUEST)
+
+
+class CommonMiddleware(OnTheLoop, common.CommonMiddleware):
+    """URL checks and Content-Length: no I/O."""
+
+
+class CsrfViewMiddleware(OnTheLoop, csrf.CsrfViewMiddleware):
+    """The token lives in a cookie (not the session): only checking a form body means reading and parsing it."""
+
+    def __init__(self, get_response) -> None:
+        super().__init__(get_response)
+        if self.async_mode:
+            # Django sends a sync process_view to a thread, and awaits a coroutine as it is.
+            self.process_view = self._process_view_async  # type: ignore[method-assign, assignment]
+
+    async def _process_view_async(self, request: HttpRequest, view, args, kwargs) -> HttpResponse | None:
+        check = csrf.CsrfViewMiddleware.process_view
+        if request.method in ("GET", "HEAD", "OPTIONS", "TRACE") or getattr(view, "csrf_exempt", False):
+            return check(self, request, view, args, kwargs)
+        return await sync_to_async(check, thread_sensitive=True)(self, request, view, args, kwargs)
+
+
+class AuthenticationMiddleware(OnTheLoop, auth_middleware.AuthenticationMiddleware):
+    """request.user is lazy: the lookup happens where it is used, in the view."""
+
+
+class MessageMiddleware(OnTheLoop, messages_middleware.MessageMiddleware):
+    """Flash messages are stored only when a view used or added some (then the session may be read)."""
+
+    def response_in_thread(self, request: HttpRequest, response: HttpResponse) -> bool:
+        storage = getattr(request, "_messages", None)
+        return storage is not None and (storage.used or storage.added_new)
+
+
+class XFrameOptionsMiddleware(OnTheLoop, clickjacking.XFrameOptionsMiddleware):
+    """One header: no I/O."""
 
 
 class ResponseMiddleware(SyncAndAsync):

@@ -78,15 +78,15 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "chatsite.middleware.ServerTimeMiddleware",  # first in, last out: the server's clock for API clients
-    "django.middleware.security.SecurityMiddleware",
+    "chatsite.middleware.SecurityMiddleware",
     "chatsite.middleware.ContentSecurityPolicyMiddleware",
     "chatsite.middleware.StaticFilesMiddleware",  # WhiteNoise, async-capable
-    "django.contrib.sessions.middleware.SessionMiddleware",
-    "django.middleware.common.CommonMiddleware",
-    "django.middleware.csrf.CsrfViewMiddleware",
-    "django.contrib.auth.middleware.AuthenticationMiddleware",
-    "django.contrib.messages.middleware.MessageMiddleware",
-    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "chatsite.middleware.SessionMiddleware",
+    "chatsite.middleware.CommonMiddleware",
+    "chatsite.middleware.CsrfViewMiddleware",
+    "chatsite.middleware.AuthenticationMiddleware",
+    "chatsite.middleware.MessageMiddleware",
+    "chatsite.middleware.XFrameOptionsMiddleware",
     "chatsite.middleware.DatabaseUnavailableMiddleware",  # last: its 503 passes every response step above
 ]
 
