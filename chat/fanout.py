@@ -217,16 +217,36 @@ class RoomCursor:
 class Watch:
     """The messages published to one room while a long-poll waits, as message payloads, in arrival order."""
 
-    __slots__ = ("published", "messages", "cursor")
+    __slots__ = ("published", "messages", "cursor", "waiting")
 
     def __init__(self, cursor: RoomCursor) -> None:
         self.published = asyncio.Event()
         self.messages: list[dict[str, Any]] = []
         self.cursor = cursor
+        # Past its read of the database (or sure it needs none), and waiting.
+        self.waiting = False
 
     def read_through(self, last_seq: int) -> None:
         """The poll read the room up to `last_seq`: the hub follows the room from there at the latest."""
         self.cursor.start(last_seq, None)
+
+    def delivered_through(self, seq: int) -> bool:
+        """True if the hub has handed out exactly the messages up to `seq` and holds none above it.
+
+        Then the next message reaches this watch, live or read by the hub, and
+        a poll that has everything up to `seq` need not read the database.
+        """
+        cursor = self.cursor
+        return cursor.seq == seq and not cursor.held and not cursor.seqs_above
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait for the room's next message (True), or until `timeout` runs out (False)."""
+        self.waiting = True
+        try:
+            await asyncio.wait_for(self.published.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     def add(self, message: dict[str, Any]) -> None:
         self.messages.append(message)
