@@ -142,8 +142,8 @@ async def _update(
     *, room_id: int, add: str | list[str] | None = None, remove: str | None = None
 ) -> tuple[list[str], bool]:
     """Add or refresh sockets' members, or remove one; tell the room when its list changed. Return (users, told)."""
-    before, users = await ephemeral.presence_update(room_id=room_id, add=add, remove=remove)
-    if users == before:
+    changed, users = await ephemeral.presence_update(room_id=room_id, add=add, remove=remove)
+    if not changed:
         return users, False
     await realtime.publish_presence(room_id=room_id, users=users)
     return users, True
