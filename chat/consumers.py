@@ -83,11 +83,11 @@ class RoomConsumer(AsyncWebsocketConsumer):
         if not user.is_authenticated:
             await self.close()
             return
-        visible = await database_sync_to_async(selectors.room_visible)(slug=slug, user=user)
-        if visible is None or visible[0].is_archived:  # no such room, private to others, or read-only
+        room = await database_sync_to_async(selectors.room_readable)(slug=slug, user=user)
+        if room is None or room.is_archived:  # no such room, private to others, or read-only
             await self.close()
             return
-        room = self.room = visible[0]
+        self.room = room
         try:
             after = validation.query_int(_query_value(self.scope, "after"), "after", code="invalid_after")
             changes_after = validation.query_int(
@@ -108,7 +108,8 @@ class RoomConsumer(AsyncWebsocketConsumer):
         # until the replay is sent, so none is lost or sent twice.
         send = self.scope.get("fanout.send", self.base_send)
         session = self.scope["session"].session_key or ""
-        self.local = await fanout.hub().join(room.pk, send, user.get_username(), session)
+        hub = fanout.hub()
+        self.local = await hub.join(room.pk, send, user.get_username(), session)
         if room.is_private and not await database_sync_to_async(selectors.membership_get)(room=room, user=user):
             # Removed between the check above and the subscription, so the
             # removal's broadcast came too early to close this socket.
@@ -118,7 +119,11 @@ class RoomConsumer(AsyncWebsocketConsumer):
             return
         await self.accept()
 
-        if after is None:
+        settled = hub.settled_at(room.pk, after, changes_after if after is not None else None)
+        if settled is not None:
+            # The hub has handed this process's sockets exactly what the client has: nothing to read.
+            last_seq, last_change = settled
+        elif after is None:
             last_seq, last_change = await database_sync_to_async(selectors.room_cursors)(room=room)
         else:
             resume = await database_sync_to_async(selectors.message_resume)(
@@ -128,7 +133,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
                 await self.send(frame)
             last_seq, last_change = resume.last_seq, resume.last_change
         await self.send(protocol.ready_frame(last_seq, last_change))
-        fanout.hub().ready(self.local, last_seq, last_change)
+        hub.ready(self.local, last_seq, last_change)
         self.present = await presence.arrive(room_id=room.pk, user=user, socket_id=socket_id)
         # A list told to the room reaches this socket too; None: Redis is away, and the hub said so.
         if not self.present.told_room and self.present.users is not None:

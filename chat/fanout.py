@@ -138,6 +138,19 @@ class RoomCursor:
             self.change = change
             self.changes_above = {c for c in self.changes_above if c > change}
 
+    def settled_at(self, seq: int | None, change: int | None) -> tuple[int, int] | None:
+        """Return (seq, change) if this is exactly what was handed out, with nothing held or noted above it.
+
+        `None` asks for wherever the cursor stands. A socket or poll that has
+        that much needs nothing from the database: what comes next reaches it
+        through the hub, live or read by the follower.
+        """
+        if self.seq is None or self.change is None or self.held or self.seqs_above or self.changes_above:
+            return None
+        if (seq is not None and seq != self.seq) or (change is not None and change != self.change):
+            return None
+        return self.seq, self.change
+
     def admit(self, event: dict[str, Any]) -> bool:
         """True if a message event is the next to deliver; one already delivered or above a hole is not."""
         seq = event["seq"]
@@ -231,13 +244,8 @@ class Watch:
         self.cursor.start(last_seq, None)
 
     def delivered_through(self, seq: int) -> bool:
-        """True if the hub has handed out exactly the messages up to `seq` and holds none above it.
-
-        Then the next message reaches this watch, live or read by the hub, and
-        a poll that has everything up to `seq` need not read the database.
-        """
-        cursor = self.cursor
-        return cursor.seq == seq and not cursor.held and not cursor.seqs_above
+        """True if a poll that has every message up to `seq` need not read the database (RoomCursor.settled_at)."""
+        return self.cursor.settled_at(seq, None) is not None
 
     async def wait(self, timeout: float) -> bool:
         """Wait for the room's next message (True), or until `timeout` runs out (False)."""
@@ -362,6 +370,11 @@ class RoomHub:
             with contextlib.suppress(*LAYER_ERRORS):
                 await _bounded(self.layer.group_discard(realtime.room_group(room_id), self.channel))
 
+    def settled_at(self, room_id: int, seq: int | None, change: int | None) -> tuple[int, int] | None:
+        """Where the room stands if a socket resuming from `seq` and `change` would be sent nothing (RoomCursor)."""
+        cursor = self.cursors.get(room_id)
+        return None if cursor is None else cursor.settled_at(seq, change)
+
     def ready(self, socket: LocalSocket, last_seq: int, last_change: int = 0) -> None:
         """Start live delivery after the replay: release held events above `last_seq` / `last_change`."""
         socket.replayed_through = last_seq
@@ -413,6 +426,9 @@ class RoomHub:
                 watch.add(event["message"])
         elif event["type"] == realtime.RESYNC_EVENT:
             self._wake_waiters(event["room"])  # polls read the database again
+            if event["room"] in self.cursors:
+                # Rows arrived unpublished (an import): the next socket or poll reads where the room stands.
+                self.cursors[event["room"]] = RoomCursor()
         # A set, or for a typing event the list of the room's sockets it is meant for.
         sockets: Collection[LocalSocket] | None = self.rooms.get(event["room"])
         if not sockets:

@@ -260,7 +260,7 @@ async def test_a_handshake_while_the_database_is_away_is_told_unavailable_and_cl
     if where == "the user lookup":  # in channels' AuthMiddleware, before any consumer runs
         monkeypatch.setattr(channels.auth, "get_user", database_sync_to_async(database_away))
     else:
-        monkeypatch.setattr(selectors, "room_visible", database_away)
+        monkeypatch.setattr(selectors, "room_readable", database_away)
     alice, connected = await ws_connect(user, room)
     assert connected
     assert (await receive(alice))["code"] == "unavailable"
@@ -624,6 +624,15 @@ async def test_presence_is_sent_on_connect_and_whenever_the_set_of_users_changes
     assert await presence_of(bob) == ["bob"]
 
 
+async def test_a_rooms_presence_is_answered_per_user_not_per_socket(room):
+    tabs = [ephemeral.presence_member("alice", f"tab-{n}") for n in range(50)]
+    assert await ephemeral.presence_update(room_id=room.pk, add=[*tabs, "bob|tab"]) == (True, ["alice", "bob"])
+    assert await ephemeral.presence_update(room_id=room.pk, add="alice|tab-50") == (False, ["alice", "bob"])
+    assert await ephemeral.presence_update(room_id=room.pk, remove="alice|tab-0") == (False, ["alice", "bob"])
+    assert await ephemeral.presence_update(room_id=room.pk, remove="bob|tab") == (True, ["alice"])
+    assert ephemeral.presence_now([room.pk]) == {room.pk: ["alice"]}
+
+
 async def test_presence_drops_a_socket_whose_process_stopped_refreshing_it(ws_connect, other_user, room, settings):
     settings.CHAT_PRESENCE_TTL = 0.6
     # A member left behind by a server process that died: nobody refreshes it.
@@ -773,6 +782,43 @@ async def test_an_import_makes_the_rooms_open_sockets_resume_and_they_get_every_
     replayed, ready = await receive_until_ready(again)
     assert [frame["message"]["body"] for frame in replayed] == ["imported 1", "imported 2", "imported 3"]
     assert ready["last_seq"] == 4
+
+
+@pytest.fixture
+def resume_reads(monkeypatch) -> list[str]:
+    """The replay's reads of the database, by selector."""
+    reads: list[str] = []
+    for name in ("message_resume", "room_cursors"):
+        read = getattr(selectors, name)
+        monkeypatch.setattr(
+            selectors,
+            name,
+            lambda *args, _read=read, _name=name, **kwargs: (reads.append(_name), _read(*args, **kwargs))[1],
+        )
+    return reads
+
+
+async def test_a_socket_that_has_what_the_hub_handed_out_resumes_without_reading_the_database(
+    ws_connect, user, other_user, room, resume_reads
+):
+    await post(room, user, "one")
+    bob = await joined(ws_connect, other_user, room, after=0)  # the first socket reads: the hub is at seq 1 now
+    await post(room, user, "two")
+    assert (await receive(bob))["message"]["seq"] == 2
+    assert resume_reads == ["message_resume"]
+
+    alice, connected = await ws_connect(user, room, after=2, changes_after=0)
+    replayed, ready = await receive_until_ready(alice)
+    assert (replayed, ready["last_seq"], ready["last_change"]) == ([], 2, 0)
+    assert resume_reads == ["message_resume"]  # none for alice
+    await post(room, user, "three")
+    assert [(await receive(socket))["message"]["seq"] for socket in (alice, bob)] == [3, 3]
+
+    # Behind the hub, or asking for changes it has not seen: read as before.
+    carol, _ = await ws_connect(other_user, room, after=1, changes_after=0)
+    replayed, ready = await receive_until_ready(carol)
+    assert [frame["message"]["seq"] for frame in replayed] == [2, 3] and ready["last_seq"] == 3
+    assert resume_reads == ["message_resume", "message_resume"]
 
 
 async def test_a_client_gone_during_the_resume_is_not_taken_for_a_redis_outage(ws_connect, user, room, caplog):
