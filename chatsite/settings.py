@@ -74,6 +74,7 @@ INSTALLED_APPS = [
     "channels",
     "chat",
     "bench",
+    "chatsite",  # its system checks (chatsite/checks.py)
 ]
 
 MIDDLEWARE = [
