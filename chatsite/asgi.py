@@ -14,10 +14,12 @@ django_asgi_app = get_asgi_application()
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from django.conf import settings  # noqa: E402
 
 from chat.fanout import DirectSend  # noqa: E402
 from chat.longpoll import SharedSyncThread  # noqa: E402
 from chat.routing import websocket_urlpatterns  # noqa: E402
+from chatsite import collector  # noqa: E402
 from chatsite.middleware import DatabaseUnavailableHandshake  # noqa: E402
 
 application = ProtocolTypeRouter(
@@ -30,3 +32,6 @@ application = ProtocolTypeRouter(
         ),
     }
 )
+
+# Last: everything start-up made is frozen out of the collector's walks.
+collector.configure(settings.CHAT_GC_FULL_EVERY)

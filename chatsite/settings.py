@@ -215,6 +215,9 @@ CHAT_PRESENCE_TTL = float(os.environ.get("CHAT_PRESENCE_TTL", "45"))
 # Seconds a request or the shared database thread may wait on Redis (a publish,
 # a rate limit) before going on without it: what was saved stays saved.
 CHAT_REDIS_TIMEOUT = float(os.environ.get("CHAT_REDIS_TIMEOUT", "0.5"))
+# Server processes run a full garbage collection at most this often, in
+# seconds; at 10,000 sockets one stops the process for 1-2 s (chatsite/collector.py). 0: Python's own pace.
+CHAT_GC_FULL_EVERY = float(os.environ.get("CHAT_GC_FULL_EVERY", "300"))
 
 LOGGING = {
     "version": 1,
