@@ -323,9 +323,12 @@ async def sockets_refresh(sockets: list[tuple[int, str]]) -> None:
         return
     if not sockets:
         return
-    pipe = _client().pipeline(transaction=False)
+    by_user: dict[int, dict[str, float]] = {}
     for user_id, socket_id in sockets:
-        pipe.zadd(_sockets_key(user_id), {socket_id: expires}, xx=True)
+        by_user.setdefault(user_id, {})[socket_id] = expires
+    pipe = _client().pipeline(transaction=False)
+    for user_id, user_sockets in by_user.items():  # a command per user, not per socket
+        pipe.zadd(_sockets_key(user_id), user_sockets, xx=True)
     try:
         await bounded(pipe.execute)
     finally:

@@ -633,6 +633,19 @@ async def test_a_rooms_presence_is_answered_per_user_not_per_socket(room):
     assert ephemeral.presence_now([room.pk]) == {room.pk: ["alice"]}
 
 
+async def test_refreshing_the_socket_cap_extends_every_open_socket_and_revives_no_closed_one(settings):
+    for user_id, socket_id in [(1, "a1"), (1, "a2"), (1, "a3"), (2, "b1")]:
+        assert await ephemeral.socket_open(user_id=user_id, socket_id=socket_id, cap=5)
+    await ephemeral.socket_close(user_id=1, socket_id="a3")
+    store = redis.Redis.from_url(settings.REDIS_URL)
+    before = {sid: store.zscore(ephemeral._sockets_key(uid), sid) for uid, sid in [(1, "a1"), (1, "a2"), (2, "b1")]}
+    settings.CHAT_PRESENCE_TTL += 60
+    await ephemeral.sockets_refresh([(1, "a1"), (1, "a2"), (1, "a3"), (2, "b1")])
+    after = {sid: store.zscore(ephemeral._sockets_key(uid), sid) for uid, sid in [(1, "a1"), (1, "a2"), (2, "b1")]}
+    assert all(after[sid] >= before[sid] + 60 for sid in before)
+    assert store.zscore(ephemeral._sockets_key(1), "a3") is None
+
+
 async def test_presence_drops_a_socket_whose_process_stopped_refreshing_it(ws_connect, other_user, room, settings):
     settings.CHAT_PRESENCE_TTL = 0.6
     # A member left behind by a server process that died: nobody refreshes it.
