@@ -51,6 +51,7 @@ from django.conf import settings
 
 from bench import report
 from bench.client import (
+    BROWSER_EXTENSIONS,
     BenchSocket,
     HandshakeError,
     StepPlan,
@@ -272,6 +273,8 @@ class Options:
     users: int = 0
     # Print each step's per-second timeline (it is in the JSON report either way).
     timeline: bool = False
+    # Offer permessage-deflate as browsers do.
+    deflate: bool = False
     rate: float = 20.0
     duration: float = 10.0
     body_size: int = 100
@@ -402,6 +405,7 @@ class ChatBench:
             "rates": self.rates if o.find_max else None,
             "duration_s": o.duration,
             "body_size": o.body_size,
+            "deflate_offered": o.deflate,
             "find_max": o.find_max,
             "baseline": o.baseline,
             "p99_limit_ms": o.p99_limit_ms,
@@ -641,7 +645,11 @@ class ChatBench:
             host="127.0.0.1",
             port=server.port,
             path=path,
-            headers={"Origin": server.origin, "Cookie": f"{settings.SESSION_COOKIE_NAME}={session_id}"},
+            headers={
+                "Origin": server.origin,
+                "Cookie": f"{settings.SESSION_COOKIE_NAME}={session_id}",
+                **({"Sec-WebSocket-Extensions": BROWSER_EXTENSIONS} if self.options.deflate else {}),
+            },
             room=room,
             fast=fast,
             wait_ready=wait_ready,

@@ -243,3 +243,27 @@ def test_percentile_is_nearest_rank():
     assert report.percentile(values, 0.99) == 99
     assert report.percentile([7], 0.99) == 7
     assert report.percentile([], 0.5) is None
+
+
+async def test_client_offering_deflate_reads_the_frames_a_server_compressed_with_context_takeover():
+    sock = client.BenchSocket(
+        host="127.0.0.1", port=1, path="/ws/rooms/x/", headers={"Sec-WebSocket-Extensions": client.BROWSER_EXTENSIONS}
+    )
+    transport = FakeTransport()
+    sock.connection_made(transport)
+    assert "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n" in transport.written.decode()
+    accept = client.base64.b64encode(client.hashlib.sha1(sock.key.encode() + client.WS_GUID).digest())
+    sock.data_received(
+        b"HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Extensions: permessage-deflate\r\nSec-WebSocket-Accept: "
+        + accept
+        + b"\r\n\r\n"
+    )
+    sock.recorder = client.Recorder(rooms=1)
+    compressor = client.zlib.compressobj(wbits=-15)
+    now = client.time.time_ns()
+    for n in (1, 2):  # the second one leans on the first's window
+        text = json.dumps({"type": "message", "message": {"seq": n, "body": f"t={now} n={n} same words"}}).encode()
+        deflated = compressor.compress(text) + compressor.flush(client.zlib.Z_SYNC_FLUSH)
+        assert deflated.endswith(b"\x00\x00\xff\xff")
+        sock.data_received(server_frame(client.OP_TEXT | client.RSV1, deflated[:-4]))
+    assert list(sock.received) == [1, 2] and sock.recorder.delivered == [2]

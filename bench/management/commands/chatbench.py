@@ -2,7 +2,7 @@
 
     python manage.py chatbench [--sockets 200] [--rate 20] [--duration 10]
                                [--server uvicorn|daphne] [--processes 1] [--rooms 1]
-                               [--senders 10] [--users N] [--timeline]
+                               [--senders 10] [--users N] [--timeline] [--deflate]
                                [--find-max [--rates 10,20,...]] [--baseline]
                                [--json FILE|-] [--max-seconds 600]
 
@@ -41,7 +41,8 @@ class Command(BenchCommand):
             default=d.server,
             help=(
                 "ASGI server: uvicorn as bin/serve runs it (websockets-sansio), uvicorn with the"
-                f" legacy websockets or wsproto protocol, or daphne ({d.server})"
+                " legacy websockets or wsproto protocol, uvicorn-deflate (bin/serve's with per-message"
+                f" compression on, for --deflate), or daphne ({d.server})"
             ),
         )
         parser.add_argument(
@@ -89,6 +90,11 @@ class Command(BenchCommand):
             "--timeline",
             action="store_true",
             help="print each step's seconds: deliveries, p50 / p99 / max latency and server CPU (always in --json)",
+        )
+        parser.add_argument(
+            "--deflate",
+            action="store_true",
+            help="offer permessage-deflate in the handshake, as browsers do (the server may then compress each frame)",
         )
         parser.add_argument(
             "--baseline", action="store_true", help=f"measure {BASELINE_APP} the same way afterwards and compare"
