@@ -20,7 +20,13 @@ LOG_TAIL_CHARS = 4000
 # buffering it; the consumer answers frames over CHAT_FRAME_MAX_BYTES (64 KiB) with an error frame.
 WS_MAX_MESSAGE_BYTES = 1024 * 1024
 # uvicorn's WebSocket protocol implementations, by --server name; "uvicorn" is how bin/serve runs the site.
-UVICORN_WS = {"uvicorn": "websockets-sansio", "uvicorn-legacy-ws": "websockets", "uvicorn-wsproto": "wsproto"}
+UVICORN_WS = {
+    "uvicorn": "websockets-sansio",
+    "uvicorn-legacy-ws": "websockets",
+    "uvicorn-wsproto": "wsproto",
+    # bin/serve's, but compressing each frame for clients that offer permessage-deflate (chatbench --deflate).
+    "uvicorn-deflate": "websockets-sansio",
+}
 
 
 class ServerFailed(Exception):
@@ -61,6 +67,7 @@ class ServerProcess:
             "--host", "127.0.0.1", "--port", str(self.port),
             "--no-access-log", "--log-level", "warning", "--loop", "uvloop", "--ws", ws,
             "--ws-max-size", str(WS_MAX_MESSAGE_BYTES),
+            "--ws-per-message-deflate", "true" if self.kind == "uvicorn-deflate" else "false",
         ]  # fmt: skip
 
     def spawn(self) -> None:

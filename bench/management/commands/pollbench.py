@@ -20,7 +20,7 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser) -> None:
         parser.add_argument("--polls", type=int, default=1000, help="concurrent long-polls (1000)")
-        parser.add_argument("--server", choices=["daphne", "uvicorn"], default="daphne", help="ASGI server (daphne)")
+        parser.add_argument("--server", choices=["uvicorn", "daphne"], default="uvicorn", help="ASGI server (uvicorn)")
         parser.add_argument("--hold", type=float, default=3.0, help="seconds to hold the polls before posting (3)")
         parser.add_argument(
             "--database-url",
