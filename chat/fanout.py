@@ -71,13 +71,23 @@ class LocalSocket:
     """One socket of this process, as the hub sees it."""
 
     __slots__ = (
-        "room_id", "send", "user", "session", "writable", "replayed_through", "changes_through", "held", "outbox",
-        "writer", "closed",
+        "room_id", "send", "raw", "user", "session", "writable", "replayed_through", "changes_through", "held",
+        "outbox", "writer", "closed",
     )  # fmt: skip
 
-    def __init__(self, room_id: int, send: Send, user: str, session: str, writable: asyncio.Event | None) -> None:
+    def __init__(
+        self,
+        room_id: int,
+        send: Send,
+        user: str,
+        session: str,
+        writable: asyncio.Event | None,
+        raw: serversend.RawWriter | None = None,
+    ) -> None:
         self.room_id = room_id
         self.send = send
+        # Writes a frame made once for the whole room, where the server allows it (chat/serversend.py).
+        self.raw = raw
         self.user = user
         # The browser session's key: signing out closes that session's sockets only.
         self.session = session
@@ -308,7 +318,8 @@ class RoomHub:
         """Register a socket; the room is followed (live, or from the database) before this returns."""
         if self.send_mode is None:
             self.send_mode = serversend.detect(send)
-        socket = LocalSocket(room_id, send, user, session, self.send_mode.writable(send))
+        mode = self.send_mode
+        socket = LocalSocket(room_id, send, user, session, mode.writable(send), mode.raw_writer(send))
         async with self.lock:
             await self._subscribe(room_id)
             self.rooms.setdefault(room_id, set()).add(socket)
@@ -458,8 +469,13 @@ class RoomHub:
         else:
             frame = protocol.message_frame_from_payload(event["message"])
             seq = event["seq"]
+        framed: bytes | None = None
         for socket in list(sockets):
             if self._offer(socket, frame, seq=seq, change=change):
+                if socket.raw is not None:
+                    framed = framed or serversend.text_frame(frame)
+                    if socket.raw(framed):
+                        continue
                 try:
                     await socket.send({"type": "websocket.send", "text": frame})
                 except Exception:

@@ -9,12 +9,20 @@ per socket. Any other server (daphne, uvicorn's other protocols) gets every
 frame through a writer task per socket, which exists only while that socket
 has frames waiting. tests/test_fanout.py proves the inline path's promise
 against a real uvicorn process: a client that stops reading delays nobody else.
+
+With that server the hub goes one step further: a server's frame is the same
+bytes for every socket (servers do not mask), so the hub frames a message
+once and writes those bytes to each socket's transport, where uvicorn would
+encode, frame and join them again per socket (`RawWriter`). It does so only
+while the connection is open with no extension (per-message compression is
+off, README), and hands the frame to the server's `send` otherwise.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +30,13 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+try:  # the state of a websockets sans-I/O connection (uvicorn's websockets-sansio protocol)
+    from websockets.protocol import State
+
+    _OPEN: object = State.OPEN
+except ImportError:  # pragma: no cover - websockets is pinned in requirements.txt
+    _OPEN = object()
 
 try:  # uvicorn raises this from `send` once the client has gone; it is an OSError, like a Redis socket's
     from uvicorn.protocols.utils import ClientDisconnected
@@ -41,6 +56,56 @@ class SendMode:
     def writable(self, send: Send) -> asyncio.Event | None:
         """Return the event that is set while `send` completes without waiting; None: always use a writer."""
         return _writable_event(send) if self.inline else None
+
+    def raw_writer(self, send: Send) -> RawWriter | None:
+        """Return a writer of ready-made frames to the socket behind `send`, where the server allows one."""
+        owner = getattr(send, "__self__", None)
+        if not self.inline or not all(hasattr(owner, name) for name in RawWriter.NEEDS):
+            return None
+        return RawWriter(owner)
+
+
+class RawWriter:
+    """Writes a frame made once (text_frame) straight to one uvicorn sans-I/O socket's transport.
+
+    Only while uvicorn itself would write it at once: handshake done, not
+    closing, the transport writable, the connection OPEN and without
+    extensions. Otherwise it declines, and the frame goes through `send`.
+    """
+
+    __slots__ = ("owner",)
+    NEEDS = ("transport", "conn", "writable", "handshake_complete", "close_sent", "disconnected", "initial_response")
+
+    def __init__(self, owner: Any) -> None:
+        self.owner = owner
+
+    def __call__(self, frame: bytes) -> bool:
+        owner = self.owner
+        conn = owner.conn
+        if (
+            owner.close_sent
+            or owner.disconnected
+            or not owner.handshake_complete
+            or owner.initial_response is not None
+            or not owner.writable.is_set()
+            or conn.state is not _OPEN
+            or conn.extensions
+            or owner.transport.is_closing()
+        ):
+            return False
+        owner.transport.write(frame)
+        return True
+
+
+def text_frame(text: str) -> bytes:
+    """One final, unmasked text frame (RFC 6455 5.2), as a server sends it."""
+    payload = text.encode()
+    length = len(payload)
+    if length < 126:
+        return bytes((0x81, length)) + payload
+    if length < 65536:
+        return struct.pack("!BBH", 0x81, 126, length) + payload
+    return struct.pack("!BBQ", 0x81, 127, length) + payload
 
 
 def detect(send: Send) -> SendMode:

@@ -8,6 +8,7 @@ import json
 import os
 import socket as tcp
 import time
+from types import SimpleNamespace
 from unittest import mock
 
 import pytest
@@ -15,8 +16,10 @@ import websockets
 from channels.layers import get_channel_layer
 from channels_redis.pubsub import RedisPubSubChannelLayer
 from django.conf import settings
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
 
-from chat import fanout, protocol, realtime
+from chat import fanout, protocol, realtime, serversend
 from tests.helpers import eventually
 from tests.servers import ServerCluster
 
@@ -201,6 +204,65 @@ async def test_a_paused_transport_queues_behind_a_writer_and_catches_up_in_order
     paused.writable.set()
     await eventually(lambda: len(paused.sent) == 3)
     assert [json.loads(e["text"])["message"]["seq"] for e in paused.sent] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("length", [0, 125, 126, 65535, 65536, 70_000])
+def test_a_frame_made_once_for_a_room_is_the_bytes_websockets_sends_each_socket(length):
+    text = "é" * (length // 2) + "x" * (length % 2)  # `length` bytes of UTF-8
+    assert len(text.encode()) == length
+    assert serversend.text_frame(text) == Frame(Opcode.TEXT, text.encode()).serialize(mask=False, extensions=[])
+
+
+class Transport:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+
+def uvicorn_socket(**changes):
+    """The parts of uvicorn's sans-I/O protocol a RawWriter reads, as they are while a socket is open."""
+    writable = asyncio.Event()
+    writable.set()
+    owner = SimpleNamespace(
+        transport=Transport(), conn=SimpleNamespace(state=State.OPEN, extensions=[]), writable=writable,
+        handshake_complete=True, close_sent=False, disconnected=False, initial_response=None,
+    )  # fmt: skip
+    for name, value in changes.items():
+        target, _, attribute = name.rpartition("__")
+        setattr(getattr(owner, target) if target else owner, attribute, value)
+    return owner
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"close_sent": True},
+        {"disconnected": True},
+        {"handshake_complete": False},
+        {"initial_response": (403, [], b"")},
+        {"conn__state": State.CLOSING},
+        {"conn__extensions": ["permessage-deflate"]},
+        {"transport__closing": True},
+    ],
+    ids=lambda changes: next(iter(changes)),
+)
+def test_the_raw_writer_writes_only_while_uvicorn_would_write_the_frame_at_once(changes):
+    writer = serversend.RawWriter(uvicorn_socket())
+    assert writer(b"frame") and writer.owner.transport.written == [b"frame"]
+    declined = serversend.RawWriter(uvicorn_socket(**changes))
+    assert not declined(b"frame") and declined.owner.transport.written == []
+
+
+def test_the_raw_writer_waits_like_uvicorn_while_the_transport_is_paused():
+    owner = uvicorn_socket()
+    owner.writable.clear()  # pause_writing
+    assert not serversend.RawWriter(owner)(b"frame") and owner.transport.written == []
 
 
 # --------------------------------------------------------------------------
