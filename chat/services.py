@@ -9,7 +9,7 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import User
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F, OuterRef, Subquery, Value
 from django.db.models.functions import Greatest, Least
 from django.utils import timezone
@@ -248,15 +248,9 @@ def message_create(*, room: Room, author: User, body: object, nonce: object = No
     try:
         with transaction.atomic():
             now = timezone.now()
-            # The UPDATE takes the room's row lock (PostgreSQL) or the write
-            # lock (SQLite) first, so concurrent senders queue here and each
-            # reads back a seq nobody else has.
-            updated = Room.objects.filter(pk=room.pk, is_archived=False).update(
-                last_seq=F("last_seq") + 1, last_message_at=now
-            )
-            if not updated:
+            seq = _next_seq(room, now)
+            if seq is None:
                 raise ChatError("room_archived", "This room is archived and read-only.")
-            seq = Room.objects.values_list("last_seq", flat=True).get(pk=room.pk)
             message = Message.objects.create(room=room, author=author, body=body, seq=seq, nonce=nonce)
             realtime.publish_after_commit(lambda: realtime.publish_message(message))
     except IntegrityError:
@@ -267,6 +261,26 @@ def message_create(*, room: Room, author: User, body: object, nonce: object = No
     room.last_seq = seq
     room.last_message_at = now
     return message, True
+
+
+def _next_seq(room: Room, now: datetime) -> int | None:
+    """Take the room's next seq (None if it is archived), in one statement: UPDATE ... RETURNING.
+
+    The UPDATE takes the room's row lock (PostgreSQL) or the write lock
+    (SQLite) first, so concurrent senders queue here and each gets a seq
+    nobody else has. Both databases have RETURNING (SQLite since 3.35); the
+    ORM's update() does not, and would need a second query to read it back.
+    """
+    quote = connection.ops.quote_name
+    table, last_seq = quote(Room._meta.db_table), quote("last_seq")
+    sql = (
+        f"UPDATE {table} SET {last_seq} = {last_seq} + 1, {quote('last_message_at')} = %s "
+        f"WHERE {quote('id')} = %s AND NOT {quote('is_archived')} RETURNING {last_seq}"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [connection.ops.adapt_datetimefield_value(now), room.pk])
+        row = cursor.fetchone()
+    return None if row is None else row[0]
 
 
 def _check_message_rate(author: User) -> None:
