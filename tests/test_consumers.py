@@ -11,6 +11,7 @@ import redis
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.conf import settings
+from django.contrib.sessions.models import Session
 from django.db import OperationalError
 from django.test import Client
 from uvicorn.protocols.utils import ClientDisconnected
@@ -18,7 +19,7 @@ from uvicorn.protocols.utils import ClientDisconnected
 from chat import database, ephemeral, fanout, protocol, realtime, selectors, services
 from chat.models import Membership, Message, Room
 from chatsite.asgi import application
-from tests.helpers import joined, receive, receive_until_ready, send, silent
+from tests.helpers import ORIGIN, joined, receive, receive_until_ready, send, session_cookie, silent
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -113,6 +114,16 @@ def message_payload_of(message):
 async def test_anonymous_handshake_is_refused(ws_connect, room):
     _, connected = await ws_connect(None, room)
     assert not connected
+
+
+async def test_a_session_from_before_a_password_change_is_refused_and_ended(user, room):
+    cookie = await database_sync_to_async(session_cookie)(user)
+    user.set_password("a-new-password-456")  # Django's session auth hash no longer matches the old session
+    await database_sync_to_async(user.save)()
+    headers = [(b"origin", ORIGIN.encode()), (b"cookie", f"{settings.SESSION_COOKIE_NAME}={cookie}".encode())]
+    connected, _ = await WebsocketCommunicator(application, f"/ws/rooms/{room.slug}/", headers=headers).connect()
+    assert not connected
+    assert not await database_sync_to_async(Session.objects.filter(session_key=cookie).exists)()
 
 
 async def test_foreign_origin_handshake_is_refused(ws_connect, user, room):
