@@ -18,23 +18,19 @@ from django.core.management import call_command
 from bench import client, report
 
 
+def run_chatbench(tmp_path, **options) -> tuple[dict, io.StringIO]:
+    """One short chatbench run on a database of its own; its JSON report and what it printed."""
+    out_path, stdout = tmp_path / "report.json", io.StringIO()
+    database_url = f"sqlite:///{tmp_path}/bench.sqlite3"
+    call_command(
+        "chatbench", warmup=0.5, database_url=database_url, json=str(out_path), max_seconds=50, stdout=stdout, **options
+    )
+    return json.loads(out_path.read_text()), stdout
+
+
 @pytest.mark.slow  # starts server processes
 def test_chatbench_smoke_run_delivers_every_stored_message_once_to_every_socket(tmp_path):
-    out_path = tmp_path / "report.json"
-    stdout = io.StringIO()
-    call_command(
-        "chatbench",
-        sockets=4,
-        senders=2,
-        rate=5,
-        duration=2,
-        warmup=0.5,
-        database_url=f"sqlite:///{tmp_path}/bench.sqlite3",
-        json=str(out_path),
-        max_seconds=50,
-        stdout=stdout,
-    )
-    report = json.loads(out_path.read_text())
+    report, stdout = run_chatbench(tmp_path, sockets=4, senders=2, rate=5, duration=2)
     step = report["main"]["steps"][0]
     assert report["aborted"] is None, report["aborted"]
     assert report["sockets_connected"] == 4
@@ -56,23 +52,7 @@ def test_chatbench_smoke_run_delivers_every_stored_message_once_to_every_socket(
 
 @pytest.mark.slow  # starts server processes
 def test_chatbench_with_one_user_prints_each_seconds_deliveries_latency_and_cpu(tmp_path):
-    out_path = tmp_path / "report.json"
-    stdout = io.StringIO()
-    call_command(
-        "chatbench",
-        sockets=6,
-        users=1,
-        senders=2,
-        rate=5,
-        duration=3,
-        warmup=0.5,
-        timeline=True,
-        database_url=f"sqlite:///{tmp_path}/bench.sqlite3",
-        json=str(out_path),
-        max_seconds=50,
-        stdout=stdout,
-    )
-    report = json.loads(out_path.read_text())
+    report, stdout = run_chatbench(tmp_path, sockets=6, users=1, senders=2, rate=5, duration=3, timeline=True)
     assert report["setup"]["users"] == 1
     step = report["main"]["steps"][0]
     assert step["delivered"] == step["expected"] == 15 * 6, step
@@ -149,16 +129,21 @@ def read_client_frames(data: bytes) -> list[tuple[int, bytes]]:
     return frames
 
 
-def open_fake_socket() -> tuple[client.BenchSocket, FakeTransport]:
-    sock = client.BenchSocket(host="127.0.0.1", port=1, path="/ws/rooms/x/", headers={"Origin": "http://x"})
+def open_fake_socket(
+    headers: dict[str, str] | None = None, answer: bytes = b""
+) -> tuple[client.BenchSocket, FakeTransport]:
+    """A client socket past its handshake; `headers` it sends besides Origin, `answer` header lines the server adds."""
+    headers = {"Origin": "http://x", **(headers or {})}
+    sock = client.BenchSocket(host="127.0.0.1", port=1, path="/ws/rooms/x/", headers=headers)
     transport = FakeTransport()
     sock.connection_made(transport)
     request = transport.written.decode()
-    assert request.startswith("GET /ws/rooms/x/ HTTP/1.1\r\n") and "Origin: http://x\r\n" in request
+    assert request.startswith("GET /ws/rooms/x/ HTTP/1.1\r\n")
+    assert all(f"{name}: {value}\r\n" in request for name, value in headers.items())
     transport.written.clear()
     accept = client.base64.b64encode(client.hashlib.sha1(sock.key.encode() + client.WS_GUID).digest())
-    sock.data_received(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: ")
-    sock.data_received(accept + b"\r\n\r\n")
+    sock.data_received(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n" + answer)
+    sock.data_received(b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
     assert sock.handshake_done.done() and sock.is_open
     return sock, transport
 
@@ -246,17 +231,9 @@ def test_percentile_is_nearest_rank():
 
 
 async def test_client_offering_deflate_reads_the_frames_a_server_compressed_with_context_takeover():
-    sock = client.BenchSocket(
-        host="127.0.0.1", port=1, path="/ws/rooms/x/", headers={"Sec-WebSocket-Extensions": client.BROWSER_EXTENSIONS}
-    )
-    transport = FakeTransport()
-    sock.connection_made(transport)
-    assert "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n" in transport.written.decode()
-    accept = client.base64.b64encode(client.hashlib.sha1(sock.key.encode() + client.WS_GUID).digest())
-    sock.data_received(
-        b"HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Extensions: permessage-deflate\r\nSec-WebSocket-Accept: "
-        + accept
-        + b"\r\n\r\n"
+    assert client.BROWSER_EXTENSIONS == "permessage-deflate; client_max_window_bits"  # what Chromium offers
+    sock, _ = open_fake_socket(
+        {"Sec-WebSocket-Extensions": client.BROWSER_EXTENSIONS}, b"Sec-WebSocket-Extensions: permessage-deflate\r\n"
     )
     sock.recorder = client.Recorder(rooms=1)
     compressor = client.zlib.compressobj(wbits=-15)
