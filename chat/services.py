@@ -279,7 +279,7 @@ def _save_with_next_seq(draft: Message, now: datetime) -> Message | None:
     room_table, last_seq = quote(Room._meta.db_table), quote("last_seq")
     take_seq = (
         f"UPDATE {room_table} SET {last_seq} = {last_seq} + 1, {quote('last_message_at')} = %s "
-        f"WHERE {quote('id')} = %s AND NOT {quote('is_archived')} RETURNING {last_seq}"
+        f"WHERE {quote(Room._meta.pk.column)} = %s AND NOT {quote('is_archived')} RETURNING {last_seq}"
     )
     take_params = [connection.ops.adapt_datetimefield_value(now), draft.room_id]
     if connection.vendor != "postgresql":
