@@ -51,29 +51,22 @@ class OnTheLoop:
     sync_to_async, a thread hop each: six or seven per request in this stack.
     A thousand long-polls woken by one message queued their six response hops
     on their one shared thread (chat/longpoll.py) and answered over a second
-    after the post. Only the hooks that may write (saving a modified session,
-    storing flash messages, reading a form body) still go to a thread; say
-    which in `request_in_thread` and `response_in_thread`. The sync chain
-    (WSGI, the test client) is Django's own, unchanged.
+    after the post. No `process_request` of these does I/O (the session and
+    the user are lazy); the response hooks that may write (saving a modified
+    session, storing flash messages) say so in `response_in_thread` and still
+    go to a thread, as does a form body's CSRF check. The sync chain (WSGI,
+    the test client) is Django's own, unchanged.
     """
 
     async_mode: bool
     get_response: Callable
 
-    def request_in_thread(self, request: HttpRequest) -> bool:
-        return False
-
     def response_in_thread(self, request: HttpRequest, response: HttpResponse) -> bool:
         return False
 
     async def __acall__(self, request: HttpRequest) -> HttpResponse:
-        response = None
         process_request = getattr(self, "process_request", None)
-        if process_request is not None:
-            if self.request_in_thread(request):
-                response = await sync_to_async(process_request, thread_sensitive=True)(request)
-            else:
-                response = process_request(request)
+        response = process_request(request) if process_request is not None else None
         response = response or await self.get_response(request)
         process_response = getattr(self, "process_response", None)
         if process_response is not None:
