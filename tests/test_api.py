@@ -431,6 +431,22 @@ async def test_a_poll_at_the_hubs_position_waits_without_reading_the_database(
     assert response.json()["last_seq"] == 2 and poll_reads == [0]
 
 
+async def test_a_non_member_gets_nothing_of_a_private_room_whose_position_the_hub_knows(
+    ws_connect, user, third_user, private_room
+):
+    await database_sync_to_async(services.message_create)(room=private_room, author=user, body="members only")
+    await joined(ws_connect, user, private_room)  # the hub follows the room: a resume or poll at seq 1 reads nothing
+    hub = fanout.hub()
+    assert hub.settled_at(private_room.pk, 1, None) is not None
+    _, connected = await ws_connect(third_user, private_room, after=1)
+    assert not connected
+    carol = AsyncClient()
+    await carol.aforce_login(third_user)
+    response = await carol.get(f"/api/rooms/{private_room.slug}/poll?after=1&timeout=1")
+    assert (response.status_code, response.json()["error"]["code"]) == (404, "room_not_found")
+    assert len(hub.waiters.get(private_room.pk, ())) == 0 and len(hub.rooms[private_room.pk]) == 1
+
+
 def seqs(messages) -> list[int] | None:
     return None if messages is None else [m["seq"] for m in messages]
 
