@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 
 import channels.auth
 import pytest
@@ -645,16 +646,22 @@ async def test_a_rooms_presence_is_answered_per_user_not_per_socket(room):
 
 
 async def test_refreshing_the_socket_cap_extends_every_open_socket_and_revives_no_closed_one(settings):
-    for user_id, socket_id in [(1, "a1"), (1, "a2"), (1, "a3"), (2, "b1")]:
+    # Users of their own: sockets other tests left open count against a real user's cap.
+    one, two = (int(uuid.uuid4().int % 10**9) + 10**9 for _ in range(2))
+    for user_id, socket_id in [(one, "a1"), (one, "a2"), (one, "a3"), (two, "b1")]:
         assert await ephemeral.socket_open(user_id=user_id, socket_id=socket_id, cap=5)
-    await ephemeral.socket_close(user_id=1, socket_id="a3")
+    await ephemeral.socket_close(user_id=one, socket_id="a3")
     store = redis.Redis.from_url(settings.REDIS_URL)
-    before = {sid: store.zscore(ephemeral._sockets_key(uid), sid) for uid, sid in [(1, "a1"), (1, "a2"), (2, "b1")]}
+    before = {
+        sid: store.zscore(ephemeral._sockets_key(uid), sid) for uid, sid in [(one, "a1"), (one, "a2"), (two, "b1")]
+    }
     settings.CHAT_PRESENCE_TTL += 60
-    await ephemeral.sockets_refresh([(1, "a1"), (1, "a2"), (1, "a3"), (2, "b1")])
-    after = {sid: store.zscore(ephemeral._sockets_key(uid), sid) for uid, sid in [(1, "a1"), (1, "a2"), (2, "b1")]}
+    await ephemeral.sockets_refresh([(one, "a1"), (one, "a2"), (one, "a3"), (two, "b1")])
+    after = {
+        sid: store.zscore(ephemeral._sockets_key(uid), sid) for uid, sid in [(one, "a1"), (one, "a2"), (two, "b1")]
+    }
     assert all(after[sid] >= before[sid] + 60 for sid in before)
-    assert store.zscore(ephemeral._sockets_key(1), "a3") is None
+    assert store.zscore(ephemeral._sockets_key(one), "a3") is None
 
 
 async def test_presence_drops_a_socket_whose_process_stopped_refreshing_it(ws_connect, other_user, room, settings):
