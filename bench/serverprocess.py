@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from django.conf import settings
@@ -42,12 +43,16 @@ def free_port() -> int:
 class ServerProcess:
     """One uvicorn or daphne process on its own port; output goes to a log file."""
 
-    def __init__(self, name: str, kind: str, app: str, env: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self, name: str, kind: str, app: str, env: dict[str, str], log_path: Path, uvicorn_options: Sequence[str] = ()
+    ) -> None:
         self.name = name
         self.kind = kind
         self.app = app
         self.env = env
         self.log_path = log_path
+        # Added to the production command's (a test's short keep-alive interval, say).
+        self.uvicorn_options = list(uvicorn_options)
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
 
@@ -68,6 +73,7 @@ class ServerProcess:
             "--no-access-log", "--log-level", "warning", "--loop", "uvloop", "--ws", ws,
             "--ws-max-size", str(WS_MAX_MESSAGE_BYTES),
             "--ws-per-message-deflate", "true" if self.kind == "uvicorn-deflate" else "false",
+            *self.uvicorn_options,
         ]  # fmt: skip
 
     def spawn(self) -> None:

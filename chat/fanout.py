@@ -303,6 +303,8 @@ class RoomHub:
         self.reader: asyncio.Task | None = None
         # How the server takes frames, found at the first socket (one server per process).
         self.send_mode: serversend.SendMode | None = None
+        # Pings the live sockets whose server lets it (chat/serversend.py).
+        self.keepalive = serversend.Keepalive()
         self.lock = asyncio.Lock()
         # Set while the subscription is lost: rooms are followed from the database until a probe is heard.
         self.down = False
@@ -390,6 +392,8 @@ class RoomHub:
         """Start live delivery after the replay: release held events above `last_seq` / `last_change`."""
         socket.replayed_through = last_seq
         socket.changes_through = last_change
+        if socket.raw is not None and (started := self.keepalive.take(socket.raw)) is not None:
+            self.tasks.append(started)
         cursor = self.cursors.get(socket.room_id)
         if cursor is not None:
             cursor.start(last_seq, last_change)

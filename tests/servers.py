@@ -118,6 +118,8 @@ class ServerCluster:
         self.kind = kind
         self.app = app
         self.env = server_env()
+        # Options added to the uvicorn servers' production command.
+        self.uvicorn_options: list[str] = []
         self.servers: list[ServerProcess] = []
 
     async def start(self, count: int = 1, *, kinds: Sequence[str] = ()) -> list[ServerProcess]:
@@ -125,7 +127,7 @@ class ServerCluster:
         kinds = list(kinds) or [self.kind] * count
         names = [f"{kind}-{len(self.servers) + i + 1}" for i, kind in enumerate(kinds)]
         new = [
-            ServerProcess(name, kind, self.app, self.env, self.log_dir / f"{name}.log")
+            ServerProcess(name, kind, self.app, self.env, self.log_dir / f"{name}.log", self.uvicorn_options)
             for name, kind in zip(names, kinds, strict=True)
         ]
         self.servers.extend(new)  # before spawning: teardown must see them even if startup fails

@@ -19,6 +19,7 @@ from django.conf import settings
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
+from bench.client import client_frame
 from chat import fanout, protocol, realtime, serversend
 from tests.helpers import eventually
 from tests.servers import ServerCluster
@@ -267,6 +268,67 @@ def test_the_raw_writer_waits_like_uvicorn_while_the_transport_is_paused():
 
 # --------------------------------------------------------------------------
 # The inline send against the server the README runs
+def pinged_socket(**changes):
+    """A uvicorn socket as Keepalive reads it: its keep-alive settings, and the two methods it calls."""
+    owner = uvicorn_socket()
+    owner.ping_interval = owner.ping_timeout = 20.0
+    owner.pending_ping_payload, owner.ping_sent_at = None, 0.0
+    owner.stop_keepalive, owner.keepalive_timeout = mock.Mock(), mock.Mock()
+    for name, value in changes.items():
+        setattr(owner, name, value)
+    return owner
+
+
+async def test_keepalive_pings_a_slice_of_the_sockets_per_visit_with_one_frame():
+    keepalive = serversend.Keepalive()
+    owners = [pinged_socket() for _ in range(5)]
+    for owner in owners:
+        keepalive.take(serversend.RawWriter(owner))
+    keepalive.task.cancel()
+    assert all(owner.stop_keepalive.called for owner in owners)  # the server's own timers are off
+
+    keepalive.visit(2)
+    assert [owner.transport.written for owner in owners] == [[keepalive.FRAME]] * 2 + [[]] * 3
+    assert keepalive.FRAME == Frame(Opcode.PING, keepalive.PAYLOAD).serialize(mask=False, extensions=[])
+    keepalive.visit(3)
+    assert all(owner.pending_ping_payload == keepalive.PAYLOAD for owner in owners)
+    assert len(keepalive.owners) == 5
+
+
+async def test_keepalive_closes_a_socket_whose_ping_went_unanswered_for_the_timeout_and_pings_the_others_again():
+    keepalive = serversend.Keepalive()
+    answered, silent, late = pinged_socket(), pinged_socket(), pinged_socket()
+    for owner in (answered, silent, late):
+        keepalive.take(serversend.RawWriter(owner))
+    keepalive.task.cancel()
+    keepalive.visit(3)
+    answered.pending_ping_payload = None  # uvicorn's handle_pong clears it
+    keepalive.visit(3)
+    assert answered.transport.written == [keepalive.FRAME]  # not again within the interval
+
+    now = asyncio.get_running_loop().time()
+    answered.ping_sent_at = silent.ping_sent_at = now - 20.0
+    late.ping_sent_at = now - 18.0  # still within the timeout
+    keepalive.visit(3)
+    assert answered.transport.written == [keepalive.FRAME] * 2
+    assert silent.keepalive_timeout.called and late.keepalive_timeout.called is False
+    assert late.transport.written == [keepalive.FRAME]  # not pinged twice while one ping is pending
+    assert list(keepalive.owners) == [answered, late]
+
+
+async def test_keepalive_forgets_closed_sockets_and_leaves_a_server_whose_keepalive_is_off_alone():
+    keepalive = serversend.Keepalive()
+    closed = pinged_socket(close_sent=True)
+    keepalive.take(serversend.RawWriter(closed))
+    keepalive.task.cancel()
+    keepalive.visit(1)
+    assert closed.transport.written == [] and not keepalive.owners
+
+    off = pinged_socket(ping_interval=0)
+    assert keepalive.take(serversend.RawWriter(off)) is None
+    assert not off.stop_keepalive.called and not keepalive.owners
+
+
 # --------------------------------------------------------------------------
 
 STALL_BACKLOG = 20  # CHAT_SOCKET_MAX_BACKLOG for the server under test
@@ -419,3 +481,46 @@ async def test_a_message_published_above_a_hole_waits_for_it_and_each_is_deliver
     await publish(3)
     await eventually(lambda: socket.seqs == [1, 2, 3])
     assert hub.cursors[ROOM_ID].seq == 3 and not hub.cursors[ROOM_ID].held
+
+
+class PingedClient(StalledClient):
+    """A raw client that reads frames as they come, answering pings or not."""
+
+    def pings(self, count: int, *, answer: bool) -> tuple[list[bytes], int | None]:
+        """Read until `count` pings came (or a close): their payloads, and the close code if the server closed."""
+        payloads: list[bytes] = []
+        while len(payloads) < count:
+            frame = self._frame()
+            assert frame is not None, f"no frame within {self.sock.gettimeout()} s after {len(payloads)} pings"
+            opcode, payload = frame
+            if opcode == 0x8:
+                return payloads, int.from_bytes(payload[:2], "big")
+            if opcode == 0x9:
+                payloads.append(payload)
+                if answer:
+                    self.sock.sendall(client_frame(0xA, payload))
+        return payloads, None
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+async def test_uvicorn_sockets_are_pinged_by_the_hub_once_per_interval_and_closed_with_1011_when_silent(
+    tmp_path, user, room, alice_cookie
+):
+    cluster = ServerCluster(tmp_path)
+    cluster.uvicorn_options = ["--ws-ping-interval", "1", "--ws-ping-timeout", "1"]
+    try:
+        (server,) = await cluster.start(1)
+        path = f"/ws/rooms/{room.slug}/"
+        headers = {"Cookie": f"{settings.SESSION_COOKIE_NAME}={alice_cookie}", "Origin": server.origin}
+        answering = await asyncio.to_thread(PingedClient, server.port, path, headers)
+        silent = await asyncio.to_thread(PingedClient, server.port, path, headers)
+        started = time.monotonic()
+        payloads, closed = await asyncio.to_thread(answering.pings, 4, answer=True)
+        # Only the hub's pings (uvicorn's own carry random payloads), one per interval: four take three intervals.
+        assert closed is None and payloads == [serversend.Keepalive.PAYLOAD] * 4
+        assert time.monotonic() - started >= 2.5
+        payloads, closed = await asyncio.to_thread(silent.pings, 10, answer=False)
+        assert closed == 1011 and 1 <= len(payloads) <= 2
+    finally:
+        cluster.kill_all()
