@@ -94,6 +94,28 @@ def proc_status(pid: int) -> dict[str, int]:
     }
 
 
+def idle_figures(start: dict, end: dict, servers: Sequence[ServerProcess]) -> dict:
+    """The servers' and this client's CPU between two snapshots with no message sent, and the servers' RSS."""
+    window = end["time"] - start["time"]
+    server_ms = sum(
+        b - a for a, b in zip(start["servers"], end["servers"], strict=True) if a is not None and b is not None
+    )
+    server_ms *= 1000 / CLK_TCK
+    return {
+        "seconds": round(window, 1),
+        "server_cpu_pct": round(100 * server_ms / 1000 / window, 2),
+        "client_cpu_pct": round(100 * (end["client"] - start["client"]) / window, 2),
+        "server_rss_mib": [s.peak_rss_mib() for s in servers],
+    }
+
+
+def idle_line(idle: dict) -> str:
+    return (
+        f"idle {idle['seconds']:g} s (sockets open, nothing sent): servers {idle['server_cpu_pct']:.1f}% of a core, "
+        f"client {idle['client_cpu_pct']:.1f}%, server peak RSS {idle['server_rss_mib']} MiB"
+    )
+
+
 # --------------------------------------------------------------------------
 # One step's figures
 # --------------------------------------------------------------------------
@@ -343,6 +365,8 @@ def render(report: dict, *, find_max: bool, p99_limit_ms: float, timelines: bool
             f"{fmt(phase['connect_s'])} s, {len(phase['rooms'])} room(s), "
             f"senders per room {phase.get('senders_per_room')}"
         )
+        if phase.get("idle"):
+            lines.append(f"  {idle_line(phase['idle'])}")
         lines.append(table_header("  steps"))
         lines.extend(table_row(step) for step in phase["steps"])
         for step in phase["steps"]:

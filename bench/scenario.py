@@ -284,6 +284,8 @@ class Options:
     p99_limit_ms: float = 250.0
     drain: float = 5.0
     warmup: float = 1.0
+    # Seconds with every socket open and no message sent: the servers' idle CPU (0: not measured).
+    idle: float = 0.0
     baseline: bool = False
     user_prefix: str = "bench"
     json_path: str | None = None
@@ -296,6 +298,8 @@ class Options:
                 raise BenchFailed(f"--{name} must be at least 1.")
         if self.sockets < self.rooms:
             raise BenchFailed("--sockets must be at least --rooms: every room needs a socket.")
+        if self.idle < 0:
+            raise BenchFailed("--idle must be 0 (not measured) or a number of seconds.")
         if self.rate <= 0 or self.duration <= 0:
             raise BenchFailed("--rate and --duration must be positive.")
         try:
@@ -411,6 +415,7 @@ class ChatBench:
             "p99_limit_ms": o.p99_limit_ms,
             "drain_s": o.drain,
             "warmup_s": o.warmup,
+            "idle_s": o.idle,
             "database_url": o.database_url,
             "cpu_count": os.cpu_count(),
             "python": sys.version.split()[0],
@@ -555,6 +560,7 @@ class ChatBench:
             "steps": [],
             "max_rate": None,
             "warmup": None,
+            "idle": None,
             "log_warnings": {},
         }
 
@@ -725,6 +731,11 @@ class ChatBench:
             )
             self.say(f"{name}: warmed up ({o.warmup:g} s at {self.rates[0]:g} msg/s per room)")
             await asyncio.sleep(STEP_PAUSE)
+        if o.idle > 0:
+            start = report.usage_snapshot(servers)
+            await asyncio.sleep(o.idle)  # the measurement window: every socket open, nothing sent
+            phase["idle"] = report.idle_figures(start, report.usage_snapshot(servers), servers)
+            self.say(f"{name}: {report.idle_line(phase['idle'])}")
         self.say(report.table_header(name))
         for step_no, rate in enumerate(self.rates):
             self.remaining(f"the {name} measurement")

@@ -51,9 +51,12 @@ def test_chatbench_smoke_run_delivers_every_stored_message_once_to_every_socket(
 
 
 @pytest.mark.slow  # starts server processes
-def test_chatbench_with_one_user_prints_each_seconds_deliveries_latency_and_cpu(tmp_path):
-    report, stdout = run_chatbench(tmp_path, sockets=6, users=1, senders=2, rate=5, duration=3, timeline=True)
+def test_chatbench_with_one_user_prints_idle_cpu_and_each_seconds_deliveries_latency_and_cpu(tmp_path):
+    report, stdout = run_chatbench(tmp_path, sockets=6, users=1, senders=2, rate=5, duration=3, timeline=True, idle=1)
     assert report["setup"]["users"] == 1
+    idle = report["main"]["idle"]
+    assert idle["seconds"] >= 1 and idle["server_cpu_pct"] >= 0 and idle["server_rss_mib"][0] > 10
+    assert "idle 1 s (sockets open, nothing sent): servers " in stdout.getvalue()
     step = report["main"]["steps"][0]
     assert step["delivered"] == step["expected"] == 15 * 6, step
     seconds = step["timeline"]

@@ -87,6 +87,12 @@ class Command(BenchCommand):
             help=f"seconds of unreported sending before the first step ({d.warmup:g})",
         )
         parser.add_argument(
+            "--idle",
+            type=float,
+            default=d.idle,
+            help="seconds of no messages, after the warm-up, over which to measure the servers' idle CPU",
+        )
+        parser.add_argument(
             "--timeline",
             action="store_true",
             help="print each step's seconds: deliveries, p50 / p99 / max latency and server CPU (always in --json)",
