@@ -61,6 +61,20 @@ def cpu_seconds_self() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+LOOP_STEPS = 2_000_000
+
+
+def python_loop_ms() -> float:
+    """Milliseconds this machine takes for a plain Python loop (best of 3): a yardstick for comparing runs."""
+    best = float("inf")
+    for _ in range(3):
+        started, total = time.perf_counter(), 0
+        for i in range(LOOP_STEPS):
+            total += i
+        best = min(best, time.perf_counter() - started)
+    return round(best * 1000, 1)
+
+
 def machine_ticks() -> tuple[int, int] | None:
     """Return the (busy, steal) clock ticks of the whole machine so far, from /proc/stat."""
     try:

@@ -323,6 +323,7 @@ class ChatBench:
         self.options = options
         self.say = say
         self.rates = options.check()
+        self.loop_ms = report.python_loop_ms()
         if options.database_url.startswith("sqlite:///"):
             Path(options.database_url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
 
@@ -390,7 +391,9 @@ class ChatBench:
         return (
             f"chatbench {self.run_id}: {o.sockets} sockets, {o.rooms} room(s), "
             f"{o.server} x{o.processes}, {load}, "
-            f"{o.duration:g} s per measurement; logs in {self.log_dir}"
+            f"{o.duration:g} s per measurement; logs in {self.log_dir}\n"
+            f"machine: {os.cpu_count()} CPUs; a {report.LOOP_STEPS:,}-step Python loop takes {self.loop_ms:g} ms "
+            "(slower machines give proportionally worse figures)"
         )
 
     def measured(self) -> bool:
@@ -419,6 +422,7 @@ class ChatBench:
             "database_url": o.database_url,
             "cpu_count": os.cpu_count(),
             "python": sys.version.split()[0],
+            "python_loop_ms": self.loop_ms,
         }
 
     def finish_report(self) -> None:

@@ -31,9 +31,9 @@ bench capacity --sockets 200 --find-max --duration 5 --rates "$rates" --baseline
 bench cost --sockets 200 --rate 20 --duration 10 --baseline
 bench cost-deflate-offered --sockets 200 --rate 20 --duration 10 --deflate
 bench cost-deflate-accepted --sockets 200 --rate 20 --duration 10 --deflate --server uvicorn-deflate
-# 4. 10,000 sockets on one process, 100 rooms: 1 msg/s per room, and nearly idle.
+# 4. 10,000 sockets on one process, 100 rooms: 1 msg/s per room, idle (30 s with nothing sent), and nearly idle.
 bench 10k --sockets 10000 --rooms 100 --rate 1 --senders 1 --duration 40 --timeline
-bench 10k-idle --sockets 10000 --rooms 100 --rate 0.025 --senders 1 --duration 40 --timeline
+bench 10k-idle --sockets 10000 --rooms 100 --rate 0.025 --senders 1 --duration 40 --idle 30 --timeline
 # 5. 1,000 long-polls woken by one message.
 echo "=== pollbench --polls 1000"
 manage pollbench --polls 1000 | tee "$out/pollbench.txt"

@@ -48,6 +48,7 @@ def test_chatbench_smoke_run_delivers_every_stored_message_once_to_every_socket(
     assert all(isinstance(mib, float) and mib > 10 for mib in report["server_peak_rss_mib"])
     assert report["ok"] is True
     assert "delivered" in stdout.getvalue()  # the table header
+    assert report["config"]["python_loop_ms"] > 0 and "-step Python loop takes" in stdout.getvalue()
 
 
 @pytest.mark.slow  # starts server processes
