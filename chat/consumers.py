@@ -214,9 +214,11 @@ class RoomConsumer(AsyncWebsocketConsumer):
             await self.send(protocol.history_frame(messages, has_more))
 
     async def send_message(self, command: protocol.SendCommand) -> None:
+        author = self.scope["user"]
         try:
+            await services.message_rate_check(author=author, body=command.body)
             message, created = await database_sync_to_async(services.message_create)(
-                room=self.joined_room, author=self.scope["user"], body=command.body, nonce=command.nonce
+                room=self.joined_room, author=author, body=command.body, nonce=command.nonce, rate_checked=True
             )
         except ChatError as error:
             await self.send(

@@ -134,22 +134,46 @@ def rate_limit(key: str, limit: int, window_s: int = 60) -> int:
     """
     key, now = f"{settings.CHANNEL_LAYER_PREFIX}:rate:{key}", time.time()
     if settings.CHANNEL_LAYER != "redis":
-        hits = _local_hits.setdefault(key, [])
-        hits[:] = [hit for hit in hits if hit > now - window_s]
-        if len(hits) >= limit:
-            return max(1, math.ceil(hits[0] + window_s - now)) if hits else window_s
-        hits.append(now)
-        return 0
+        return _local_rate_limit(key, now, limit, window_s)
     if redis_away():
         return 0  # fail open, as below
     try:
         wait = float(_client_sync().eval(_RATE_LIMIT, 1, key, now, window_s, limit, f"{now}:{uuid.uuid4().hex[:8]}"))
     except redis.RedisError as error:
-        # Fail open: a limit is not worth refusing every message while Redis is away.
-        redis_failed()
-        _warn_once(f"Rate limits are not checked while Redis is unreachable: {error!r}")
+        _rate_limit_unchecked(error)
         return 0
     return max(1, math.ceil(wait)) if wait > 0 else 0
+
+
+async def rate_limit_async(key: str, limit: int, window_s: int = 60) -> int:
+    """rate_limit() from the event loop: the same window, without a thread waiting on Redis."""
+    key, now = f"{settings.CHANNEL_LAYER_PREFIX}:rate:{key}", time.time()
+    if settings.CHANNEL_LAYER != "redis":
+        return _local_rate_limit(key, now, limit, window_s)
+    try:
+        answer = await bounded(
+            lambda: _client().eval(_RATE_LIMIT, 1, key, now, window_s, limit, f"{now}:{uuid.uuid4().hex[:8]}")
+        )
+    except REDIS_ERRORS as error:
+        _rate_limit_unchecked(error)
+        return 0
+    wait = float(answer)
+    return max(1, math.ceil(wait)) if wait > 0 else 0
+
+
+def _local_rate_limit(key: str, now: float, limit: int, window_s: int) -> int:
+    hits = _local_hits.setdefault(key, [])
+    hits[:] = [hit for hit in hits if hit > now - window_s]
+    if len(hits) >= limit:
+        return max(1, math.ceil(hits[0] + window_s - now)) if hits else window_s
+    hits.append(now)
+    return 0
+
+
+def _rate_limit_unchecked(error: BaseException) -> None:
+    # Fail open: a limit is not worth refusing every message while Redis is away.
+    redis_failed()
+    _warn_once(f"Rate limits are not checked while Redis is unreachable: {error!r}")
 
 
 def redis_ping() -> None:

@@ -795,4 +795,5 @@ def hub() -> RoomHub:
     if current is None or any(task.done() for task in current.tasks):
         # A hub whose tasks ended (cancelled at shutdown) no longer follows its rooms.
         current = _hubs[loop] = RoomHub(get_channel_layer())
+        realtime.publish_through_loop()
     return current

@@ -7,13 +7,17 @@ Services and chat/presence.py call these functions; nothing else publishes.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import functools
 import logging
 import math
 import time
+import weakref
+from collections import deque
 from collections.abc import Callable
 
-from asgiref.sync import async_to_sync
+from asgiref.sync import SyncToAsync, async_to_sync
 from channels.layers import get_channel_layer
 from django.db import transaction
 
@@ -65,11 +69,14 @@ def _publish_saved(publish: Callable[[], None]) -> None:
     try:
         publish()
     except LAYER_ERRORS as error:
-        layer_down(error)
-        for listener in _missed_listeners:
-            listener()
-    else:
-        layer_back()
+        _published(error)
+
+
+def _published(error: BaseException) -> None:
+    """A publish after a commit failed for want of Redis: log it once, and the hubs read the database now."""
+    layer_down(error)
+    for listener in _missed_listeners:
+        listener()
 
 
 _layer_down = False
@@ -102,8 +109,65 @@ def layer_back() -> None:
 
 
 def _group_send(group: str, event: dict) -> None:
-    """Publish from sync code (a request, the shared database thread), giving up after CHAT_REDIS_TIMEOUT."""
-    async_to_sync(_group_send_now)(group, event)
+    """Publish from sync code (a request, the shared database thread), giving up after CHAT_REDIS_TIMEOUT.
+
+    A thread working for a server's event loop (database_sync_to_async, a
+    request) hands the event to that loop's Publisher and goes on; elsewhere
+    (a manage.py command, a loop of async_to_sync's own, which may end
+    before its tasks run) it publishes and waits.
+    """
+    loop = getattr(SyncToAsync.threadlocal, "main_event_loop", None)
+    publisher = _publishers.get(loop) if loop is not None else None
+    if publisher is None or not publisher.loop.is_running():
+        async_to_sync(_group_send_now)(group, event)
+        layer_back()
+        return
+    publisher.put(group, event)
+
+
+def publish_through_loop() -> None:
+    """Let the running loop publish what its threads commit (called by a server's long-lived hub, chat/fanout.py)."""
+    loop = asyncio.get_running_loop()
+    if loop not in _publishers:
+        _publishers[loop] = Publisher(loop)
+
+
+class Publisher:
+    """Publishes the events committed by a loop's threads, in the order they were handed over, from one task.
+
+    The thread that committed does not wait for the loop: while the loop
+    fans out, a database thread that waited for each publish could save
+    nothing else meanwhile (the stall on PostgreSQL, docs/performance.md).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.events: deque[tuple[str, dict]] = deque()
+        self.task: asyncio.Task | None = None
+
+    def put(self, group: str, event: dict) -> None:
+        """Queue an event (from any thread)."""
+        self.loop.call_soon_threadsafe(self._add, group, event)
+
+    def _add(self, group: str, event: dict) -> None:
+        self.events.append((group, event))
+        if self.task is None or self.task.done():
+            self.task = self.loop.create_task(self._drain(), context=contextvars.Context())
+
+    async def _drain(self) -> None:
+        while self.events:
+            group, event = self.events.popleft()
+            try:
+                await _group_send_now(group, event)
+            except LAYER_ERRORS as error:
+                _published(error)
+            except Exception:
+                logger.exception("Publishing %s to %s failed", event.get("type"), group)
+            else:
+                layer_back()
+
+
+_publishers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Publisher] = weakref.WeakKeyDictionary()
 
 
 async def _group_send_now(group: str, event: dict) -> None:

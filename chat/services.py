@@ -229,15 +229,19 @@ def read_mark(*, room: Room, user: User, seq: int) -> None:
         read_mark(room=room, user=user, seq=seq)
 
 
-def message_create(*, room: Room, author: User, body: object, nonce: object = None) -> tuple[Message, bool]:
+def message_create(
+    *, room: Room, author: User, body: object, nonce: object = None, rate_checked: bool = False
+) -> tuple[Message, bool]:
     """Save a message with the room's next seq, then publish it once committed.
 
     Returns (message, created). A nonce the author already used returns the
     original message with created=False: a retried send changes nothing.
+    `rate_checked`: the caller counted this send already (message_rate_check).
     """
     body = validation.message_body(body)
     nonce = validation.nonce(nonce)
-    _check_message_rate(author)
+    if not rate_checked and _rate_limited(author):
+        _raise_if_rate_limited(ephemeral.rate_limit(*_message_rate(author)))
     if (
         room.is_private
         and author.get_username() != SYSTEM_USERNAME  # operators post in any room
@@ -316,13 +320,30 @@ def _save_with_next_seq(draft: Message, now: datetime) -> Message | None:
     return draft
 
 
-def _check_message_rate(author: User) -> None:
+async def message_rate_check(*, author: User, body: object) -> None:
+    """Count a send against its author's rate from the event loop (then message_create(rate_checked=True)).
+
+    The WebSocket consumer does this before it hands the save to the
+    database thread, which then makes no Redis round trip: every wait there
+    holds up every other socket's save (docs/performance.md).
+    """
+    validation.message_body(body)  # bad input counts for nothing
+    if _rate_limited(author):
+        _raise_if_rate_limited(await ephemeral.rate_limit_async(*_message_rate(author)))
+
+
+def _rate_limited(author: User) -> bool:
     """At most CHAT_MESSAGE_RATE_LIMIT messages per CHAT_MESSAGE_RATE_WINDOW seconds per user, on every path."""
-    if author.get_username() == SYSTEM_USERNAME:
-        return
-    limit, window = settings.CHAT_MESSAGE_RATE_LIMIT, settings.CHAT_MESSAGE_RATE_WINDOW
-    retry_after = ephemeral.rate_limit(f"messages:{author.pk}", limit, window)
+    return author.get_username() != SYSTEM_USERNAME
+
+
+def _message_rate(author: User) -> tuple[str, int, int]:
+    return f"messages:{author.pk}", settings.CHAT_MESSAGE_RATE_LIMIT, settings.CHAT_MESSAGE_RATE_WINDOW
+
+
+def _raise_if_rate_limited(retry_after: int) -> None:
     if retry_after:
+        limit, window = settings.CHAT_MESSAGE_RATE_LIMIT, settings.CHAT_MESSAGE_RATE_WINDOW
         raise ChatError(
             "rate_limited",
             f"Slow down: at most {limit} messages every {window} seconds. Try again in {retry_after} s.",

@@ -12,6 +12,7 @@ import logging
 import math
 
 import pytest
+from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import OperationalError, connection
 from django.db.backends.signals import connection_created
@@ -21,11 +22,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from chat import database, ephemeral, realtime, services
 from chat.models import Message
 from chatsite.logfilters import AtMostEvery
+from tests.helpers import eventually
 
 
 @pytest.fixture
 def layer_state(monkeypatch):
     monkeypatch.setattr(realtime, "_logged_down_at", -math.inf)  # no outage logged in the last minute
+    realtime._layer_down = False  # nor one going on (an earlier test's failed publish); not undone by undo()
     yield
     realtime.layer_back()  # the outage flag is per process: leave it as found
 
@@ -52,6 +55,26 @@ def test_messages_saved_while_redis_is_away_stay_saved_and_the_outage_is_logged_
     assert logged[0].startswith("The channel layer (Redis) is unreachable")
     assert logged[1] == "The channel layer (Redis) answers again."
     assert not [record for record in caplog.records if "on_commit" in record.getMessage()]
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_publish_the_loop_could_not_make_is_logged_once_and_the_hubs_read_the_database_now(
+    room, user, monkeypatch, caplog, layer_state
+):
+    async def redis_away(group: str, event: dict) -> None:
+        raise RedisConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    read_now = []
+    monkeypatch.setattr(realtime, "_group_send_now", redis_away)
+    monkeypatch.setattr(realtime, "_missed_listeners", [lambda: read_now.append(True)])
+    realtime.publish_through_loop()  # what the server's hub does
+    with caplog.at_level(logging.INFO):
+        for n in range(2):
+            await database_sync_to_async(services.message_create)(room=room, author=user, body=f"m{n}")
+        await eventually(lambda: len(read_now) == 2)
+    assert await database_sync_to_async(Message.objects.filter(room=room).count)() == 2
+    logged = [record.getMessage() for record in caplog.records if record.name == "chat.realtime"]
+    assert len(logged) == 1 and logged[0].startswith("The channel layer (Redis) is unreachable")
 
 
 def test_a_repeated_log_record_is_let_through_once_a_minute_with_a_count_of_the_rest(monkeypatch):

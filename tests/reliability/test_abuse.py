@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from datetime import timedelta
+from unittest import mock
 
 import pytest
 from channels.db import database_sync_to_async
@@ -25,7 +26,7 @@ from django.test import Client
 from django.utils import timezone
 from websockets.exceptions import ConnectionClosed
 
-from chat import protocol, services
+from chat import ephemeral, protocol, services
 from chat.models import Message
 from chatsite.asgi import application
 from tests.helpers import ORIGIN, joined, receive, send, session_cookie
@@ -267,6 +268,24 @@ async def test_messages_over_the_rate_limit_get_an_error_with_retry_after_and_ar
     response = await database_sync_to_async(api_post)()  # the same limit on every path
     assert response.status_code == 429 and 1 <= int(response["Retry-After"]) <= 10
     assert response.json()["error"]["code"] == "rate_limited"
+
+
+async def test_a_sends_bad_body_counts_nothing_against_the_rate_and_the_count_is_made_on_the_event_loop(
+    ws_connect, user, room, settings, monkeypatch
+):
+    settings.CHAT_MESSAGE_RATE_LIMIT, settings.CHAT_MESSAGE_RATE_WINDOW = 2, 10
+    # The database thread makes no Redis round trip for a socket's send (docs/performance.md).
+    monkeypatch.setattr(ephemeral, "rate_limit", mock.Mock(side_effect=AssertionError("counted in the thread")))
+    alice = await joined(ws_connect, user, room)
+    for n in range(3):
+        await send(alice, type="send", body="", nonce=f"bad{n}")
+        assert (await receive(alice))["code"] == "empty_body"
+    for n in range(3):
+        await send(alice, type="send", body=f"m{n}", nonce=f"n{n}")
+    frames = [await receive(alice) for _ in range(3)]
+    assert sorted(f["message"]["nonce"] for f in frames if f["type"] == "message") == ["n0", "n1"]
+    assert [(f["code"], f["nonce"]) for f in frames if f["type"] == "error"] == [("rate_limited", "n2")]
+    assert await database_sync_to_async(Message.objects.count)() == 2
 
 
 async def test_a_user_can_open_only_so_many_sockets(ws_connect, user, room, settings):
