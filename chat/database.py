@@ -4,7 +4,9 @@ Pages and the API answer 503 (chatsite/middleware.py), a socket answers its
 frame with an error and stays open (chat/consumers.py): a send gets
 `not_saved` with its nonce, and the page sends it again. Nothing needs
 resetting when the database returns: Django discards a broken persistent
-connection (CONN_HEALTH_CHECKS) before its next use, and opens a new one.
+connection (CONN_HEALTH_CHECKS; on PostgreSQL at most once a second,
+chatsite/postgresql/base.py) before its next use, or after the one query
+that found it broken, and opens a new one.
 """
 
 from __future__ import annotations

@@ -1,14 +1,18 @@
 from __future__ import annotations
 
+import asyncio
 import threading
 from unittest import mock
 
 import pytest
+from channels.db import database_sync_to_async
 from django.core.exceptions import ValidationError
-from django.db import IntegrityError, connections
+from django.db import IntegrityError, connection, connections
 
 from chat import realtime, services
 from chat.models import Message, Room
+from chatsite.postgresql import base as postgresql_base
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.django_db
 
@@ -208,6 +212,47 @@ def test_failed_publish_keeps_the_saved_message_and_raises_nothing(room, user, d
     assert created and Message.objects.get().pk == message.pk
     retried, created_again = services.message_create(room=room, author=user, body="hi", nonce="n1")
     assert retried.pk == message.pk and not created_again
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_loops_database_thread_saves_without_waiting_for_the_publish_and_the_loop_publishes_in_order(
+    room, user, monkeypatch
+):
+    gate, published = asyncio.Event(), []
+
+    async def slow_redis(group: str, event: dict) -> None:
+        await gate.wait()
+        published.append((group, event["seq"]))
+
+    monkeypatch.setattr(realtime, "_group_send_now", slow_redis)
+    realtime.publish_through_loop()  # what the server's hub does
+    create = database_sync_to_async(services.message_create)
+    for n in range(3):
+        # Would wait for the gate, and time out, if the thread waited for its publish.
+        await asyncio.wait_for(create(room=room, author=user, body=f"m{n}"), 5)
+    assert published == []
+    gate.set()
+    await eventually(lambda: published == [(realtime.room_group(room), seq) for seq in (1, 2, 3)])
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="the PostgreSQL backend's health check")
+@pytest.mark.django_db(transaction=True)  # outside a transaction, as a server's connection is between calls
+def test_postgresql_checks_a_connections_health_at_most_once_a_second(monkeypatch):
+    connection.ensure_connection()
+    checks, usable = [], [True]
+    monkeypatch.setattr(connection, "is_usable", lambda: checks.append(clock[0]) or usable[0])
+    clock = [1000.0]
+    monkeypatch.setattr(postgresql_base.time, "monotonic", lambda: clock[0])
+    connection.checked_at = 1000.0
+    for now in (1000.0, 1000.5, 1001.0, 1001.2, 1002.5):
+        clock[0] = now
+        connection.health_check_done = False  # what close_old_connections() does around each database call
+        connection.close_if_health_check_failed()
+    assert checks == [1001.0, 1002.5]
+    usable[0], clock[0] = False, 1004.0
+    connection.health_check_done = False
+    connection.close_if_health_check_failed()
+    assert connection.connection is None  # closed; the next query opens a new one
 
 
 def test_author_edits_own_message_and_the_change_is_published(room, user, django_capture_on_commit_callbacks):
