@@ -56,11 +56,11 @@ def subprocess_database_url() -> str:
     db = connection.settings_dict
     engine = db["ENGINE"]
     name = str(db["NAME"])
-    if engine == "django.db.backends.sqlite3":
+    if connection.vendor == "sqlite":
         if name == ":memory:" or "mode=memory" in name:
             raise AssertionError("Live-server tests need a file-based SQLite test database, not an in-memory one.")
         return "sqlite:///" + str(Path(name).resolve())  # an absolute path gives sqlite:////abs/path
-    if engine in {"django.db.backends.postgresql", "django.db.backends.postgresql_psycopg2"}:
+    if connection.vendor == "postgresql":  # Django's backend, or chatsite.postgresql
         auth = quote(db.get("USER") or "", safe="")
         if db.get("PASSWORD"):
             auth += ":" + quote(db["PASSWORD"], safe="")

@@ -32,6 +32,7 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
+from django.db import connection
 from websockets.exceptions import ConnectionClosed
 
 from bench.serverprocess import ServerProcess
@@ -51,7 +52,7 @@ from tests.servers import APP_ERROR_MARKERS, ServerCluster, assert_no_app_errors
 pytestmark = [
     pytest.mark.django_db(transaction=True),
     pytest.mark.skipif(
-        settings.DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql",
+        connection.vendor != "postgresql",
         reason="stops a database server under load: PostgreSQL only (run with DATABASE_URL=postgres://…)",
     ),
 ]
