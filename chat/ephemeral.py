@@ -138,11 +138,11 @@ def rate_limit(key: str, limit: int, window_s: int = 60) -> int:
     if redis_away():
         return 0  # fail open, as below
     try:
-        wait = float(_client_sync().eval(_RATE_LIMIT, 1, key, now, window_s, limit, f"{now}:{uuid.uuid4().hex[:8]}"))
+        answer = _client_sync().eval(_RATE_LIMIT, 1, *_rate_limit_args(key, now, limit, window_s))
     except redis.RedisError as error:
         _rate_limit_unchecked(error)
         return 0
-    return max(1, math.ceil(wait)) if wait > 0 else 0
+    return _seconds_to_wait(answer)
 
 
 async def rate_limit_async(key: str, limit: int, window_s: int = 60) -> int:
@@ -150,13 +150,22 @@ async def rate_limit_async(key: str, limit: int, window_s: int = 60) -> int:
     key, now = f"{settings.CHANNEL_LAYER_PREFIX}:rate:{key}", time.time()
     if settings.CHANNEL_LAYER != "redis":
         return _local_rate_limit(key, now, limit, window_s)
+    if redis_away():
+        return 0  # fail open, as below, and without failing again (which would keep Redis away)
     try:
-        answer = await bounded(
-            lambda: _client().eval(_RATE_LIMIT, 1, key, now, window_s, limit, f"{now}:{uuid.uuid4().hex[:8]}")
-        )
+        answer = await bounded(lambda: _client().eval(_RATE_LIMIT, 1, *_rate_limit_args(key, now, limit, window_s)))
     except REDIS_ERRORS as error:
         _rate_limit_unchecked(error)
         return 0
+    return _seconds_to_wait(answer)
+
+
+def _rate_limit_args(key: str, now: float, limit: int, window_s: int) -> tuple[str | float, ...]:
+    """The _RATE_LIMIT script's key and arguments; the hit's member is unique, so equal times count twice."""
+    return key, now, window_s, limit, f"{now}:{uuid.uuid4().hex[:8]}"
+
+
+def _seconds_to_wait(answer: str | bytes) -> int:
     wait = float(answer)
     return max(1, math.ceil(wait)) if wait > 0 else 0
 

@@ -77,6 +77,14 @@ async def test_a_publish_the_loop_could_not_make_is_logged_once_and_the_hubs_rea
     assert len(logged) == 1 and logged[0].startswith("The channel layer (Redis) is unreachable")
 
 
+async def test_while_redis_counts_as_away_a_sockets_rate_check_fails_open_without_keeping_redis_away():
+    ephemeral.skip_redis(0.5)  # a call failed a moment ago
+    away_until = ephemeral._away_until
+    assert await ephemeral.rate_limit_async("messages:1", 1, 10) == 0
+    assert await ephemeral.rate_limit_async("messages:1", 1, 10) == 0  # not counted: the limit of 1 would refuse
+    assert ephemeral._away_until == away_until  # Redis comes back when the moment is over, however many sends
+
+
 def test_a_repeated_log_record_is_let_through_once_a_minute_with_a_count_of_the_rest(monkeypatch):
     clock = [1000.0]
     monkeypatch.setattr("chatsite.logfilters.time.monotonic", lambda: clock[0])
