@@ -240,8 +240,8 @@ def message_create(
     """
     body = validation.message_body(body)
     nonce = validation.nonce(nonce)
-    if not rate_checked and _rate_limited(author):
-        _raise_if_rate_limited(ephemeral.rate_limit(*_message_rate(author)))
+    if not rate_checked and (rate := _message_rate(author)):
+        _raise_if_rate_limited(ephemeral.rate_limit(*rate))
     if (
         room.is_private
         and author.get_username() != SYSTEM_USERNAME  # operators post in any room
@@ -328,16 +328,17 @@ async def message_rate_check(*, author: User, body: object) -> None:
     holds up every other socket's save (docs/performance.md).
     """
     validation.message_body(body)  # bad input counts for nothing
-    if _rate_limited(author):
-        _raise_if_rate_limited(await ephemeral.rate_limit_async(*_message_rate(author)))
+    if rate := _message_rate(author):
+        _raise_if_rate_limited(await ephemeral.rate_limit_async(*rate))
 
 
-def _rate_limited(author: User) -> bool:
-    """At most CHAT_MESSAGE_RATE_LIMIT messages per CHAT_MESSAGE_RATE_WINDOW seconds per user, on every path."""
-    return author.get_username() != SYSTEM_USERNAME
+def _message_rate(author: User) -> tuple[str, int, int] | None:
+    """At most CHAT_MESSAGE_RATE_LIMIT messages per CHAT_MESSAGE_RATE_WINDOW seconds per user, on every path.
 
-
-def _message_rate(author: User) -> tuple[str, int, int]:
+    Returns the limit's key, limit and window; None for operators, who are not limited.
+    """
+    if author.get_username() == SYSTEM_USERNAME:
+        return None
     return f"messages:{author.pk}", settings.CHAT_MESSAGE_RATE_LIMIT, settings.CHAT_MESSAGE_RATE_WINDOW
 
 
