@@ -69,10 +69,10 @@ def _publish_saved(publish: Callable[[], None]) -> None:
     try:
         publish()
     except LAYER_ERRORS as error:
-        _published(error)
+        _publish_failed(error)
 
 
-def _published(error: BaseException) -> None:
+def _publish_failed(error: BaseException) -> None:
     """A publish after a commit failed for want of Redis: log it once, and the hubs read the database now."""
     layer_down(error)
     for listener in _missed_listeners:
@@ -160,7 +160,7 @@ class Publisher:
             try:
                 await _group_send_now(group, event)
             except LAYER_ERRORS as error:
-                _published(error)
+                _publish_failed(error)
             except Exception:
                 logger.exception("Publishing %s to %s failed", event.get("type"), group)
             else:
