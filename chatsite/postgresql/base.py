@@ -24,13 +24,13 @@ class DatabaseWrapper(base.DatabaseWrapper):
     health_check_done: bool
 
     def close_if_health_check_failed(self) -> None:
-        if not self.health_check_done and time.monotonic() - self.checked_at < CHECK_EVERY:
+        if self.health_check_done:
+            return
+        if time.monotonic() - self.checked_at < CHECK_EVERY:
             self.health_check_done = True
             return
-        was_done = self.health_check_done
         super().close_if_health_check_failed()
-        if not was_done and self.connection is not None:
-            self.checked_at = time.monotonic()
+        self.checked_at = time.monotonic()
 
     def connect(self) -> None:
         super().connect()
