@@ -108,13 +108,18 @@ def proc_status(pid: int) -> dict[str, int]:
     }
 
 
+def server_ticks(start: dict, end: dict) -> list[int | None]:
+    """Each server's CPU clock ticks between two usage snapshots (None where one could not be read)."""
+    return [
+        (b - a) if a is not None and b is not None else None
+        for a, b in zip(start["servers"], end["servers"], strict=True)
+    ]
+
+
 def idle_figures(start: dict, end: dict, servers: Sequence[ServerProcess]) -> dict:
     """The servers' and this client's CPU between two snapshots with no message sent, and the servers' RSS."""
     window = end["time"] - start["time"]
-    server_ms = sum(
-        b - a for a, b in zip(start["servers"], end["servers"], strict=True) if a is not None and b is not None
-    )
-    server_ms *= 1000 / CLK_TCK
+    server_ms = sum(t for t in server_ticks(start, end) if t is not None) * 1000 / CLK_TCK
     return {
         "seconds": round(window, 1),
         "server_cpu_pct": round(100 * server_ms / 1000 / window, 2),
@@ -144,11 +149,8 @@ def step_figures(
     ms = lambda ns: None if ns is None else round(ns / 1e6, 2)  # noqa: E731
     start, end = marks["start"], marks["end"]
     window = end["time"] - start["time"]
-    server_ticks = [
-        (b - a) if a is not None and b is not None else None
-        for a, b in zip(start["servers"], end["servers"], strict=True)
-    ]
-    server_cpu_ms = sum(t for t in server_ticks if t is not None) * 1000 / CLK_TCK
+    ticks = server_ticks(start, end)
+    server_cpu_ms = sum(t for t in ticks if t is not None) * 1000 / CLK_TCK
     client_cpu_ms = (end["client"] - start["client"]) * 1000
     per_1k = lambda cpu: round(cpu / (delivered / 1000), 2) if delivered else None  # noqa: E731
     errors = dict(raw.recorder.errors)
@@ -190,9 +192,7 @@ def step_figures(
         "server_cpu_ms": round(server_cpu_ms, 1),
         "server_cpu_ms_per_1k": per_1k(server_cpu_ms),
         "server_cpu_pct": round(100 * server_cpu_ms / 1000 / window, 1),
-        "server_cpu_pct_by_process": [
-            None if t is None else round(100 * t / CLK_TCK / window, 1) for t in server_ticks
-        ],
+        "server_cpu_pct_by_process": [None if t is None else round(100 * t / CLK_TCK / window, 1) for t in ticks],
         "server_peak_rss_mib": [s.peak_rss_mib() for s in servers],
         "client_cpu_ms": round(client_cpu_ms, 1),
         "client_cpu_ms_per_1k": per_1k(client_cpu_ms),
