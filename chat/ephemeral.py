@@ -24,6 +24,8 @@ TYPING_INTERVAL_MS = 2000
 # What a call to Redis raises while it is away, frozen or not answering in time.
 REDIS_ERRORS = (redis.RedisError, OSError, asyncio.TimeoutError)
 T = TypeVar("T")
+# Connections per event loop: every call here is one short round trip.
+REDIS_POOL_SIZE = 100
 
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis] = weakref.WeakKeyDictionary()
 _local_expiry: dict[str, float] = {}
@@ -34,15 +36,19 @@ def _client() -> aioredis.Redis:
     loop = asyncio.get_running_loop()
     client = _clients.get(loop)
     if client is None:
-        client = _clients[loop] = aioredis.Redis.from_url(
+        # A blocking pool: a call beyond the pool's size waits for a connection
+        # (within bounded()'s timeout) instead of failing at once. redis-py's
+        # default pool raises MaxConnectionsError, and in a reconnect storm
+        # (5,000 handshakes at once) that read as Redis being away.
+        pool = aioredis.BlockingConnectionPool.from_url(
             settings.REDIS_URL,
+            max_connections=REDIS_POOL_SIZE,
+            timeout=5,
             socket_timeout=5,
             socket_connect_timeout=5,
             health_check_interval=15,
-            # As many as the channel layer's: every socket's arrival and departure uses one for a moment,
-            # and redis-py's default of 100 ran out when 1,000 sockets reconnected at once.
-            max_connections=1000,
         )
+        client = _clients[loop] = aioredis.Redis(connection_pool=pool)
     return client
 
 

@@ -7,6 +7,7 @@ on purpose, and every query of the request fails, the session's included.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -195,3 +196,20 @@ async def test_the_per_user_socket_cap_fails_open_while_redis_is_away(monkeypatc
     assert opened == [True, True, True]  # over the cap of 1, and not refused
     warnings = [r.getMessage() for r in caplog.records if "socket cap is not checked" in r.getMessage()]
     assert len(warnings) == 1
+
+
+async def test_more_calls_at_once_than_redis_connections_wait_their_turn_and_redis_stays_present(monkeypatch):
+    # A reconnect storm makes thousands of these calls at once: redis-py's
+    # default pool raised MaxConnectionsError past its size, and that counted as Redis being away.
+    monkeypatch.setattr(settings, "CHANNEL_LAYER", "redis")
+    monkeypatch.setattr(ephemeral, "REDIS_POOL_SIZE", 2)
+    monkeypatch.setattr(ephemeral, "_clients", ephemeral.weakref.WeakKeyDictionary())  # a pool of 2 for this loop
+    calls = [ephemeral.socket_open(user_id=7, socket_id=f"storm-{n}", cap=100) for n in range(50)]
+    try:
+        assert await asyncio.gather(*calls) == [True] * 50
+        assert not ephemeral.redis_away()
+        pool = ephemeral._client().connection_pool
+        assert len(pool._available_connections) + len(pool._in_use_connections) <= 2
+    finally:
+        for n in range(50):
+            await ephemeral.socket_close(user_id=7, socket_id=f"storm-{n}")
