@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 import time
 
 import pytest
@@ -16,7 +17,7 @@ from django.test import AsyncClient, Client
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from chat import api, ephemeral, fanout, longpoll, realtime, services
+from chat import api, ephemeral, fanout, longpoll, realtime, selectors, services
 from chat.models import ApiToken, Membership, Message, Room
 from tests.helpers import eventually, joined, receive, send
 
@@ -401,6 +402,36 @@ async def test_poll_with_bad_parameters_is_400(bob_secret, room, query):
 async def test_poll_without_credentials_is_401(room):
     response = await AsyncClient().get("/api/rooms/general/poll?timeout=1")
     assert (response.status_code, response.json()["error"]["code"]) == (401, "not_authenticated")
+
+
+async def test_polls_to_a_room_you_cannot_see_count_against_the_rate_limit(bob_secret, room, settings):
+    settings.CHAT_API_REQUESTS_PER_MINUTE = 1
+    unknown = await AsyncClient().get("/api/rooms/no-such-room/poll?timeout=1", headers=bearer(bob_secret))
+    assert (unknown.status_code, unknown.json()["error"]["code"]) == (404, "room_not_found")
+    over = await poll(bob_secret, "timeout=1")
+    assert (over.status_code, over.json()["error"]["code"]) == (429, "rate_limited")
+
+
+async def test_a_polls_database_work_runs_on_the_one_poll_thread_which_never_waits_on_redis(
+    user, bob_secret, room, monkeypatch
+):
+    threads: set[str] = set()
+    readable = selectors.room_readable
+
+    def noted(**kwargs):
+        threads.add(threading.current_thread().name)
+        return readable(**kwargs)
+
+    def blocking_rate_limit(*args, **kwargs):
+        raise AssertionError("a poll counted its rate from a thread")
+
+    await database_sync_to_async(services.message_create)(room=room, author=user, body="there")
+    monkeypatch.setattr(selectors, "room_readable", noted)
+    monkeypatch.setattr(ephemeral, "rate_limit", blocking_rate_limit)
+    responses = await asyncio.gather(*(poll(bob_secret, "after=0&timeout=1") for _ in range(20)))
+    assert {r.status_code for r in responses} == {200}
+    assert {len(r.json()["messages"]) for r in responses} == {1}
+    assert threads == {"poll-db_0"}
 
 
 @pytest.mark.slow
