@@ -16,12 +16,13 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from django.conf import settings
 
 from bench.client import long_poll, post_message
-from bench.report import CLK_TCK, percentile, proc_status
+from bench.report import CLK_TCK, LOOP_STEPS, percentile, proc_status, python_loop_ms
 from bench.scenario import (
     MAIN_APP,
     BenchFailed,
@@ -37,6 +38,7 @@ from bench.serverprocess import ServerFailed, ServerProcess
 
 MAX_POLLS = 5000
 SERVER_START_TIMEOUT = 20.0
+T = TypeVar("T")
 
 
 def run_polls(
@@ -49,6 +51,8 @@ def run_polls(
     run_id = new_run_id()
     env = server_env(database_url=database_url, run_id=run_id)
     env["CHAT_API_REQUESTS_PER_MINUTE"] = str(polls * 10)
+    loop_ms = python_loop_ms()
+    say(f"machine: a {LOOP_STEPS:,}-step Python loop takes {loop_ms:g} ms (slower machines give worse figures)")
     say(f"migrate: {database_url}")
     migrate(env, timeout=min(180.0, deadline - time.monotonic()))
     process = ServerProcess("poll-1", server, MAIN_APP, env, log_dir() / f"pollbench-{run_id}.log")
@@ -58,7 +62,7 @@ def run_polls(
         site, _ = sign_in(process, f"poller-{run_id}", secrets.token_urlsafe(12), timeout=10)
         slug = f"polls-{run_id}"
         create_room(site, slug, f"Polls {run_id}")
-        return asyncio.run(measure(process, site, slug, polls, hold, say))
+        return {"python_loop_ms": loop_ms, **asyncio.run(measure(process, site, slug, polls, hold, say))}
     except ServerFailed as error:
         raise BenchFailed(str(error)) from None
     finally:
@@ -70,19 +74,11 @@ async def measure(process: ServerProcess, site: SiteSession, slug: str, polls: i
     cookie = site.cookie_header
     idle = proc_status(process.proc.pid)
     say(f"server {process.kind} pid {process.proc.pid} idle: {idle}")
-    tasks = []
     opened_at = time.monotonic()
     setup_ticks = process.cpu_ticks()  # from the first poll: the server starts on them while the rest open
-    for i in range(polls):
-        tasks.append(asyncio.ensure_future(long_poll(process.port, path, cookie)))
-        if i % 100 == 99:
-            await asyncio.sleep(0.05)  # the server accepts in bursts; no need to flood its backlog
+    tasks = await open_in_bursts(polls, lambda: long_poll(process.port, path, cookie))
     say(f"opened {polls} polls; waiting until the server is idle (all of them waiting)")
-    while True:  # the server is idle again once it has set every poll up
-        ticks = process.cpu_ticks()
-        await asyncio.sleep(0.5)
-        if process.cpu_ticks() - ticks <= 2 or time.monotonic() - opened_at > 60:
-            break
+    await server_idle(process, opened_at)
     cpu_s = (process.cpu_ticks() - setup_ticks) / CLK_TCK
     setup = {
         "seconds": round(time.monotonic() - opened_at, 1),
@@ -105,6 +101,8 @@ async def measure(process: ServerProcess, site: SiteSession, slug: str, polls: i
     woken = [r for r in results if not isinstance(r, BaseException) and r[0] == 200 and r[1].get("messages")]
     latencies = sorted((answered - posted_at) * 1000 for _, _, answered in woken)
     failures = [repr(r) if isinstance(r, BaseException) else r[0] for r in results if r not in woken]
+    floor = await request_floor(process, polls, cookie)
+    say(f"the same number of requests that do nothing: {floor}")
     rounded = lambda ms: None if ms is None else round(ms, 1)  # noqa: E731
     return {
         "server": process.kind,
@@ -123,4 +121,44 @@ async def measure(process: ServerProcess, site: SiteSession, slug: str, polls: i
         "server_holding": holding,
         "setup": setup,
         "server_cpu_s_hold_and_wake": round((ticks_after - ticks_before) / CLK_TCK, 2),
+        "floor": floor,
+    }
+
+
+async def open_in_bursts(count: int, request: Callable[[], Awaitable[T]]) -> list[asyncio.Future[T]]:
+    """Start `count` requests, 100 at a time: the server accepts in bursts, no need to flood its backlog."""
+    tasks = []
+    for i in range(count):
+        tasks.append(asyncio.ensure_future(request()))
+        if i % 100 == 99:
+            await asyncio.sleep(0.05)
+    return tasks
+
+
+async def server_idle(process: ServerProcess, since: float) -> None:
+    """Return once the server has used at most 2 ticks of CPU in half a second (or after a minute)."""
+    while True:
+        ticks = process.cpu_ticks()
+        await asyncio.sleep(0.5)
+        if process.cpu_ticks() - ticks <= 2 or time.monotonic() - since > 60:
+            return
+
+
+async def request_floor(process: ServerProcess, count: int, cookie: str) -> dict:
+    """The server's CPU per request for `count` requests that do nothing, opened as the polls were.
+
+    Each is a GET of an API path that does not exist, with the same cookie: the
+    JSON 404 passes the whole middleware stack and reads nothing. What a poll's
+    setup costs beyond it is the poll's own work.
+    """
+    started_at = time.monotonic()
+    ticks = process.cpu_ticks()
+    tasks = await open_in_bursts(count, lambda: long_poll(process.port, "/api/pollbench-floor", cookie))
+    statuses = [status for status, _, _ in await asyncio.gather(*tasks)]
+    await server_idle(process, started_at)
+    cpu_s = (process.cpu_ticks() - ticks) / CLK_TCK
+    return {
+        "path": "/api/pollbench-floor",
+        "not_404": len(statuses) - statuses.count(404),
+        "cpu_ms_per_request": round(cpu_s * 1000 / count, 2),
     }

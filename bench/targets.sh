@@ -11,7 +11,7 @@ mkdir -p "$out"
 PG_URL="${PG_URL:-postgres://postgres@127.0.0.1:5432/bench}"
 manage() { .venv/bin/python manage.py "$@"; }
 bench() { local name="$1"; shift; echo "=== $name: chatbench $*"; manage chatbench --json "$out/$name.json" "$@"; }
-rates=20,40,60,80,100,120,140,160,180,200,240,280,320
+rates=20,40,60,80,100,120,140,160,180,200,240,280,320,360,400,480,560
 
 # 1. Stalls: find-max with each second's p50 / p99 / max and server CPU, one
 #    room of 200 sockets: one user with 5 senders, and 10 users with 50 senders,

@@ -248,3 +248,17 @@ async def test_client_offering_deflate_reads_the_frames_a_server_compressed_with
         assert deflated.endswith(b"\x00\x00\xff\xff")
         sock.data_received(server_frame(client.OP_TEXT | client.RSV1, deflated[:-4]))
     assert list(sock.received) == [1, 2] and sock.recorder.delivered == [2]
+
+
+@pytest.mark.slow  # starts a server process
+def test_pollbench_wakes_every_poll_with_the_one_message_and_measures_a_do_nothing_request_beside_it(tmp_path):
+    stdout = io.StringIO()
+    database_url = f"sqlite:///{tmp_path}/bench.sqlite3"
+    call_command("pollbench", polls=20, hold=0.5, database_url=database_url, max_seconds=60, stdout=stdout)
+    report = json.loads(stdout.getvalue()[stdout.getvalue().index("{\n") :])
+    assert report["post_status"] == 201
+    assert report["answered_with_the_message"] == 20 and report["failed"] == 0 and report["answered_early"] == 0
+    assert report["setup"]["cpu_ms_per_poll"] > 0
+    assert report["floor"]["not_404"] == 0  # every do-nothing request was the API's JSON 404
+    assert report["floor"]["cpu_ms_per_request"] > 0
+    assert report["python_loop_ms"] > 0
