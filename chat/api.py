@@ -1,22 +1,37 @@
-"""The JSON API (docs/api.md): request/response and long-poll, over the same services as the WebSocket."""
+"""The JSON API (docs/api.md): request/response and long-poll, over the same services as the WebSocket.
+
+django-ninja routes, parses and validates, and describes every endpoint in
+the OpenAPI schema at /api/openapi.json (interactive at /api/docs). Every
+answer, error or not, keeps the shape docs/api.md gives: errors are
+`{"error": {"code", "detail"}}` with the codes the WebSocket uses too.
+"""
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, overload
+from typing import Annotated, Any
 
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from channels.db import database_sync_to_async
 from django.conf import settings
 from django.contrib.auth.models import User
-from django.core.exceptions import ValidationError
+from django.core.exceptions import RequestDataTooBig
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.middleware.csrf import CsrfViewMiddleware
+from django.urls import URLPattern
 from django.views.decorators.csrf import csrf_exempt
+from ninja import Field, NinjaAPI, Schema
+from ninja.errors import AuthenticationError, HttpError
+from ninja.errors import ValidationError as NinjaValidationError
+from ninja.parser import Parser
+from ninja.security import APIKeyCookie, HttpBearer
+from pydantic import BeforeValidator, StrictBool, StrictStr
+from pydantic_core import PydanticUseDefault
 
 from chat import database, ephemeral, longpoll, protocol, selectors, services, tokens, validation
 from chat.models import Room
@@ -53,46 +68,227 @@ def _error_response(error: ApiError) -> JsonResponse:
 
 
 # --------------------------------------------------------------------------
-# Who is asking
+# What the API takes and gives (the schema's components)
 # --------------------------------------------------------------------------
 
 
-def authorize(request: HttpRequest, *, write: bool = False) -> User:
-    """Return the user behind the request (token or session) once it passes CSRF and the rate limits."""
-    user = identify(request)
-    _check_rate(f"api:{user.pk}", settings.CHAT_API_REQUESTS_PER_MINUTE)
-    if write:
-        _check_rate(f"api-write:{user.pk}", settings.CHAT_API_WRITES_PER_MINUTE)
-    return user
+class ErrorDetail(Schema):
+    code: str = Field(description="Machine-readable reason, as in docs/api.md's table (`rate_limited`, ...).")
+    detail: str = Field(description="What went wrong, for a person.")
 
 
-def identify(request: HttpRequest) -> User:
-    """Return the user behind the request (token or session) once it passes CSRF; rates are not counted here."""
-    header = request.headers.get("Authorization")
-    if header is not None:
+class ErrorOut(Schema):
+    error: ErrorDetail
+
+
+class MessageOut(Schema):
+    id: int
+    seq: int = Field(description="The message's place in its room: 1, 2, 3, ... without gaps.")
+    room: str
+    author: str
+    body: str = Field(description='"" once deleted.')
+    created_at: str = Field(json_schema_extra={"format": "date-time"})
+    edited_at: str | None = Field(json_schema_extra={"format": "date-time"})
+    deleted_at: str | None = Field(json_schema_extra={"format": "date-time"})
+    nonce: str | None
+    system: bool
+
+
+class MessageIn(Schema):
+    body: StrictStr = Field(max_length=settings.CHAT_MESSAGE_MAX_LENGTH)
+    nonce: StrictStr | None = Field(
+        None,
+        max_length=validation.NONCE_MAX_LENGTH,
+        description="Unique per author: a retry with the same nonce returns the original and stores nothing.",
+    )
+
+
+class MessageEdit(Schema):
+    body: StrictStr = Field(max_length=settings.CHAT_MESSAGE_MAX_LENGTH)
+
+
+class MessagesPage(Schema):
+    messages: list[MessageOut]
+    has_more: bool
+
+
+class PollPage(Schema):
+    messages: list[MessageOut]
+    has_more: bool
+    last_seq: int = Field(description="Send it as `after` in the next poll.")
+
+
+class RoomOut(Schema):
+    slug: str
+    name: str
+    topic: str
+    is_private: bool
+    last_seq: int
+    unread: int = Field(description="Messages by others after your read mark (0 in rooms you never read).")
+
+
+class RoomIn(Schema):
+    name: StrictStr = Field(min_length=1)
+    slug: StrictStr = Field("", description="Made from the name when empty.")
+    topic: StrictStr = ""
+    is_private: StrictBool = False
+
+
+class RoomList(Schema):
+    rooms: list[RoomOut]
+
+
+def _digits(value: object) -> object:
+    """Query numbers are digits only (no sign, space or exponent); an empty one is as if absent."""
+    if value == "":
+        raise PydanticUseDefault()
+    if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+        raise ValueError("must be a whole number")
+    return value
+
+
+# Each number's bounds sit on an inner Annotated: on the outer one, next to the
+# validator, the schema would show them as "ge"/"le" rather than minimum/maximum.
+_SeqNumber = Annotated[int, Field(ge=0, le=validation.SEQ_MAX)]
+_PositiveSeqNumber = Annotated[int, Field(ge=1, le=validation.SEQ_MAX)]
+_LimitNumber = Annotated[int, Field(ge=1, le=MESSAGES_MAX_LIMIT)]
+_TimeoutNumber = Annotated[int, Field(ge=1, le=settings.CHAT_POLL_MAX_TIMEOUT)]
+Seq = Annotated[_SeqNumber, BeforeValidator(_digits), Field(description="A message's seq.")]
+BeforeSeq = Annotated[_PositiveSeqNumber, BeforeValidator(_digits), Field(description="Only messages before this seq.")]
+PageLimit = Annotated[_LimitNumber, BeforeValidator(_digits), Field(description="At most this many messages.")]
+POLL_DEFAULT_TIMEOUT = min(25, settings.CHAT_POLL_MAX_TIMEOUT)
+PollTimeout = Annotated[_TimeoutNumber, BeforeValidator(_digits), Field(description="Seconds to wait at most.")]
+
+ERRORS = {400, 401, 403, 404, 405, 413, 429, 503}
+
+
+def responses(ok: dict[int, Any], *errors: int) -> dict[int, Any]:
+    """An operation's answers: `ok`, and the errors every endpoint may give plus `errors`."""
+    return {**ok, **dict.fromkeys({400, 401, 405, 429, 503, *errors}, ErrorOut)}
+
+
+def links(status: int, *, to: list[str], **parameters: str) -> dict[str, Any]:
+    """OpenAPI links from an answer to the operations that take what it made (`parameters`, as runtime expressions)."""
+    # Keyed by the int status, as ninja keys its responses, so that the two merge into one "201".
+    return {
+        "responses": {
+            status: {"links": {operation: {"operationId": operation, "parameters": parameters} for operation in to}}
+        }
+    }
+
+
+# --------------------------------------------------------------------------
+# Who is asking
+# --------------------------------------------------------------------------
+
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="chat"'}
+
+# Database work for a poll runs on one thread that all polls share, not in a
+# thread of the request's own, and no connection stays with the poll while it
+# waits. One, as for the sockets, not the loop's default pool (six threads on
+# two cores): a thousand polls arriving at once kept six threads fighting over
+# the GIL, and set-up cost 2.3 ms of CPU per poll instead of 1.6
+# (docs/performance.md). The thread never waits on Redis: the poll's rate is
+# counted on the loop.
+POLL_DATABASE_THREADS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="poll-db")
+in_pool = functools.partial(database_sync_to_async, thread_sensitive=False, executor=POLL_DATABASE_THREADS)
+
+
+class Credentials:
+    """What both ways of signing a request have in common: the rate limits, and the poll's way of checking.
+
+    For the synchronous endpoints the check runs in the request's thread. For
+    the long-poll (`for_polls`) it runs on the polls' database thread and
+    counts the rate on the event loop.
+    """
+
+    is_async: bool
+
+    def __init__(self, *, for_polls: bool = False) -> None:
+        super().__init__()
+        self.is_async = for_polls
+
+    def __call__(self, request: HttpRequest) -> Any:
+        if self.is_async:
+            return self._for_poll(request)
+        user = self.identify(request)
+        if user is not None:
+            _check_rate(f"api:{user.pk}", settings.CHAT_API_REQUESTS_PER_MINUTE)
+            if request.method not in SAFE_METHODS:
+                _check_rate(f"api-write:{user.pk}", settings.CHAT_API_WRITES_PER_MINUTE)
+        return user
+
+    async def _for_poll(self, request: HttpRequest) -> User | None:
+        if not self.present(request):
+            return None
+        user = await in_pool(self.identify)(request)
+        if user is not None:
+            await _check_rate_async(f"api:{user.pk}", settings.CHAT_API_REQUESTS_PER_MINUTE)
+        return user
+
+    def present(self, request: HttpRequest) -> bool:
+        """Whether the request carries these credentials at all (no database needed to say)."""
+        raise NotImplementedError
+
+    def identify(self, request: HttpRequest) -> User | None:
+        raise NotImplementedError
+
+
+class BearerToken(Credentials, HttpBearer):
+    """`Authorization: Bearer <token>`: a token made with `manage.py createtoken` or in the admin. No CSRF."""
+
+    openapi_description = "A token's secret: `manage.py createtoken <user>`, or the admin's API tokens."
+
+    def present(self, request: HttpRequest) -> bool:
+        return "Authorization" in request.headers
+
+    def identify(self, request: HttpRequest) -> User | None:
+        header = request.headers.get("Authorization")
+        if header is None:
+            return None  # the session's turn
         scheme, _, secret = header.partition(" ")
         if scheme.lower() != "bearer" or not secret.strip():
             raise ApiError(401, "invalid_credentials", "Use the header: Authorization: Bearer <token>.", _CHALLENGE)
         user = tokens.token_user(secret.strip())
         if user is None:
             raise ApiError(401, "invalid_token", "This token is unknown or was revoked.", _CHALLENGE)
-        # A token is not sent by browsers on their own, so it needs no CSRF check.
-    elif request.user.is_authenticated:
-        user = request.user
+        return user
+
+    def authenticate(self, request: HttpRequest, token: str) -> User | None:  # HttpBearer's; identify() does it
+        raise NotImplementedError
+
+
+class SessionCookie(Credentials, APIKeyCookie):
+    """A signed-in browser's session cookie; unsafe methods also need the CSRF token in X-CSRFToken."""
+
+    param_name = settings.SESSION_COOKIE_NAME
+    openapi_description = (
+        "The session cookie of a signed-in browser. POST, PATCH and DELETE also need the `csrftoken` "
+        "cookie's value in an `X-CSRFToken` header."
+    )
+
+    # The CSRF check is identify()'s, with this API's error; ninja reads the flag
+    # only to have /api/docs send the token with "Try it out".
+    csrf = True
+
+    def present(self, request: HttpRequest) -> bool:
+        return settings.SESSION_COOKIE_NAME in request.COOKIES
+
+    def identify(self, request: HttpRequest) -> User | None:
+        if "Authorization" in request.headers or not request.user.is_authenticated:
+            return None
         if request.method not in SAFE_METHODS and _csrf_failure(request):
             raise ApiError(
                 403, "csrf_failed", "CSRF check failed: send the csrftoken cookie's value in an X-CSRFToken header."
             )
-    else:
-        raise ApiError(401, "not_authenticated", "Sign in, or send Authorization: Bearer <token>.", _CHALLENGE)
-    return user
+        return request.user
 
-
-_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="chat"'}
+    def authenticate(self, request: HttpRequest, key: str | None) -> User | None:  # APIKeyCookie's
+        raise NotImplementedError
 
 
 def _csrf_failure(request: HttpRequest) -> bool:
-    # The API views are csrf_exempt so that token requests pass; session
+    # Ninja's views are csrf_exempt so that token requests pass; session
     # requests get Django's own check here.
     return CsrfViewMiddleware(_unchecked_view).process_view(request, _unchecked_view, (), {}) is not None
 
@@ -121,6 +317,11 @@ def _raise_if_limited(retry_after: int, per_minute: int) -> None:
         )
 
 
+def _user(request: HttpRequest) -> User:
+    """The user the operation's credentials named (ninja keeps it as request.auth)."""
+    return request.auth  # type: ignore[attr-defined]
+
+
 def _room(slug: str, user: User) -> Room:
     room = selectors.room_readable(slug=slug, user=user)
     if room is None:
@@ -129,85 +330,150 @@ def _room(slug: str, user: User) -> Room:
 
 
 def _room_not_found(slug: str) -> ApiError:
+    # A private room of others gets the same answer as a missing one: its existence is not given away.
     return ApiError(404, "room_not_found", f'There is no room "{slug}" that you can see.')
 
 
 # --------------------------------------------------------------------------
-# Request parsing
+# Reading requests, and answering their errors
 # --------------------------------------------------------------------------
 
 
-def _check_size(request: HttpRequest, size: int | None = None) -> None:
-    """Refuse a request over the limit: by its Content-Length, or by `size`, the body read."""
-    limit = settings.CHAT_API_REQUEST_MAX_BYTES
-    if size is None:
+class JsonObjectParser(Parser):
+    """Bodies are JSON objects of at most CHAT_API_REQUEST_MAX_BYTES; anything else is refused before validation."""
+
+    def parse_body(self, request: HttpRequest) -> dict[str, Any]:
+        limit = settings.CHAT_API_REQUEST_MAX_BYTES
         try:
-            size = int(request.headers.get("Content-Length") or 0)
+            declared = int(request.headers.get("Content-Length") or 0)
         except ValueError:
-            size = 0
-    if size > limit:
-        raise ApiError(413, "request_too_large", f"Requests can be at most {limit} bytes.")
+            declared = 0
+        try:
+            if declared > limit or len(request.body) > limit:
+                raise ApiError(413, "request_too_large", f"Requests can be at most {limit} bytes.")
+        except RequestDataTooBig:
+            raise ApiError(413, "request_too_large", f"Requests can be at most {limit} bytes.") from None
+        try:
+            data = super().parse_body(request)
+        except ValueError:
+            raise ApiError(400, "invalid_json", "The request body is not valid JSON.") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "invalid_json", "The request body must be a JSON object.")
+        return data
 
 
-def _json_body(request: HttpRequest) -> dict[str, Any]:
-    _check_size(request, len(request.body))
-    try:
-        data = json.loads(request.body or b"null")
-    except ValueError:
-        raise ApiError(400, "invalid_json", "The request body is not valid JSON.") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "invalid_json", "The request body must be a JSON object.")
-    return data
+class ChatAPI(NinjaAPI):
+    """Ninja's API, whose schema also says what ninja cannot declare per operation.
+
+    The headers that come with errors (Retry-After, WWW-Authenticate, Allow),
+    and that a session's POST, PATCH and DELETE need the CSRF header too: the
+    session cookie and the header together, or a token.
+    """
+
+    def get_openapi_schema(self, *, path_prefix: str | None = None, path_params: dict | None = None) -> Any:
+        schema = super().get_openapi_schema(path_prefix=path_prefix, path_params=path_params)
+        schema["components"]["securitySchemes"]["CsrfToken"] = {
+            "type": "apiKey",
+            "in": "header",
+            "name": "X-CSRFToken",
+            "description": "The `csrftoken` cookie's value: with the session cookie, for POST, PATCH and DELETE.",
+        }
+        for methods in schema["paths"].values():
+            for method, operation in methods.items():
+                for status, header, description in ERROR_HEADERS:
+                    # Ninja keys the responses by int; they become strings in the JSON.
+                    if status in operation["responses"]:
+                        operation["responses"][status]["headers"] = {
+                            header: {"description": description, "schema": {"type": "string"}}
+                        }
+                if method.upper() not in SAFE_METHODS:
+                    operation["security"] = [{"BearerToken": []}, {"SessionCookie": [], "CsrfToken": []}]
+        return schema
 
 
-@overload
-def _int_param(request: HttpRequest, name: str, low: int, high: int, default: int) -> int: ...
-@overload
-def _int_param(request: HttpRequest, name: str, low: int, high: int, default: None = None) -> int | None: ...
-def _int_param(request: HttpRequest, name: str, low: int, high: int, default: int | None = None) -> int | None:
-    value = validation.query_int(request.GET.get(name), name, low=low, high=high)
-    return default if value is None else value
+ERROR_HEADERS = [
+    (401, "WWW-Authenticate", 'How to sign in: `Bearer realm="chat"`.'),
+    (405, "Allow", "The methods this path takes."),
+    (429, "Retry-After", "Whole seconds until the request may be made again."),
+]
+
+api = ChatAPI(
+    title="Chat API",
+    version="1",
+    description=(
+        "Rooms and messages of the chat, as the WebSocket serves them (docs/api.md). "
+        'Errors are `{"error": {"code", "detail"}}`; 429 comes with Retry-After.'
+    ),
+    urls_namespace="api",
+    parser=JsonObjectParser(),
+    auth=[BearerToken(), SessionCookie()],
+    docs_url="/docs",
+    openapi_url="/openapi.json",
+)
+POLL_AUTH = [BearerToken(for_polls=True), SessionCookie(for_polls=True)]
+
+# Which code a bad field of a body gets: the WebSocket's, where it has one.
+FIELD_CODES = {"body": "invalid_body", "nonce": "invalid_nonce"}
+
+
+@api.exception_handler(ApiError)
+def _api_error(request: HttpRequest, error: ApiError) -> HttpResponse:
+    return _error_response(error)
+
+
+@api.exception_handler(ChatError)
+def _chat_error(request: HttpRequest, error: ChatError) -> HttpResponse:
+    return _error_response(ApiError.from_chat_error(error))
+
+
+@api.exception_handler(AuthenticationError)
+def _not_authenticated(request: HttpRequest, error: AuthenticationError) -> HttpResponse:
+    return error_response(401, "not_authenticated", "Sign in, or send Authorization: Bearer <token>.", _CHALLENGE)
+
+
+@api.exception_handler(HttpError)
+def _http_error(request: HttpRequest, error: HttpError) -> HttpResponse:
+    if isinstance(error.__cause__, ApiError):  # the parser's, wrapped by ninja
+        return _error_response(error.__cause__)
+    return error_response(error.status_code, "bad_request", str(error))
+
+
+@api.exception_handler(NinjaValidationError)
+def _invalid(request: HttpRequest, error: NinjaValidationError) -> HttpResponse:
+    problem = error.errors[0]
+    source, *where = problem["loc"]
+    name = str(where[-1]) if where else ""
+    if source == "body":
+        if len(where) < 2:
+            return error_response(400, "invalid_json", "The request body must be a JSON object.")
+        if problem["type"] == "missing":
+            return error_response(
+                400, f"missing_{name}" if name in FIELD_CODES else "invalid_field", f'"{name}" is missing.'
+            )
+        if name == "body" and problem["type"] == "string_too_long":
+            limit = settings.CHAT_MESSAGE_MAX_LENGTH
+            return error_response(413, "body_too_long", f"A message can be at most {limit} characters.")
+        return error_response(400, FIELD_CODES.get(name, "invalid_field"), f'"{name}": {problem["msg"]}.')
+    return error_response(400, "invalid_param", f'"{name}": {problem["msg"]}.')
+
+
+def _database_error(request: HttpRequest, error: Exception) -> HttpResponse:
+    raise error  # chatsite.middleware answers 503, and logs the outage once
+
+
+for _error in database.DATABASE_ERRORS:
+    api.add_exception_handler(_error, _database_error)  # type: ignore[arg-type]
+
+
+@api.exception_handler(Exception)
+def _server_error(request: HttpRequest, error: Exception) -> HttpResponse:
+    logger.error("API request %s %s failed", request.method, request.path, exc_info=error)
+    return error_response(500, "server_error", "Something went wrong on the server; try again.")
 
 
 # --------------------------------------------------------------------------
 # Endpoints
 # --------------------------------------------------------------------------
-
-Handler = Callable[..., tuple[int, dict[str, Any]]]
-
-
-def endpoint(*methods: str, writes: tuple[str, ...] = ()) -> Callable[[Handler], Callable[..., JsonResponse]]:
-    """Make a view answer only JSON: `handler(request, user, **kwargs)` returns (status, data)."""
-
-    def decorate(handler: Handler) -> Callable[..., JsonResponse]:
-        @csrf_exempt
-        @functools.wraps(handler)
-        def view(request: HttpRequest, **kwargs: Any) -> JsonResponse:
-            try:
-                if request.method not in methods:
-                    raise ApiError(
-                        405,
-                        "method_not_allowed",
-                        f"{request.method} is not allowed here; use {', '.join(methods)}.",
-                        {"Allow": ", ".join(methods)},
-                    )
-                _check_size(request)
-                user = authorize(request, write=request.method in writes)
-                status, data = handler(request, user, **kwargs)
-            except ApiError as error:
-                return _error_response(error)
-            except ChatError as error:
-                return _error_response(ApiError.from_chat_error(error))
-            except database.DATABASE_ERRORS:
-                raise  # chatsite.middleware answers 503, and logs the outage once
-            except Exception:
-                logger.exception("API request %s %s failed", request.method, request.path)
-                return error_response(500, "server_error", "Something went wrong on the server; try again.")
-            return JsonResponse(data, status=status)
-
-        return view
-
-    return decorate
 
 
 def room_payload(room: Room) -> dict[str, Any]:
@@ -221,102 +487,141 @@ def room_payload(room: Room) -> dict[str, Any]:
     }
 
 
-@endpoint("GET", "POST", writes=("POST",))
-def rooms(request: HttpRequest, user: User) -> tuple[int, dict[str, Any]]:
-    if request.method == "GET":
-        return 200, {"rooms": [room_payload(room) for room in selectors.room_list(user=user)]}
-    data = _json_body(request)
+@api.get(
+    "/rooms/",
+    response=responses({200: RoomList}),
+    summary="The rooms you may see",
+    operation_id="room_list",
+    url_name="rooms",
+)
+def rooms(request: HttpRequest) -> JsonResponse:
+    """Public rooms and private rooms you are a member of, most recently active first, with your unread count."""
+    return JsonResponse({"rooms": [room_payload(room) for room in selectors.room_list(user=_user(request))]})
+
+
+@api.post(
+    "/rooms/",
+    response=responses({201: RoomOut}, 403, 413),
+    summary="Create a room",
+    operation_id="room_create",
+    url_name="rooms",
+    openapi_extra=links(201, slug="$response.body#/slug", to=["message_list", "message_create"]),
+)
+def room_create(request: HttpRequest, data: RoomIn) -> JsonResponse:
+    """You become its owner."""
+    fields = data.model_dump()
     try:
         room = services.room_create(
-            slug=validation.string_field(data, "slug"),
-            name=validation.string_field(data, "name", required=True),
-            topic=validation.string_field(data, "topic"),
-            is_private=validation.bool_field(data, "is_private"),
-            created_by=user,
+            slug=validation.string_field(fields, "slug"),
+            name=validation.string_field(fields, "name", required=True),
+            topic=validation.string_field(fields, "topic"),
+            is_private=data.is_private,
+            created_by=_user(request),
         )
-    except ValidationError as error:
+    except DjangoValidationError as error:
         detail = " ".join(f"{field}: {' '.join(problems)}" for field, problems in error.message_dict.items())
         raise ApiError(400, "invalid_room", detail) from None
-    return 201, room_payload(room)
+    return JsonResponse(room_payload(room), status=201)
 
 
-@endpoint("GET", "POST", writes=("POST",))
-def messages(request: HttpRequest, user: User, slug: str) -> tuple[int, dict[str, Any]]:
-    room = _room(slug, user)
-    if request.method == "GET":
-        page, has_more = selectors.message_list(
-            room=room,
-            after_seq=_int_param(request, "after", 0, 2**63 - 1),
-            before_seq=_int_param(request, "before", 1, 2**63 - 1),
-            limit=_int_param(request, "limit", 1, MESSAGES_MAX_LIMIT, default=50),
-        )
-        return 200, {"messages": [protocol.message_payload(m) for m in page], "has_more": has_more}
-    data = _json_body(request)
-    body = validation.required(data, "body", '{"body": "...", "nonce": "..."}')
-    message, created = services.message_create(room=room, author=user, body=body, nonce=data.get("nonce"))
-    # A retry with the same nonce answers with the original, and creates nothing.
-    return (201 if created else 200), protocol.message_payload(message)
+@api.get(
+    "/rooms/{slug:slug}/messages",
+    response=responses({200: MessagesPage}, 404),
+    summary="A page of messages",
+    operation_id="message_list",
+    url_name="messages",
+)
+def message_list(
+    request: HttpRequest, slug: str, after: Seq | None = None, before: BeforeSeq | None = None, limit: PageLimit = 50
+) -> JsonResponse:
+    """In seq order. With `after`, the page starts just after it and `has_more` means newer ones follow;
+    without, it is the newest (before `before`) and `has_more` means older ones exist."""
+    room = _room(slug, _user(request))
+    page, has_more = selectors.message_list(room=room, after_seq=after, before_seq=before, limit=limit)
+    return JsonResponse({"messages": [protocol.message_payload(m) for m in page], "has_more": has_more})
 
 
-@endpoint("PATCH", "DELETE", writes=("PATCH", "DELETE"))
-def message(request: HttpRequest, user: User, slug: str, message_id: int) -> tuple[int, dict[str, Any]]:
-    room = _room(slug, user)
-    if request.method == "PATCH":
-        body = validation.required(_json_body(request), "body", '{"body": "..."}')
-        changed = services.message_edit(room=room, message_id=message_id, user=user, body=body)
-    else:
-        changed = services.message_delete(room=room, message_id=message_id, user=user)
-    return 200, protocol.message_payload(changed)
+@api.post(
+    "/rooms/{slug:slug}/messages",
+    response=responses({200: MessageOut, 201: MessageOut}, 403, 404, 413),
+    summary="Post a message",
+    operation_id="message_create",
+    url_name="messages",
+    openapi_extra=links(
+        201,
+        slug="$request.path.slug",
+        message_id="$response.body#/id",
+        to=["message_get", "message_edit", "message_delete"],
+    ),
+)
+def message_create(request: HttpRequest, slug: str, data: MessageIn) -> JsonResponse:
+    """Saved, then published to every WebSocket in the room: 201. A retry with the same nonce: 200 and the original."""
+    room = _room(slug, _user(request))
+    message, created = services.message_create(room=room, author=_user(request), body=data.body, nonce=data.nonce)
+    return JsonResponse(protocol.message_payload(message), status=201 if created else 200)
 
 
-@csrf_exempt
-def not_found(request: HttpRequest, **kwargs: Any) -> JsonResponse:
-    return error_response(404, "not_found", f"There is no API endpoint at {request.path}; see docs/api.md.")
+@api.get(
+    "/rooms/{slug:slug}/messages/{int:message_id}",
+    response=responses({200: MessageOut}, 404),
+    summary="One message",
+    operation_id="message_get",
+    url_name="message",
+)
+def message_get(request: HttpRequest, slug: str, message_id: int) -> JsonResponse:
+    """As it is now: edited, or deleted (its body then "")."""
+    message = selectors.message_get(room=_room(slug, _user(request)), message_id=message_id)
+    if message is None:
+        raise ApiError(404, "not_found", "There is no such message in this room.")
+    return JsonResponse(protocol.message_payload(message))
 
 
-def json_errors_under_api(default_handler: Callable[..., HttpResponse], status: int, code: str, detail: str):
-    """Wrap one of Django's error handlers (handler400 …) so that /api/ gets JSON, never an HTML page."""
+@api.patch(
+    "/rooms/{slug:slug}/messages/{int:message_id}",
+    response=responses({200: MessageOut}, 403, 404, 413),
+    summary="Edit your message",
+    operation_id="message_edit",
+    url_name="message",
+)
+def message_edit(request: HttpRequest, slug: str, message_id: int, data: MessageEdit) -> JsonResponse:
+    room = _room(slug, _user(request))
+    changed = services.message_edit(room=room, message_id=message_id, user=_user(request), body=data.body)
+    return JsonResponse(protocol.message_payload(changed))
 
-    def handler(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-        if request.path.startswith("/api/"):
-            return error_response(status, code, detail)
-        return default_handler(request, *args, **kwargs)
 
-    return handler
+@api.delete(
+    "/rooms/{slug:slug}/messages/{int:message_id}",
+    response=responses({200: MessageOut}, 403, 404),
+    summary="Delete a message",
+    operation_id="message_delete",
+    url_name="message",
+)
+def message_delete(request: HttpRequest, slug: str, message_id: int) -> JsonResponse:
+    """Your own message, or anyone's if you own or moderate the room, or are staff."""
+    room = _room(slug, _user(request))
+    changed = services.message_delete(room=room, message_id=message_id, user=_user(request))
+    return JsonResponse(protocol.message_payload(changed))
 
 
 # --------------------------------------------------------------------------
 # Long-poll
 # --------------------------------------------------------------------------
 
-# Database work for a poll runs on one thread that all polls share, not in a
-# thread of the request's own, and no connection stays with the poll while it
-# waits. One, as for the sockets, not the loop's default pool (six threads on
-# two cores): a thousand polls arriving at once kept six threads fighting over
-# the GIL, and set-up cost 2.3 ms of CPU per poll instead of 1.6
-# (docs/performance.md). The thread never waits on Redis: the poll's rate is
-# counted on the loop.
-POLL_DATABASE_THREADS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="poll-db")
-in_pool = functools.partial(database_sync_to_async, thread_sensitive=False, executor=POLL_DATABASE_THREADS)
 
-
-@csrf_exempt
-async def poll(request: HttpRequest, slug: str) -> JsonResponse:
-    """Answer with messages after `after` as soon as there are any, or empty when `timeout` runs out."""
-    try:
-        if request.method != "GET":
-            raise ApiError(405, "method_not_allowed", "Use GET.", {"Allow": "GET"})
-        after = _int_param(request, "after", 0, 2**63 - 1, default=0)
-        timeout = _int_param(request, "timeout", 1, settings.CHAT_POLL_MAX_TIMEOUT, default=25)
-        user, room = await in_pool(_poll_room)(request, slug)
-        await _check_rate_async(f"api:{user.pk}", settings.CHAT_API_REQUESTS_PER_MINUTE)
-        if room is None:
-            raise _room_not_found(slug)
-    except ApiError as error:
-        return _error_response(error)
-    except ChatError as error:
-        return _error_response(ApiError.from_chat_error(error))
-
+@api.get(
+    "/rooms/{slug:slug}/poll",
+    auth=POLL_AUTH,
+    response=responses({200: PollPage}, 404),
+    summary="Wait for new messages",
+    operation_id="room_poll",
+    url_name="poll",
+)
+async def poll(
+    request: HttpRequest, slug: str, after: Seq = 0, timeout: PollTimeout = POLL_DEFAULT_TIMEOUT
+) -> JsonResponse:
+    """Answers at once with up to 200 messages after `after` if there are any, else as soon as one is posted
+    (over any path), or empty when `timeout` runs out."""
+    room = await in_pool(_room)(slug, _user(request))
     async with longpoll.watch_room(room.pk) as watch:
         if watch.delivered_through(after):
             # This process's sockets and polls were handed everything up to
@@ -339,12 +644,6 @@ async def poll(request: HttpRequest, slug: str) -> JsonResponse:
     return JsonResponse(await in_pool(_messages_after)(room, after))
 
 
-def _poll_room(request: HttpRequest, slug: str) -> tuple[User, Room | None]:
-    """Who asks, and the room if they may read it: one trip to the database thread."""
-    user = identify(request)
-    return user, selectors.room_readable(slug=slug, user=user)
-
-
 def _messages_after(room: Room, after: int) -> dict[str, Any]:
     last_seq, _ = selectors.room_cursors(room=room)
     page, has_more = selectors.message_list(room=room, after_seq=after, limit=MESSAGES_MAX_LIMIT)
@@ -354,6 +653,68 @@ def _messages_after(room: Room, after: int) -> dict[str, Any]:
         # What to send as `after` next time.
         "last_seq": page[-1].seq if page else min(after, last_seq),
     }
+
+
+# --------------------------------------------------------------------------
+# URLs, and the errors Django answers for them
+# --------------------------------------------------------------------------
+
+
+def _json_405(view: Callable) -> Callable:
+    """Ninja answers a method it does not route with plain text; ours is JSON, with Allow, as every error."""
+
+    def answer(request: HttpRequest, response: HttpResponse) -> HttpResponse:
+        if response.status_code != 405:
+            return response
+        allowed = [m for m in ("GET", "POST", "PATCH", "DELETE") if m in response.get("Allow", "")]
+        detail = f"{request.method} is not allowed here; use {', '.join(allowed)}."
+        return error_response(405, "method_not_allowed", detail, {"Allow": ", ".join(allowed)})
+
+    if iscoroutinefunction(view):
+
+        async def async_view(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+            return answer(request, await view(request, *args, **kwargs))
+
+        async_view.csrf_exempt = True  # type: ignore[attr-defined]
+        return markcoroutinefunction(async_view)
+
+    def sync_view(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        return answer(request, view(request, *args, **kwargs))
+
+    sync_view.csrf_exempt = True  # type: ignore[attr-defined]
+    return sync_view
+
+
+def urls() -> list[URLPattern]:
+    """The API's URL patterns under /api/, every path's view answering 405 as JSON."""
+    patterns, _app_name, _namespace = api.urls
+    return [
+        URLPattern(
+            pattern.pattern,
+            # /api/ itself: ninja's root (which it reverses for the schema's paths) answers our JSON 404.
+            not_found if pattern.name == "api-root" else _json_405(pattern.callback),
+            pattern.default_args,
+            pattern.name,
+        )
+        for pattern in patterns
+        if isinstance(pattern, URLPattern)
+    ]
+
+
+@csrf_exempt
+def not_found(request: HttpRequest, **kwargs: Any) -> JsonResponse:
+    return error_response(404, "not_found", f"There is no API endpoint at {request.path}; see /api/docs.")
+
+
+def json_errors_under_api(default_handler: Callable[..., HttpResponse], status: int, code: str, detail: str):
+    """Wrap one of Django's error handlers (handler400 …) so that /api/ gets JSON, never an HTML page."""
+
+    def handler(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        if request.path.startswith("/api/"):
+            return error_response(status, code, detail)
+        return default_handler(request, *args, **kwargs)
+
+    return handler
 
 
 # --------------------------------------------------------------------------

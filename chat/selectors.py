@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from chat.models import Membership, Message, Room
 
-_Row = TypeVar("_Row", Membership, Room)
+_Row = TypeVar("_Row", Membership, Message, Room)
 
 
 def room_list(*, user: User | AnonymousUser) -> QuerySet[Room]:
@@ -138,6 +138,11 @@ def room_members(*, room: Room) -> list[Membership]:
 
 def _messages(room: Room) -> QuerySet[Message]:
     return Message.objects.filter(room=room).select_related("room", "author")
+
+
+def message_get(*, room: Room, message_id: int) -> Message | None:
+    """Return one message of the room as it is now (deleted ones too), or None."""
+    return _one(_messages(room).filter(pk=message_id))
 
 
 def message_list(

@@ -1,4 +1,4 @@
-from django.urls import path, re_path
+from django.urls import include, path, re_path
 
 from chat import api, views
 
@@ -9,10 +9,7 @@ urlpatterns = [
     path("rooms/<slug:slug>/patterns/", views.room_patterns, name="room-patterns"),
     path("rooms/<slug:slug>/members/", views.member_add, name="member-add"),
     path("rooms/<slug:slug>/members/<str:username>/remove/", views.member_remove, name="member-remove"),
-    path("api/rooms/", api.rooms, name="api-rooms"),
-    path("api/rooms/<slug:slug>/messages", api.messages, name="api-messages"),
-    path("api/rooms/<slug:slug>/messages/<int:message_id>", api.message, name="api-message"),
-    path("api/rooms/<slug:slug>/poll", api.poll, name="api-poll"),
+    path("api/", include((api.urls(), "api"))),
     # Anything else under /api/ answers JSON too, never an HTML error page.
     re_path(r"^api/", api.not_found),
     path("healthz", api.healthz, name="healthz"),

@@ -72,6 +72,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "channels",
+    "ninja",  # the API's schema and docs page, its assets served from here (no CDN)
     "chat",
     "bench",
     "chatsite",  # its system checks (chatsite/checks.py)
@@ -242,4 +243,5 @@ CHAT_MESSAGE_RATE_LIMIT = int(os.environ.get("CHAT_MESSAGE_RATE_LIMIT", "20"))
 CHAT_MESSAGE_RATE_WINDOW = int(os.environ.get("CHAT_MESSAGE_RATE_WINDOW", "10"))  # seconds
 # Open WebSockets per user, all processes together.
 CHAT_MAX_SOCKETS_PER_USER = int(os.environ.get("CHAT_MAX_SOCKETS_PER_USER", "20"))
-CHAT_POLL_MAX_TIMEOUT = 30  # seconds a long-poll may wait
+# Seconds a long-poll may wait at most (its `timeout`): below any proxy's idle timeout.
+CHAT_POLL_MAX_TIMEOUT = int(os.environ.get("CHAT_POLL_MAX_TIMEOUT", "30"))

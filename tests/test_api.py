@@ -17,7 +17,7 @@ from django.test import AsyncClient, Client
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from chat import api, ephemeral, fanout, longpoll, realtime, selectors, services
+from chat import api, ephemeral, fanout, longpoll, protocol, realtime, selectors, services
 from chat.models import ApiToken, Membership, Message, Room
 from tests.helpers import eventually, joined, receive, send
 
@@ -173,6 +173,19 @@ def test_posting_returns_201_and_a_retry_with_the_same_nonce_returns_the_origina
 def test_posting_bad_input_gets_the_right_error_and_stores_nothing(alice_api, room, body, status, code):
     assert error_of(post_json(alice_api, "/api/rooms/general/messages", body)) == (status, code)
     assert not Message.objects.exists()
+
+
+def test_one_message_is_served_as_it_is_now_and_only_from_its_own_room(alice_api, user, room, other_user):
+    message, _ = services.message_create(room=room, author=user, body="first")
+    url = f"/api/rooms/general/messages/{message.pk}"
+    assert alice_api.get(url).json() == protocol.message_payload(message)
+    services.message_delete(room=room, message_id=message.pk, user=user)
+    assert (alice_api.get(url).json()["body"], alice_api.get(url).json()["deleted_at"] is not None) == ("", True)
+    elsewhere = services.room_create(
+        slug="elsewhere", name="Elsewhere", topic="", is_private=False, created_by=other_user
+    )
+    assert error_of(alice_api.get(f"/api/rooms/{elsewhere.slug}/messages/{message.pk}")) == (404, "not_found")
+    assert error_of(alice_api.get("/api/rooms/general/messages/999999")) == (404, "not_found")
 
 
 def test_an_archived_room_can_be_read_but_not_written(alice_api, user, room):
@@ -518,12 +531,13 @@ ENDPOINTS = [
     ("post", "/api/rooms/", {"name": "New room"}),
     ("get", "/api/rooms/general/messages", None),
     ("post", "/api/rooms/general/messages", {"body": "hi"}),
+    ("get", "/api/rooms/general/messages/{id}", None),
     ("patch", "/api/rooms/general/messages/{id}", {"body": "edited"}),
     ("delete", "/api/rooms/general/messages/{id}", None),
     ("get", "/api/rooms/general/poll?timeout=1", None),
 ]
 # Most specific first: the first key found in the path wins.
-WRONG_METHOD = {"{id}": "get", "poll": "post", "messages": "put", "/api/rooms/": "delete"}
+WRONG_METHOD = {"{id}": "put", "poll": "post", "messages": "put", "/api/rooms/": "delete"}
 
 
 def call(client: Client, method: str, url: str, data, **kwargs):
@@ -535,6 +549,60 @@ def call(client: Client, method: str, url: str, data, **kwargs):
 @pytest.fixture
 def own_message(user, room) -> Message:
     return services.message_create(room=room, author=user, body="mine")[0]
+
+
+def no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    keys = [key for key, _ in pairs]
+    assert len(keys) == len(set(keys)), f"duplicate keys: {keys}"
+    return dict(pairs)
+
+
+def schema_path(path: str) -> str:
+    """ENDPOINTS' path as the schema names it: /api/rooms/{slug}/messages/{message_id}."""
+    return path.split("?")[0].replace("general", "{slug}").replace("{id}", "{message_id}")
+
+
+def test_the_openapi_schema_describes_every_endpoint_its_errors_and_both_ways_of_signing_in(client):
+    response = client.get("/api/openapi.json")
+    assert response.status_code == 200 and response["Content-Type"] == "application/json"
+    schema = json.loads(response.content, object_pairs_hook=no_duplicate_keys)  # Swagger UI refuses duplicates
+    assert schema["openapi"].startswith("3.1")
+    # Stateful clients (and Schemathesis) follow these links from a post to its message.
+    created = schema["paths"]["/api/rooms/{slug}/messages"]["post"]["responses"]["201"]
+    assert set(created["links"]) == {"message_get", "message_edit", "message_delete"}
+    assert created["links"]["message_get"]["parameters"] == {
+        "slug": "$request.path.slug",
+        "message_id": "$response.body#/id",
+    }
+    operations = {(method, path) for path, methods in schema["paths"].items() for method in methods}
+    documented = {(method, schema_path(path)) for method, path, _ in ENDPOINTS}
+    assert operations == documented
+    schemes = schema["components"]["securitySchemes"]
+    assert schemes["BearerToken"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": schemes["BearerToken"]["description"],
+    }
+    assert (schemes["SessionCookie"]["in"], schemes["SessionCookie"]["name"]) == ("cookie", "sessionid")
+    assert (schemes["CsrfToken"]["in"], schemes["CsrfToken"]["name"]) == ("header", "X-CSRFToken")
+    error_shape = schema["components"]["schemas"]["ErrorOut"]
+    assert error_shape["required"] == ["error"]
+    for path, methods in schema["paths"].items():
+        for method, operation in methods.items():
+            session = {"SessionCookie": []} if method == "get" else {"SessionCookie": [], "CsrfToken": []}
+            assert operation["security"] == [{"BearerToken": []}, session], (method, path)
+            assert set(operation["responses"]["429"]["headers"]) == {"Retry-After"}, (method, path)
+            for status in ("400", "401", "405", "429", "503"):
+                content = operation["responses"][status]["content"]["application/json"]["schema"]
+                assert content == {"$ref": "#/components/schemas/ErrorOut"}, (method, path, status)
+
+
+def test_the_api_docs_page_is_served_without_signing_in(client):
+    response = client.get("/api/docs")
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert "/static/ninja/swagger-ui-bundle.js" in page and "/api/openapi.json" in page
+    assert "cdn" not in page.lower()
 
 
 @pytest.mark.parametrize(("method", "path", "data"), ENDPOINTS)

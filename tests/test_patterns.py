@@ -124,7 +124,7 @@ def test_the_room_page_links_to_the_patterns_page(client, user, room):
 def test_api_answers_carry_when_the_server_received_the_request_and_when_it_answered(client, user, room):
     client.force_login(user)
     before = time.time() * 1000
-    response = client.get(reverse("api-messages", args=[room.slug]))
+    response = client.get(reverse("api:messages", args=[room.slug]))
     after = time.time() * 1000
     received, sent = float(response["X-Server-Received"]), float(response["X-Server-Time"])
     assert before - 1 <= received <= sent <= after + 1

@@ -221,3 +221,17 @@ async def test_no_serious_accessibility_violations(where, server, browsers, user
         await expect(alice.locator("#online")).to_contain_text("alice")
     violations = await serious_violations(alice)
     assert violations == [], f"axe on the {where}:\n{json.dumps(violations, indent=2)}"
+
+
+async def test_the_api_docs_page_lists_every_operation_with_its_assets_from_the_site_itself(server, browsers, user):
+    page = await browsers.new_page(user)
+    elsewhere: list[str] = []
+    page.on("request", lambda request: request.url.startswith(server.origin) or elsewhere.append(request.url))
+    await page.goto(f"{server.origin}/api/docs")
+    operations = page.locator(".opblock")
+    await expect(operations).to_have_count(
+        8
+    )  # rooms GET, POST; messages GET, POST; one message GET, PATCH, DELETE; poll
+    await expect(page.locator(".opblock-summary-path").first).to_contain_text("/api/rooms/")
+    assert elsewhere == []  # no CDN: every script, style and image came from this server
+    assert browsers.errors.get(page) == [], browsers.errors.get(page)  # no CSP violation, no script error
