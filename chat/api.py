@@ -492,6 +492,7 @@ def room_payload(room: Room) -> dict[str, Any]:
     response=responses({200: RoomList}),
     summary="The rooms you may see",
     operation_id="room_list",
+    tags=["rooms"],
     url_name="rooms",
 )
 def rooms(request: HttpRequest) -> JsonResponse:
@@ -504,6 +505,7 @@ def rooms(request: HttpRequest) -> JsonResponse:
     response=responses({201: RoomOut}, 403, 413),
     summary="Create a room",
     operation_id="room_create",
+    tags=["rooms"],
     url_name="rooms",
     openapi_extra=links(201, slug="$response.body#/slug", to=["message_list", "message_create"]),
 )
@@ -529,6 +531,7 @@ def room_create(request: HttpRequest, data: RoomIn) -> JsonResponse:
     response=responses({200: MessagesPage}, 404),
     summary="A page of messages",
     operation_id="message_list",
+    tags=["messages"],
     url_name="messages",
 )
 def message_list(
@@ -546,6 +549,7 @@ def message_list(
     response=responses({200: MessageOut, 201: MessageOut}, 403, 404, 413),
     summary="Post a message",
     operation_id="message_create",
+    tags=["messages"],
     url_name="messages",
     openapi_extra=links(
         201,
@@ -566,6 +570,7 @@ def message_create(request: HttpRequest, slug: str, data: MessageIn) -> JsonResp
     response=responses({200: MessageOut}, 404),
     summary="One message",
     operation_id="message_get",
+    tags=["messages"],
     url_name="message",
 )
 def message_get(request: HttpRequest, slug: str, message_id: int) -> JsonResponse:
@@ -581,6 +586,7 @@ def message_get(request: HttpRequest, slug: str, message_id: int) -> JsonRespons
     response=responses({200: MessageOut}, 403, 404, 413),
     summary="Edit your message",
     operation_id="message_edit",
+    tags=["messages"],
     url_name="message",
 )
 def message_edit(request: HttpRequest, slug: str, message_id: int, data: MessageEdit) -> JsonResponse:
@@ -594,6 +600,7 @@ def message_edit(request: HttpRequest, slug: str, message_id: int, data: Message
     response=responses({200: MessageOut}, 403, 404),
     summary="Delete a message",
     operation_id="message_delete",
+    tags=["messages"],
     url_name="message",
 )
 def message_delete(request: HttpRequest, slug: str, message_id: int) -> JsonResponse:
@@ -614,6 +621,7 @@ def message_delete(request: HttpRequest, slug: str, message_id: int) -> JsonResp
     response=responses({200: PollPage}, 404),
     summary="Wait for new messages",
     operation_id="room_poll",
+    tags=["long-poll"],
     url_name="poll",
 )
 async def poll(
