@@ -133,17 +133,22 @@ def test_bad_paging_parameters_are_400(alice_api, room, query):
     assert error_of(alice_api.get(f"/api/rooms/general/messages?{query}")) == (400, "invalid_param")
 
 
-def test_an_unknown_room_and_a_private_room_of_others_are_both_404(alice_api, third_user, private_room):
+def test_an_unknown_room_and_a_private_room_of_others_are_both_404(alice_api, user, third_user, private_room):
     assert error_of(alice_api.get("/api/rooms/nope/messages")) == (404, "room_not_found")
+    secret, _ = services.message_create(room=private_room, author=user, body="members only")
     carol = Client()
     carol.force_login(third_user)
     for response in (
         carol.get("/api/rooms/secret/messages"),
         post_json(carol, "/api/rooms/secret/messages", {"body": "hi"}),
+        carol.get(f"/api/rooms/secret/messages/{secret.pk}"),
+        carol.patch(f"/api/rooms/secret/messages/{secret.pk}", json.dumps({"body": "changed"}), "application/json"),
+        carol.delete(f"/api/rooms/secret/messages/{secret.pk}"),
         carol.get("/api/rooms/secret/poll?timeout=1"),
     ):
         assert error_of(response) == (404, "room_not_found")
-    assert not Message.objects.exists()
+    assert list(Message.objects.values_list("body", flat=True)) == ["members only"]
+    assert [room["slug"] for room in carol.get("/api/rooms/").json()["rooms"]] == []
 
 
 def test_posting_returns_201_and_a_retry_with_the_same_nonce_returns_the_original(alice_api, room):
