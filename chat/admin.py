@@ -144,16 +144,36 @@ class DeletedFilter(admin.SimpleListFilter):
         return queryset
 
 
+class PinnedFilter(admin.SimpleListFilter):
+    title = "pinned"
+    parameter_name = "pinned"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "Pinned")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "yes":
+            return queryset.filter(pinned_at__isnull=False)
+        return queryset
+
+
 @admin.register(Message)
 class MessageAdmin(admin.ModelAdmin):
-    list_display = ("room", "seq", "author", "body_start", "created_at", "edited_at", "deleted_at")
+    list_display = ("room", "seq", "author", "body_start", "created_at", "edited_at", "deleted_at", "pinned")
     list_select_related = ("room", "author")
     # All rooms, from the room table: RelatedOnlyFieldListFilter would scan the messages for the rooms they use.
-    list_filter = ("room", "created_at", DeletedFilter)
+    list_filter = ("room", "created_at", DeletedFilter, PinnedFilter)
     search_fields = ("body", "author__username")
     raw_id_fields = ("room", "author")
-    fields = ("room", "seq", "author", "body", "nonce", "created_at", "edited_at", "deleted_at")
-    readonly_fields = ("room", "seq", "author", "nonce", "created_at", "edited_at", "deleted_at")
+    fields = (
+        "room", "seq", "author", "body", "reply_to", "reaction_summary", "nonce",
+        "created_at", "edited_at", "deleted_at", "pinned_at",
+    )  # fmt: skip
+    readonly_fields = (
+        "room", "seq", "author", "reply_to", "reaction_summary", "nonce", "created_at", "edited_at", "deleted_at",
+        "pinned_at",
+    )  # fmt: skip
+    actions = ["pin_messages", "unpin_messages"]
     # A million messages: no COUNT(*) of the whole table, a capped count of the filtered one.
     show_full_result_count = False
     paginator = CappedCountPaginator
@@ -172,6 +192,35 @@ class MessageAdmin(admin.ModelAdmin):
     @admin.display(description="body")
     def body_start(self, message: Message) -> str:
         return message.body[:80]
+
+    @admin.display(description="pinned", boolean=True)
+    def pinned(self, message: Message) -> bool:
+        return message.pinned_at is not None
+
+    @admin.display(description="reactions")
+    def reaction_summary(self, message: Message) -> str:
+        return ", ".join(f"{r['emoji']} {r['count']} ({', '.join(r['users'])})" for r in message.reactions) or "–"
+
+    @admin.action(description="Pin the selected messages in their rooms")
+    def pin_messages(self, request: HttpRequest, queryset: QuerySet[Message]) -> None:
+        self._pin(request, queryset, pinned=True)
+
+    @admin.action(description="Unpin the selected messages")
+    def unpin_messages(self, request: HttpRequest, queryset: QuerySet[Message]) -> None:
+        self._pin(request, queryset, pinned=False)
+
+    def _pin(self, request: HttpRequest, queryset: QuerySet[Message], *, pinned: bool) -> None:
+        done = 0
+        for message in queryset.select_related("room"):
+            try:
+                services.message_pin(
+                    room=message.room, message_id=message.pk, user=authenticated_user(request), pinned=pinned
+                )
+                done += 1
+            except services.ChatError as error:
+                self.message_user(request, f"Message {message}: {error.detail}", messages.ERROR)
+        if done:
+            self.message_user(request, f"{'Pinned' if pinned else 'Unpinned'} {done} message(s).", messages.SUCCESS)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # messages are posted in the chat, by the API, or with manage.py postmessage

@@ -30,7 +30,7 @@ from ninja.errors import AuthenticationError, HttpError
 from ninja.errors import ValidationError as NinjaValidationError
 from ninja.parser import Parser
 from ninja.security import APIKeyCookie, HttpBearer
-from pydantic import BeforeValidator, StrictBool, StrictStr
+from pydantic import BeforeValidator, StrictBool, StrictInt, StrictStr
 from pydantic_core import PydanticUseDefault
 
 from chat import database, ephemeral, longpoll, protocol, selectors, services, tokens, validation
@@ -81,17 +81,34 @@ class ErrorOut(Schema):
     error: ErrorDetail
 
 
+class ReplyQuote(Schema):
+    id: int
+    seq: int
+    author: str
+    excerpt: str = Field(description='The first 140 characters of its source as it is now; "" once deleted.')
+
+
+class ReactionOut(Schema):
+    emoji: str
+    count: int
+    users: list[str] = Field(description="Who reacted, in the order they did.")
+
+
 class MessageOut(Schema):
     id: int
     seq: int = Field(description="The message's place in its room: 1, 2, 3, ... without gaps.")
     room: str
     author: str
-    body: str = Field(description='"" once deleted.')
+    body: str = Field(description='The Markdown source; "" once deleted.')
     created_at: str = Field(json_schema_extra={"format": "date-time"})
     edited_at: str | None = Field(json_schema_extra={"format": "date-time"})
     deleted_at: str | None = Field(json_schema_extra={"format": "date-time"})
     nonce: str | None
     system: bool
+    html: str = Field(description="The body rendered from Markdown and sanitized: safe to show as HTML.")
+    reply_to: ReplyQuote | None = Field(description="The message this one answers.")
+    reactions: list[ReactionOut] = Field(description="One entry per emoji, in the order each was first used.")
+    pinned_at: str | None = Field(json_schema_extra={"format": "date-time"})
 
 
 # A body's length is validation.message_body's to refuse (413 body_too_long, on every path); the schema says it.
@@ -105,6 +122,19 @@ class MessageIn(Schema):
         max_length=validation.NONCE_MAX_LENGTH,
         description="Unique per author: a retry with the same nonce returns the original and stores nothing.",
     )
+    reply_to: StrictInt | None = Field(
+        None, ge=1, le=validation.SEQ_MAX, description="The id of the message this one answers, in the same room."
+    )
+
+
+class ReactionIn(Schema):
+    emoji: StrictStr = Field(
+        description="One emoji. Toggles: your reaction is added, or taken back if you had reacted with it."
+    )
+
+
+class PinnedList(Schema):
+    messages: list[MessageOut] = Field(description="The newest pin first, 50 at most.")
 
 
 class MessageEdit(Schema):
@@ -159,6 +189,9 @@ _LimitNumber = Annotated[int, Field(ge=1, le=MESSAGES_MAX_LIMIT)]
 _TimeoutNumber = Annotated[int, Field(ge=1, le=settings.CHAT_POLL_MAX_TIMEOUT)]
 Seq = Annotated[_SeqNumber, BeforeValidator(_digits), Field(description="A message's seq.")]
 BeforeSeq = Annotated[_PositiveSeqNumber, BeforeValidator(_digits), Field(description="Only messages before this seq.")]
+AroundSeq = Annotated[
+    _PositiveSeqNumber, BeforeValidator(_digits), Field(description="The messages on both sides of this seq.")
+]
 PageLimit = Annotated[_LimitNumber, BeforeValidator(_digits), Field(description="At most this many messages.")]
 POLL_DEFAULT_TIMEOUT = min(25, settings.CHAT_POLL_MAX_TIMEOUT)
 PollTimeout = Annotated[_TimeoutNumber, BeforeValidator(_digits), Field(description="Seconds to wait at most.")]
@@ -416,7 +449,7 @@ api = ChatAPI(
 POLL_AUTH = [BearerToken(for_polls=True), SessionCookie(for_polls=True)]
 
 # Which code a bad field of a body gets: the WebSocket's, where it has one.
-FIELD_CODES = {"body": "invalid_body", "nonce": "invalid_nonce"}
+FIELD_CODES = {"body": "invalid_body", "nonce": "invalid_nonce", "reply_to": "invalid_reply", "emoji": "invalid_emoji"}
 
 
 @api.exception_handler(ApiError)
@@ -450,9 +483,9 @@ def _invalid(request: HttpRequest, error: NinjaValidationError) -> HttpResponse:
         if len(where) < 2:
             return error_response(400, "invalid_json", "The request body must be a JSON object.")
         if problem["type"] == "missing":
-            return error_response(
-                400, f"missing_{name}" if name in FIELD_CODES else "invalid_field", f'"{name}" is missing.'
-            )
+            # "missing_body", as on the socket; a missing emoji is as invalid as a wrong one (invalid_emoji).
+            code = "missing_body" if name == "body" else FIELD_CODES.get(name, "invalid_field")
+            return error_response(400, code, f'"{name}" is missing.')
         return error_response(400, FIELD_CODES.get(name, "invalid_field"), f'"{name}": {problem["msg"]}.')
     return error_response(400, "invalid_param", f'"{name}": {problem["msg"]}.')
 
@@ -535,12 +568,23 @@ def room_create(request: HttpRequest, data: RoomIn) -> JsonResponse:
     url_name="messages",
 )
 def message_list(
-    request: HttpRequest, slug: str, after: Seq | None = None, before: BeforeSeq | None = None, limit: PageLimit = 50
+    request: HttpRequest,
+    slug: str,
+    after: Seq | None = None,
+    before: BeforeSeq | None = None,
+    around: AroundSeq | None = None,
+    limit: PageLimit = 50,
 ) -> JsonResponse:
     """In seq order. With `after`, the page starts just after it and `has_more` means newer ones follow;
-    without, it is the newest (before `before`) and `has_more` means older ones exist."""
+    without, it is the newest (before `before`) and `has_more` means older ones exist. With `around`
+    (alone), half the page is before that seq and the rest from it on; `has_more` means older ones exist."""
     room = _room(slug, _user(request))
-    page, has_more = selectors.message_list(room=room, after_seq=after, before_seq=before, limit=limit)
+    if around is not None:
+        if after is not None or before is not None:
+            raise ApiError(400, "invalid_param", '"around" goes alone: without "after" or "before".')
+        page, has_more = selectors.message_around(room=room, seq=around, limit=limit)
+    else:
+        page, has_more = selectors.message_list(room=room, after_seq=after, before_seq=before, limit=limit)
     return JsonResponse({"messages": [protocol.message_payload(m) for m in page], "has_more": has_more})
 
 
@@ -555,13 +599,17 @@ def message_list(
         201,
         slug="$request.path.slug",
         message_id="$response.body#/id",
-        to=["message_get", "message_edit", "message_delete"],
+        to=["message_get", "message_edit", "message_delete", "message_react", "message_pin", "message_unpin"],
     ),
 )
 def message_create(request: HttpRequest, slug: str, data: MessageIn) -> JsonResponse:
-    """Saved, then published to every WebSocket in the room: 201. A retry with the same nonce: 200 and the original."""
+    """Saved, then published to every WebSocket in the room: 201. A retry with the same nonce: 200 and the original.
+
+    The body is Markdown; the answer carries it rendered as `html`."""
     room = _room(slug, _user(request))
-    message, created = services.message_create(room=room, author=_user(request), body=data.body, nonce=data.nonce)
+    message, created = services.message_create(
+        room=room, author=_user(request), body=data.body, nonce=data.nonce, reply_to=data.reply_to
+    )
     return JsonResponse(protocol.message_payload(message), status=201 if created else 200)
 
 
@@ -608,6 +656,64 @@ def message_delete(request: HttpRequest, slug: str, message_id: int) -> JsonResp
     room = _room(slug, _user(request))
     changed = services.message_delete(room=room, message_id=message_id, user=_user(request))
     return JsonResponse(protocol.message_payload(changed))
+
+
+@api.post(
+    "/rooms/{slug:slug}/messages/{int:message_id}/reactions/",
+    response=responses({200: MessageOut}, 403, 404),
+    summary="React to a message",
+    operation_id="message_react",
+    tags=["messages"],
+    url_name="message-reactions",
+)
+def message_react(request: HttpRequest, slug: str, message_id: int, data: ReactionIn) -> JsonResponse:
+    """Toggles your reaction with one emoji (20 different ones per message at most); published to every socket."""
+    room = _room(slug, _user(request))
+    changed = services.message_react(room=room, message_id=message_id, user=_user(request), emoji=data.emoji)
+    return JsonResponse(protocol.message_payload(changed))
+
+
+@api.put(
+    "/rooms/{slug:slug}/messages/{int:message_id}/pin",
+    response=responses({200: MessageOut}, 403, 404),
+    summary="Pin a message",
+    operation_id="message_pin",
+    tags=["messages"],
+    url_name="message-pin",
+)
+def message_pin(request: HttpRequest, slug: str, message_id: int) -> JsonResponse:
+    """The room's owner and moderators, and staff. Pinning a pinned message changes nothing."""
+    room = _room(slug, _user(request))
+    changed = services.message_pin(room=room, message_id=message_id, user=_user(request), pinned=True)
+    return JsonResponse(protocol.message_payload(changed))
+
+
+@api.delete(
+    "/rooms/{slug:slug}/messages/{int:message_id}/pin",
+    response=responses({200: MessageOut}, 403, 404),
+    summary="Unpin a message",
+    operation_id="message_unpin",
+    tags=["messages"],
+    url_name="message-pin",
+)
+def message_unpin(request: HttpRequest, slug: str, message_id: int) -> JsonResponse:
+    """The room's owner and moderators, and staff."""
+    room = _room(slug, _user(request))
+    changed = services.message_pin(room=room, message_id=message_id, user=_user(request), pinned=False)
+    return JsonResponse(protocol.message_payload(changed))
+
+
+@api.get(
+    "/rooms/{slug:slug}/pins",
+    response=responses({200: PinnedList}, 404),
+    summary="The room's pinned messages",
+    operation_id="pin_list",
+    tags=["messages"],
+    url_name="pins",
+)
+def pin_list(request: HttpRequest, slug: str) -> JsonResponse:
+    room = _room(slug, _user(request))
+    return JsonResponse({"messages": [protocol.message_payload(m) for m in selectors.pinned_messages(room=room)]})
 
 
 # --------------------------------------------------------------------------
@@ -674,7 +780,7 @@ def _json_405(view: Callable) -> Callable:
     def answer(request: HttpRequest, response: HttpResponse) -> HttpResponse:
         if response.status_code != 405:
             return response
-        allowed = [m for m in ("GET", "POST", "PATCH", "DELETE") if m in response.get("Allow", "")]
+        allowed = [m for m in ("GET", "POST", "PUT", "PATCH", "DELETE") if m in response.get("Allow", "")]
         detail = f"{request.method} is not allowed here; use {', '.join(allowed)}."
         return error_response(405, "method_not_allowed", detail, {"Allow": ", ".join(allowed)})
 

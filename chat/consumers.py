@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import uuid
+from collections.abc import Callable
 from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
@@ -10,7 +12,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from chat import database, ephemeral, fanout, presence, protocol, realtime, selectors, serversend, services, validation
-from chat.models import Room
+from chat.models import Message, Room
 from chat.validation import ChatError
 
 logger = logging.getLogger(__name__)
@@ -199,7 +201,9 @@ class RoomConsumer(AsyncWebsocketConsumer):
     async def handle(self, command: protocol.ClientCommand) -> None:
         if isinstance(command, protocol.SendCommand):
             await self.send_message(command)
-        elif isinstance(command, protocol.EditCommand | protocol.DeleteCommand):
+        elif isinstance(
+            command, protocol.EditCommand | protocol.DeleteCommand | protocol.ReactCommand | protocol.PinCommand
+        ):
             await self.change_message(command)
         elif isinstance(command, protocol.ReadCommand):
             await database_sync_to_async(services.read_mark)(
@@ -207,6 +211,11 @@ class RoomConsumer(AsyncWebsocketConsumer):
             )
         elif isinstance(command, protocol.TypingCommand):
             await presence.typing(room_id=self.joined_room.pk, username=self.scope["user"].get_username())
+        elif command.around is not None:
+            messages, has_more = await database_sync_to_async(selectors.message_around)(
+                room=self.joined_room, seq=command.around, limit=command.limit
+            )
+            await self.send(protocol.history_frame(messages, has_more, around=command.around))
         else:
             messages, has_more = await database_sync_to_async(selectors.message_list)(
                 room=self.joined_room, before_seq=command.before, limit=command.limit
@@ -218,7 +227,12 @@ class RoomConsumer(AsyncWebsocketConsumer):
         try:
             await services.message_rate_check(author=author, body=command.body)
             message, created = await database_sync_to_async(services.message_create)(
-                room=self.joined_room, author=author, body=command.body, nonce=command.nonce, rate_checked=True
+                room=self.joined_room,
+                author=author,
+                body=command.body,
+                nonce=command.nonce,
+                reply_to=command.reply_to,
+                rate_checked=True,
             )
         except ChatError as error:
             await self.send(
@@ -235,17 +249,20 @@ class RoomConsumer(AsyncWebsocketConsumer):
             # A retry: the original was broadcast already, so answer only this socket.
             await self.send(protocol.message_frame(message))
 
-    async def change_message(self, command: protocol.EditCommand | protocol.DeleteCommand) -> None:
-        user = self.scope["user"]
+    async def change_message(
+        self, command: protocol.EditCommand | protocol.DeleteCommand | protocol.ReactCommand | protocol.PinCommand
+    ) -> None:
+        change: Callable[..., Message]
+        if isinstance(command, protocol.EditCommand):
+            change = functools.partial(services.message_edit, body=command.body)
+        elif isinstance(command, protocol.ReactCommand):
+            change = functools.partial(services.message_react, emoji=command.emoji)
+        elif isinstance(command, protocol.PinCommand):
+            change = functools.partial(services.message_pin, pinned=command.pinned)
+        else:
+            change = services.message_delete
         try:
-            if isinstance(command, protocol.EditCommand):
-                await database_sync_to_async(services.message_edit)(
-                    room=self.joined_room, message_id=command.id, user=user, body=command.body
-                )
-            else:
-                await database_sync_to_async(services.message_delete)(
-                    room=self.joined_room, message_id=command.id, user=user
-                )
+            await database_sync_to_async(change)(room=self.joined_room, message_id=command.id, user=self.scope["user"])
         except ChatError as error:
             await self.send(protocol.error_frame(error.code, error.detail))
         # Success is the broadcast that every socket in the room, this one included, receives.

@@ -69,8 +69,20 @@ class Message(models.Model):
     seq = models.PositiveBigIntegerField()
     # Chosen by the client so that a retried send is recognised, not repeated.
     nonce = models.CharField(max_length=64, null=True, blank=True)
-    # The room's last_change when this message was last edited or deleted (0: never).
+    # The room's last_change when this message was last edited, deleted, reacted to or pinned (0: never).
     change = models.PositiveBigIntegerField(default=0)
+    # The body rendered from Markdown and sanitized (chat/markdown.py): made once per save or edit,
+    # never per delivery. "" for a deleted message.
+    html = models.TextField(blank=True, default="")
+    # The message this one answers, in the same room (services.message_create checks).
+    reply_to = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="replies", editable=False
+    )
+    # Set while the room's owner, a moderator or staff has it pinned.
+    pinned_at = models.DateTimeField(null=True, blank=True)
+    # Who reacted with what: [{"emoji", "count", "users"}] in order of first use. A summary of
+    # the Reaction rows, rewritten with them, so that serving a message never counts reactions.
+    reactions = models.JSONField(default=list, blank=True, editable=False)
 
     class Meta:
         # By the column, not the relation: "room" would sort by the Room's own ordering, through a join.
@@ -88,6 +100,8 @@ class Message(models.Model):
             models.Index(fields=["created_at"], name="message_created_at"),
             # The admin's "deleted" filter: deleted messages are few.
             models.Index(fields=["deleted_at"], name="message_deleted", condition=Q(deleted_at__isnull=False)),
+            # A room's pinned messages (its header): few per room.
+            models.Index(fields=["room", "pinned_at"], name="message_pinned", condition=Q(pinned_at__isnull=False)),
         ]
 
     def __str__(self) -> str:
@@ -97,6 +111,24 @@ class Message(models.Model):
     def is_system(self) -> bool:
         """Posted by an operator (manage.py postmessage), not by a person."""
         return self.author.get_username() == SYSTEM_USERNAME
+
+
+class Reaction(models.Model):
+    """One user's reaction to a message with one emoji; Message.reactions sums them up."""
+
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="reaction_rows")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    emoji = models.CharField(max_length=64)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["message", "created_at", "pk"]
+        constraints = [
+            models.UniqueConstraint(fields=["message", "user", "emoji"], name="reaction_unique_message_user_emoji")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.emoji} by {self.user_id} on {self.message_id}"
 
 
 class Membership(models.Model):

@@ -36,6 +36,27 @@ def message_payload(message: Message) -> dict[str, Any]:
         "deleted_at": _iso(message.deleted_at),
         "nonce": message.nonce,
         "system": message.is_system,
+        "html": message.html,
+        "reply_to": _quote(message),
+        "reactions": message.reactions,
+        "pinned_at": _iso(message.pinned_at),
+    }
+
+
+REPLY_EXCERPT_LENGTH = 140
+
+
+def _quote(message: Message) -> dict[str, Any] | None:
+    """The message this one answers, as it is now ("" once it is deleted); None if it answers none."""
+    if message.reply_to_id is None:
+        return None
+    original = message.reply_to
+    assert original is not None
+    return {
+        "id": original.pk,
+        "seq": original.seq,
+        "author": original.author.get_username(),
+        "excerpt": original.body[:REPLY_EXCERPT_LENGTH],
     }
 
 
@@ -107,8 +128,12 @@ def error_frame(code: str, detail: str, nonce: Any = None, *, retry_after: int |
     return encode(frame)
 
 
-def history_frame(messages: list[Message], has_more: bool) -> str:
-    return encode({"type": "history", "messages": [message_payload(m) for m in messages], "has_more": has_more})
+def history_frame(messages: list[Message], has_more: bool, *, around: int | None = None) -> str:
+    frame: dict[str, Any] = {"type": "history"}
+    if around is not None:
+        frame["around"] = around
+    frame.update({"messages": [message_payload(m) for m in messages], "has_more": has_more})
+    return encode(frame)
 
 
 def change_payload(message: Message) -> dict[str, Any]:
@@ -116,6 +141,17 @@ def change_payload(message: Message) -> dict[str, Any]:
     if message.deleted_at is not None:
         return {"type": "message_deleted", "id": message.pk, "seq": message.seq, "change": message.change}
     return {"type": "message_updated", "message": message_payload(message), "change": message.change}
+
+
+def reactions_payload(message: Message) -> dict[str, Any]:
+    """Tell clients the reactions to a message changed: its whole list as it now is."""
+    return {
+        "type": "reactions",
+        "id": message.pk,
+        "seq": message.seq,
+        "change": message.change,
+        "reactions": message.reactions,
+    }
 
 
 def history_cleared_payload(through_seq: int, change: int) -> dict[str, Any]:
@@ -175,6 +211,7 @@ class FrameError(ChatError):
 class SendCommand:
     body: Any
     nonce: Any
+    reply_to: int | None = None
 
 
 @dataclass(frozen=True)
@@ -200,11 +237,27 @@ class ReadCommand:
 
 @dataclass(frozen=True)
 class HistoryCommand:
-    before: int
     limit: int
+    before: int | None = None
+    # Instead of `before`: the messages on both sides of this seq.
+    around: int | None = None
 
 
-ClientCommand = SendCommand | HistoryCommand | TypingCommand | EditCommand | DeleteCommand | ReadCommand
+@dataclass(frozen=True)
+class ReactCommand:
+    id: Any
+    emoji: Any
+
+
+@dataclass(frozen=True)
+class PinCommand:
+    id: Any
+    pinned: bool
+
+
+ClientCommand = (
+    SendCommand | HistoryCommand | TypingCommand | EditCommand | DeleteCommand | ReadCommand | ReactCommand | PinCommand
+)
 
 
 def parse_client_frame(text_data: str | None, bytes_data: bytes | None) -> ClientCommand:
@@ -230,13 +283,17 @@ def _command(frame: dict[str, Any]) -> ClientCommand:
     kind = frame.get("type")
     if kind == "send":
         return SendCommand(
-            body=validation.required(frame, "body", '{"type": "send", "body": "..."}'), nonce=frame.get("nonce")
+            body=validation.required(frame, "body", '{"type": "send", "body": "..."}'),
+            nonce=frame.get("nonce"),
+            reply_to=validation.reply_id(frame.get("reply_to")),
         )
     if kind == "history":
-        return HistoryCommand(
-            before=validation.json_int(frame.get("before"), "before", low=1),
-            limit=validation.json_int(frame.get("limit"), "limit", low=1, high=HISTORY_MAX_LIMIT),
-        )
+        limit = validation.json_int(frame.get("limit"), "limit", low=1, high=HISTORY_MAX_LIMIT)
+        if "around" in frame:
+            if "before" in frame:
+                raise ChatError("invalid_frame", 'Send "before" or "around", not both.')
+            return HistoryCommand(limit=limit, around=validation.json_int(frame.get("around"), "around", low=1))
+        return HistoryCommand(limit=limit, before=validation.json_int(frame.get("before"), "before", low=1))
     if kind == "typing":
         return TypingCommand()
     if kind == "edit":
@@ -247,8 +304,16 @@ def _command(frame: dict[str, Any]) -> ClientCommand:
         return DeleteCommand(id=frame.get("id"))
     if kind == "read":
         return ReadCommand(seq=validation.json_int(frame.get("seq"), "seq"))
+    if kind == "react":
+        return ReactCommand(id=frame.get("id"), emoji=frame.get("emoji"))
+    if kind == "pin":
+        pinned = frame.get("pinned")
+        if not isinstance(pinned, bool):
+            raise ChatError("invalid_frame", '"pinned" must be true or false.')
+        return PinCommand(id=frame.get("id"), pinned=pinned)
     raise ChatError(
-        "unknown_type", f'Unknown frame type {kind!r}; use "send", "history", "typing", "edit", "delete" or "read".'
+        "unknown_type",
+        f'Unknown frame type {kind!r}; use "send", "history", "typing", "edit", "delete", "read", "react" or "pin".',
     )
 
 

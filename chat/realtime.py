@@ -198,12 +198,13 @@ def publish_message(message: Message) -> None:
     _group_send(room_group(message.room_id), message_event(message))
 
 
-def change_event(message: Message) -> dict:
+def change_event(message: Message, frame: dict | None = None) -> dict:
+    """The event of a change to a message; `frame` says it (by default the message as it now is)."""
     return {
         "type": CHANGE_EVENT,
         "room": message.room_id,
         "change": message.change,
-        "frame": protocol.change_payload(message),
+        "frame": protocol.change_payload(message) if frame is None else frame,
     }
 
 
@@ -216,9 +217,9 @@ def history_cleared_event(*, room_id: int, through_seq: int, change: int) -> dic
     }
 
 
-def publish_change(message: Message) -> None:
-    """Tell every socket in the room that a message was edited or deleted (after the commit)."""
-    _group_send(room_group(message.room_id), change_event(message))
+def publish_change(message: Message, frame: dict | None = None) -> None:
+    """Tell every socket in the room that a message changed (after the commit)."""
+    _group_send(room_group(message.room_id), change_event(message, frame))
 
 
 async def publish_presence(*, room_id: int, users: list[str]) -> None:

@@ -136,8 +136,13 @@ def room_members(*, room: Room) -> list[Membership]:
     return sorted(members, key=lambda membership: (rank[membership.role], membership.user.get_username().lower()))
 
 
+def messages_served() -> QuerySet[Message]:
+    """Messages with what their payload names joined in (protocol.message_payload): no query per message."""
+    return Message.objects.select_related("room", "author", "reply_to__author")
+
+
 def _messages(room: Room) -> QuerySet[Message]:
-    return Message.objects.filter(room=room).select_related("room", "author")
+    return messages_served().filter(room=room)
 
 
 def message_get(*, room: Room, message_id: int) -> Message | None:
@@ -161,6 +166,26 @@ def message_list(
         return page[:limit], len(page) > limit
     page = list(messages.order_by("-seq")[: limit + 1])
     return page[:limit][::-1], len(page) > limit
+
+
+def message_around(*, room: Room, seq: int, limit: int) -> tuple[list[Message], bool]:
+    """Return up to `limit` messages in seq order around `seq`: half before it, the rest from it on.
+
+    The second value says whether older messages lie before the first one.
+    """
+    before = list(_messages(room).filter(seq__lt=seq).order_by("-seq")[: limit // 2 + 1])
+    older_exist = len(before) > limit // 2
+    before = before[: limit // 2][::-1]
+    after = list(_messages(room).filter(seq__gte=seq).order_by("seq")[: limit - len(before)])
+    return before + after, older_exist
+
+
+PINNED_MAX = 50
+
+
+def pinned_messages(*, room: Room) -> list[Message]:
+    """Return the room's pinned messages, the newest pin first (the room header's list)."""
+    return list(_messages(room).filter(pinned_at__isnull=False).order_by("-pinned_at", "-seq")[:PINNED_MAX])
 
 
 @dataclass(frozen=True)
@@ -265,7 +290,7 @@ def rooms_news(since: dict[int, tuple[RoomPosition, int, int]], *, limit: int) -
             if changes_after < position.cleared_change:
                 changes &= Q(seq__gt=position.cleared_through_seq)
             wanted |= changes
-    rows = list(Message.objects.filter(wanted).select_related("room", "author").order_by("room_id", "seq"))
+    rows = list(messages_served().filter(wanted).order_by("room_id", "seq"))
     news = {}
     for room_id, (position, after_seq, changes_after) in since.items():
         in_room = [m for m in rows if m.room_id == room_id]

@@ -16,8 +16,8 @@ from django.db.models.functions import Greatest, Least
 from django.utils import timezone
 from django.utils.text import slugify
 
-from chat import ephemeral, realtime, selectors, tokens, transfer, validation
-from chat.models import PLACEHOLDER_USERNAME, SYSTEM_USERNAME, ApiToken, Membership, Message, Room
+from chat import ephemeral, markdown, protocol, realtime, selectors, tokens, transfer, validation
+from chat.models import PLACEHOLDER_USERNAME, SYSTEM_USERNAME, ApiToken, Membership, Message, Reaction, Room
 from chat.validation import ChatError
 
 __all__ = ["ChatError"]  # what every service raises, defined with the rules in chat/validation.py
@@ -86,7 +86,7 @@ def room_clear_history(*, room: Room, batch_size: int = 10_000, progress: Callab
     for low in range(0, through_seq, batch_size):
         deleted += Message.objects.filter(
             room=room, seq__gt=low, seq__lte=min(low + batch_size, through_seq), deleted_at__isnull=True
-        ).update(body="", deleted_at=now, change=change)
+        ).update(body="", html="", deleted_at=now, change=change)
         if progress is not None:
             progress(deleted)
     realtime.publish_after_commit(
@@ -230,16 +230,24 @@ def read_mark(*, room: Room, user: User, seq: int) -> None:
 
 
 def message_create(
-    *, room: Room, author: User, body: object, nonce: object = None, rate_checked: bool = False
+    *,
+    room: Room,
+    author: User,
+    body: object,
+    nonce: object = None,
+    reply_to: object = None,
+    rate_checked: bool = False,
 ) -> tuple[Message, bool]:
     """Save a message with the room's next seq, then publish it once committed.
 
     Returns (message, created). A nonce the author already used returns the
     original message with created=False: a retried send changes nothing.
+    `reply_to`: the id of the message this one answers, in the same room.
     `rate_checked`: the caller counted this send already (message_rate_check).
     """
     body = validation.message_body(body)
     nonce = validation.nonce(nonce)
+    reply_id = validation.reply_id(reply_to)
     if not rate_checked and (rate := _message_rate(author)):
         _raise_if_rate_limited(ephemeral.rate_limit(*rate))
     if (
@@ -248,10 +256,20 @@ def message_create(
         and selectors.membership_get(room=room, user=author) is None
     ):
         raise ChatError("forbidden", "You are not a member of this room.")
+    original = None if reply_id is None else _reply_target(room=room, message_id=reply_id)
     # No look-up first: a retry is rare, and the unique (author, nonce)
     # constraint catches it below at no cost to every other send.
     now = timezone.now()
-    draft = Message(room=room, author=author, body=body, nonce=nonce, created_at=now, seq=0)
+    draft = Message(
+        room=room,
+        author=author,
+        body=body,
+        html=markdown.render(body),
+        reply_to=original,
+        nonce=nonce,
+        created_at=now,
+        seq=0,
+    )
     try:
         message = _save_with_next_seq(draft, now)
     except IntegrityError:
@@ -265,6 +283,13 @@ def message_create(
     room.last_seq = message.seq
     room.last_message_at = now
     return message, True
+
+
+def _reply_target(*, room: Room, message_id: int) -> Message:
+    original = selectors.messages_served().filter(pk=message_id, room=room, deleted_at__isnull=True).first()
+    if original is None:
+        raise ChatError("invalid_reply", "You can only reply to a message in this room that is not deleted.")
+    return original
 
 
 def _save_with_next_seq(draft: Message, now: datetime) -> Message | None:
@@ -353,7 +378,7 @@ def _raise_if_rate_limited(retry_after: int) -> None:
 
 
 def _message_for_nonce(*, room: Room, author: User, nonce: str) -> Message | None:
-    message = Message.objects.select_related("room", "author").filter(author=author, nonce=nonce).first()
+    message = selectors.messages_served().filter(author=author, nonce=nonce).first()
     if message is not None and message.room_id != room.pk:
         raise ChatError("invalid_nonce", "This nonce was already used for a message in another room.")
     return message
@@ -370,8 +395,9 @@ def message_edit(*, room: Room, message_id: object, user: User, body: object, by
         if message.author_id != user.pk and not (by_staff and user.is_staff):
             raise ChatError("forbidden", "You can only edit your own messages.")
         message.body = body
+        message.html = markdown.render(body)
         message.edited_at = timezone.now()
-        _record_change(room=room, message=message, fields=["body", "edited_at"])
+        _record_change(room=room, message=message, fields=["body", "html", "edited_at"])
     return message
 
 
@@ -384,9 +410,56 @@ def message_delete(*, room: Room, message_id: object, user: User) -> Message:
         message = _message_for_change(room=room, message_id=message_id)
         if message.author_id != user.pk and not user.is_staff and not _moderates(room=room, user=user):
             raise ChatError("forbidden", "You can only delete your own messages.")
-        message.body = ""
+        message.body = message.html = ""
         message.deleted_at = timezone.now()
-        _record_change(room=room, message=message, fields=["body", "deleted_at"])
+        _record_change(room=room, message=message, fields=["body", "html", "deleted_at"])
+    return message
+
+
+REACTIONS_MAX_EMOJI = 20
+
+
+def message_react(*, room: Room, message_id: object, user: User, emoji: object) -> Message:
+    """Toggle the user's reaction to a message with one emoji, then publish the message's reactions once committed.
+
+    At most REACTIONS_MAX_EMOJI different emoji per message.
+    """
+    emoji = validation.reaction_emoji(emoji)
+    with transaction.atomic():
+        message = _message_for_change(room=room, message_id=message_id)
+        removed, _ = Reaction.objects.filter(message=message, user=user, emoji=emoji).delete()
+        if not removed:
+            in_use = {reaction["emoji"] for reaction in message.reactions}
+            if emoji not in in_use and len(in_use) >= REACTIONS_MAX_EMOJI:
+                raise ChatError("invalid_emoji", f"A message can have at most {REACTIONS_MAX_EMOJI} different emoji.")
+            Reaction.objects.create(message=message, user=user, emoji=emoji)
+        message.reactions = _reaction_summary(message)
+        _record_change(room=room, message=message, fields=["reactions"], frame=protocol.reactions_payload)
+    return message
+
+
+def _reaction_summary(message: Message) -> list[dict[str, Any]]:
+    """Return Message.reactions as the Reaction rows now say: each emoji in order of first use."""
+    summary: dict[str, list[str]] = {}
+    for emoji, username in Reaction.objects.filter(message=message).values_list("emoji", "user__username"):
+        summary.setdefault(emoji, []).append(username)  # rows come in Reaction's order: oldest first
+    return [{"emoji": emoji, "count": len(users), "users": users} for emoji, users in summary.items()]
+
+
+def message_pin(*, room: Room, message_id: object, user: User, pinned: bool) -> Message:
+    """Pin or unpin a message (the room's owner and moderators, or staff); publish the change once committed.
+
+    Pinning a pinned message (or unpinning one that is not) changes nothing and publishes nothing.
+    """
+    with transaction.atomic():
+        message = _message_for_change(room=room, message_id=message_id)
+        if not user.is_staff and not _moderates(room=room, user=user):
+            raise ChatError("forbidden", "Only the room's owner and moderators can pin messages.")
+        if (message.pinned_at is not None) == pinned:
+            transaction.set_rollback(True)  # the change counter stays as it was
+            return message
+        message.pinned_at = timezone.now() if pinned else None
+        _record_change(room=room, message=message, fields=["pinned_at"])
     return message
 
 
@@ -401,20 +474,30 @@ def _message_for_change(*, room: Room, message_id: object) -> Message:
     # among the room's other writes.
     if not Room.objects.filter(pk=room.pk, is_archived=False).update(last_change=F("last_change") + 1):
         raise ChatError("room_archived", "This room is archived and read-only.")
-    message = (
-        Message.objects.select_related("room", "author")
-        .filter(pk=message_id, room=room, deleted_at__isnull=True)
-        .first()
-    )
+    message = selectors.messages_served().filter(pk=message_id, room=room, deleted_at__isnull=True).first()
     if message is None:
         raise ChatError("not_found", "There is no such message in this room (it may have been deleted).")
     return message
 
 
-def _record_change(*, room: Room, message: Message, fields: list[str]) -> None:
+def _record_change(
+    *,
+    room: Room,
+    message: Message,
+    fields: list[str],
+    frame: Callable[[Message], dict[str, Any]] | None = None,
+) -> None:
+    """Save the changed fields with the room's new change number, and publish the change once committed.
+
+    `frame` tells it live (by default: the message as it now is). However it
+    was told, a client resuming past it gets the message as it now is.
+    """
     message.change = Room.objects.values_list("last_change", flat=True).get(pk=room.pk)
     message.save(update_fields=[*fields, "change"])
-    realtime.publish_after_commit(lambda: realtime.publish_change(message))
+    if frame is None:
+        realtime.publish_after_commit(lambda: realtime.publish_change(message))
+    else:
+        realtime.publish_after_commit(lambda: realtime.publish_change(message, frame(message)))
 
 
 def messages_purge(
@@ -493,6 +576,7 @@ def _import_batch(room: Room, batch: list[tuple[int, dict[str, Any]]], result: t
                 room=room,
                 author=authors[row["author"]],
                 body=row["body"],
+                html=markdown.render(row["body"]),
                 created_at=row["created_at"],
                 edited_at=row["edited_at"],
                 deleted_at=row["deleted_at"],

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import emoji
 from django.conf import settings
 
 # The largest seq, change counter or id a client may name (PostgreSQL's bigint).
@@ -115,4 +116,26 @@ def bool_field(data: Mapping[str, Any], name: str, *, default: bool = False) -> 
     value = data.get(name, default)
     if not isinstance(value, bool):
         raise ChatError("invalid_field", f'"{name}" must be true or false.')
+    return value
+
+
+REACTION_MAX_LENGTH = 64
+
+
+def reaction_emoji(value: object) -> str:
+    """Return one emoji to react with, in its fully qualified form ("❤" becomes "❤️": one chip, not two)."""
+    if not isinstance(value, str) or len(value) > REACTION_MAX_LENGTH or not emoji.is_emoji(value):
+        raise ChatError("invalid_emoji", '"emoji" must be one emoji, such as "👍".')
+    qualified = value + "\ufe0f"
+    if emoji.EMOJI_DATA[value]["status"] != emoji.STATUS["fully_qualified"] and qualified in emoji.EMOJI_DATA:
+        return qualified
+    return value
+
+
+def reply_id(value: object) -> int | None:
+    """Return the id of the message a new one answers (None: it answers none)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= SEQ_MAX:
+        raise ChatError("invalid_reply", '"reply_to" must be the id of a message in this room.')
     return value

@@ -64,6 +64,7 @@ def room_detail(request: HttpRequest, slug: str) -> HttpResponse:
         "member_form": MemberForm(),
         "chat_messages": messages,  # "messages" is the flash messages of django.contrib.messages
         "has_more": has_more,
+        "pinned_messages": selectors.pinned_messages(room=room),
         "protocol": protocol.client_constants(),
         # The client starts from exactly what the server rendered.
         "client_config": {

@@ -124,7 +124,8 @@ def test_messages_page_in_seq_order_with_after_before_and_limit(alice_api, user,
     assert page("before=3") == ([1, 2], False)
     first = alice_api.get(url).json()["messages"][0]
     assert set(first) == {
-        "id", "seq", "room", "author", "body", "created_at", "edited_at", "deleted_at", "nonce", "system"
+        "id", "seq", "room", "author", "body", "created_at", "edited_at", "deleted_at", "nonce", "system",
+        "html", "reply_to", "reactions", "pinned_at",
     }  # fmt: skip
 
 
@@ -539,10 +540,17 @@ ENDPOINTS = [
     ("get", "/api/rooms/general/messages/{id}", None),
     ("patch", "/api/rooms/general/messages/{id}", {"body": "edited"}),
     ("delete", "/api/rooms/general/messages/{id}", None),
+    ("post", "/api/rooms/general/messages/{id}/reactions/", {"emoji": "👍"}),
+    ("put", "/api/rooms/general/messages/{id}/pin", None),
+    ("delete", "/api/rooms/general/messages/{id}/pin", None),
+    ("get", "/api/rooms/general/pins", None),
     ("get", "/api/rooms/general/poll?timeout=1", None),
 ]
 # Most specific first: the first key found in the path wins.
-WRONG_METHOD = {"{id}": "put", "poll": "post", "messages": "put", "/api/rooms/": "delete"}
+WRONG_METHOD = {
+    "reactions": "get", "/pins": "post", "/pin": "patch", "{id}": "put", "poll": "post", "messages": "put",
+    "/api/rooms/": "delete",
+}  # fmt: skip
 
 
 def call(client: Client, method: str, url: str, data, **kwargs):
@@ -574,7 +582,9 @@ def test_the_openapi_schema_describes_every_endpoint_its_errors_and_both_ways_of
     assert schema["openapi"].startswith("3.1")
     # Stateful clients (and Schemathesis) follow these links from a post to its message.
     created = schema["paths"]["/api/rooms/{slug}/messages"]["post"]["responses"]["201"]
-    assert set(created["links"]) == {"message_get", "message_edit", "message_delete"}
+    assert set(created["links"]) == {
+        "message_get", "message_edit", "message_delete", "message_react", "message_pin", "message_unpin"
+    }  # fmt: skip
     assert created["links"]["message_get"]["parameters"] == {
         "slug": "$request.path.slug",
         "message_id": "$response.body#/id",

@@ -102,6 +102,10 @@ async def test_message_frame_carries_the_shared_message_object(ws_connect, user,
         "deleted_at",
         "nonce",
         "system",
+        "html",
+        "reply_to",
+        "reactions",
+        "pinned_at",
     }
     assert frame["message"]["system"] is False
 

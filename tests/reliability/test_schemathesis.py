@@ -88,6 +88,10 @@ async def test_schemathesis_finds_no_server_error_and_every_answer_matches_the_s
         "GET /api/rooms/{slug}/messages/{message_id}",
         "PATCH /api/rooms/{slug}/messages/{message_id}",
         "DELETE /api/rooms/{slug}/messages/{message_id}",
+        "POST /api/rooms/{slug}/messages/{message_id}/reactions/",
+        "PUT /api/rooms/{slug}/messages/{message_id}/pin",
+        "DELETE /api/rooms/{slug}/messages/{message_id}/pin",
+        "GET /api/rooms/{slug}/pins",
         "GET /api/rooms/{slug}/poll",
         "Stateful tests",
     }, output

@@ -1,0 +1,70 @@
+"""A message's Markdown source becomes the HTML every path serves: rendered once per save or edit, never per delivery.
+
+CommonMark (markdown-it-py) with raw HTML off, then sanitized (nh3) with an
+allow-list of tags, so nothing a sender writes can run or load in a reader's
+page. Only http, https and mailto links survive; images become links, so no
+message makes a reader's browser fetch a URL (docs/protocol.md, "Markdown").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import nh3
+from markdown_it import MarkdownIt
+from markdown_it.token import Token
+
+# What a chat message may use: no headings, tables or horizontal rules (a "#"
+# or "---" line in chat is text, as in Slack). Bare web addresses are linked,
+# as they were before Markdown.
+_parser = (
+    MarkdownIt("commonmark", {"html": False, "linkify": True, "breaks": True, "typographer": False})
+    .enable(["linkify", "strikethrough"])
+    .disable(["heading", "lheading", "hr"])
+)
+_parser.validateLink = lambda url: url.lower().startswith(("http://", "https://", "mailto:"))  # type: ignore[method-assign]
+
+ALLOWED_TAGS = {"p", "br", "em", "strong", "s", "code", "pre", "ul", "ol", "li", "blockquote", "a"}
+ALLOWED_ATTRIBUTES = {"a": {"href", "title"}, "ol": {"start"}, "code": {"class"}}
+LINK_REL = "nofollow noopener noreferrer ugc"
+
+
+def _image_as_link(renderer: Any, tokens: Sequence[Token], index: int, options: Any, env: Any) -> str:
+    """`![alt](url)` becomes a link to the image, named by its alt text: nothing loads by itself."""
+    token = tokens[index]
+    url = _parser.normalizeLink(str(token.attrGet("src") or ""))
+    label = renderer.renderInline(token.children or [], options, env)
+    if not _parser.validateLink(url):
+        return label
+    label = label or _escape_attribute(url)
+    return f'<a href="{_escape_attribute(url)}">{label}</a>'
+
+
+def _escape_attribute(value: str) -> str:
+    return value.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+_parser.add_render_rule("image", _image_as_link)
+
+
+def render(body: str) -> str:
+    """Return the sanitized HTML of a message body ("" for an empty one: a deleted message)."""
+    if not body:
+        return ""
+    return nh3.clean(
+        _parser.render(body),
+        tags=ALLOWED_TAGS,
+        attributes=ALLOWED_ATTRIBUTES,
+        url_schemes={"http", "https", "mailto"},
+        link_rel=LINK_REL,
+        set_tag_attribute_values={"a": {"target": "_blank"}},
+        # A fenced block's language class only: "language-python", never a class of the site's own.
+        attribute_filter=_language_class_only,
+    ).strip()
+
+
+def _language_class_only(tag: str, attribute: str, value: str) -> str | None:
+    if tag == "code" and attribute == "class":
+        return value if value.startswith("language-") and value[9:].replace("-", "").isalnum() else None
+    return value
