@@ -48,23 +48,26 @@ def _escape_attribute(value: str) -> str:
 _parser.add_render_rule("image", _image_as_link)
 
 
+def _language_class_only(tag: str, attribute: str, value: str) -> str | None:
+    """A fenced block's language class only ("language-python"), never a class of the site's own."""
+    if tag == "code" and attribute == "class":
+        return value if value.startswith("language-") and value[9:].replace("-", "").isalnum() else None
+    return value
+
+
+# Made once: a Cleaner keeps its rules compiled, half the cost of nh3.clean() per message.
+_cleaner = nh3.Cleaner(
+    tags=ALLOWED_TAGS,
+    attributes=ALLOWED_ATTRIBUTES,
+    url_schemes={"http", "https", "mailto"},
+    link_rel=LINK_REL,
+    set_tag_attribute_values={"a": {"target": "_blank"}},
+    attribute_filter=_language_class_only,
+)
+
+
 def render(body: str) -> str:
     """Return the sanitized HTML of a message body ("" for an empty one: a deleted message)."""
     if not body:
         return ""
-    return nh3.clean(
-        _parser.render(body),
-        tags=ALLOWED_TAGS,
-        attributes=ALLOWED_ATTRIBUTES,
-        url_schemes={"http", "https", "mailto"},
-        link_rel=LINK_REL,
-        set_tag_attribute_values={"a": {"target": "_blank"}},
-        # A fenced block's language class only: "language-python", never a class of the site's own.
-        attribute_filter=_language_class_only,
-    ).strip()
-
-
-def _language_class_only(tag: str, attribute: str, value: str) -> str | None:
-    if tag == "code" and attribute == "class":
-        return value if value.startswith("language-") and value[9:].replace("-", "").isalnum() else None
-    return value
+    return _cleaner.clean(_parser.render(body)).strip()
