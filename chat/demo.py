@@ -12,7 +12,7 @@ from multiprocessing.synchronize import Lock
 from django.db import connections
 from django.utils import timezone
 
-from chat import services
+from chat import markdown, services
 from chat.models import Message, Room
 
 LOBBY = ("lobby", "Lobby", "Say hello: everyone who signs up can chat here.")
@@ -20,6 +20,8 @@ DEMO_AUTHORS = ["ann", "ben", "cat", "dan", "eve"]
 WORDS = "the a chat room message deploy lunch coffee today meeting later idea fix ship review thanks ok great".split()
 _words = random.Random(42)
 BODIES = [" ".join(_words.choices(WORDS, k=_words.randint(3, 14))) for _ in range(997)]
+# Rendered once each, as a message's html is once per save (chat/markdown.py).
+BODIES_HTML = [markdown.render(body) for body in BODIES]
 
 
 def lobby() -> tuple[Room, bool]:
@@ -101,6 +103,7 @@ def _messages(batch: Batch) -> list[Message]:
             room_id=batch.room_id,
             author_id=batch.author_ids[seq % len(batch.author_ids)],
             body=BODIES[seq % len(BODIES)],
+            html=BODIES_HTML[seq % len(BODIES)],
             created_at=batch.now - (batch.count - seq) * batch.step,
             seq=seq,
         )

@@ -304,6 +304,7 @@ def test_seeddemo_makes_rooms_with_gapless_seqs(user):
         room = Room.objects.get(slug=slug)
         seqs = list(Message.objects.filter(room=room).order_by("seq").values_list("seq", flat=True))
         assert seqs == list(range(1, count + 1)) and room.last_seq == count
+    assert not Message.objects.filter(html="").exists()  # rendered, as a posted message is
     # The rooms work like any other: the next message takes the next seq.
     message, _ = services.message_create(room=Room.objects.get(slug="demo-1"), author=user, body="after the seed")
     assert message.seq == 14
