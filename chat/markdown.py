@@ -8,6 +8,7 @@ message makes a reader's browser fetch a URL (docs/protocol.md, "Markdown").
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -66,8 +67,17 @@ _cleaner = nh3.Cleaner(
 )
 
 
+# Words, single spaces, and commas, full stops and question marks before a space or at the end,
+# starting with a letter: nothing Markdown or link detection acts on ("example.com" has no space
+# after its dot), so the HTML is the text in a paragraph. Most chat messages are like this, and
+# skip the parser (`manage.py renderbench`, docs/performance.md).
+_PLAIN = re.compile(r"[^\W\d_](?:[^\W_]| (?=\S)|[,.?](?= \S))*[.?]?", re.UNICODE)
+
+
 def render(body: str) -> str:
     """Return the sanitized HTML of a message body ("" for an empty one: a deleted message)."""
     if not body:
         return ""
+    if _PLAIN.fullmatch(body):
+        return f"<p>{body}</p>"
     return _cleaner.clean(_parser.render(body)).strip()

@@ -262,3 +262,11 @@ def test_pollbench_wakes_every_poll_with_the_one_message_and_measures_a_do_nothi
     assert report["floor"]["not_404"] == 0  # every do-nothing request was the API's JSON 404
     assert report["floor"]["cpu_ms_per_request"] > 0
     assert report["python_loop_ms"] > 0
+
+
+def test_renderbench_times_each_kind_of_body():
+    output = io.StringIO()
+    call_command("renderbench", "--messages", "20", stdout=output)
+    result = json.loads(output.getvalue()[output.getvalue().index("{") :])
+    assert set(result) == {"python_loop_ms", "plain_us", "markdown_us", "code block_us"}
+    assert all(value > 0 for value in result.values())

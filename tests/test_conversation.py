@@ -10,8 +10,11 @@ from channels.db import database_sync_to_async
 from django.apps import apps as django_apps
 from django.db import connection
 from django.test import Client
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from chat import markdown, selectors, services
+from chat.demo import BODIES
 from chat.models import Message, Reaction, Room
 from tests.helpers import joined, receive, receive_until_ready, send, silent
 
@@ -82,6 +85,19 @@ def test_an_image_becomes_a_link_so_nothing_loads():
 def test_a_code_class_other_than_a_language_is_dropped():
     assert markdown.render('```x" onclick="y\ncode\n```') == "<pre><code>code\n</code></pre>"
     assert markdown.render("```<b>\ncode\n```") == "<pre><code>code\n</code></pre>"
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.text(alphabet="aZé日ß9_ ,.?!:@-*#", max_size=40) | st.sampled_from(BODIES))
+def test_the_plain_text_shortcut_renders_exactly_what_markdown_would(body):
+    if markdown._PLAIN.fullmatch(body):
+        assert markdown.render(body) == markdown._cleaner.clean(markdown._parser.render(body)).strip()
+
+
+def test_most_chat_messages_take_the_plain_text_shortcut():
+    assert sum(bool(markdown._PLAIN.fullmatch(body)) for body in BODIES) == len(BODIES)
+    for body in ("see example.com", "a_b", "1. one", "- item", "x  y", "@bob hi", "end "):
+        assert not markdown._PLAIN.fullmatch(body), body
 
 
 # --------------------------------------------------------------------------
