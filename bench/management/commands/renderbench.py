@@ -19,7 +19,7 @@ from chat import markdown
 BODIES = {
     "plain": "Deploy went fine, thanks everyone. Lunch at noon?",
     "markdown": "**Deploy** done: see https://example.com/runs/42 and run `make test` before _merging_.",
-    "code block": "Try this:\n```python\nfor room in rooms:\n    print(room.slug, room.last_seq)\n```\n- then *restart*",
+    "code block": "Try this:\n```python\nfor room in rooms:\n    print(room.slug)\n```\n- then *restart*",
 }
 
 
