@@ -34,6 +34,8 @@ class RoomConsumer(AsyncWebsocketConsumer):
     accepted = False
     # Set once this socket counts against its user's cap (CHAT_MAX_SOCKETS_PER_USER).
     socket_id: str | None = None
+    # Tells the room how far this user has read, once they read something here.
+    read_receipts: presence.ReadReceipts | None = None
 
     @property
     def joined_room(self) -> Room:
@@ -155,6 +157,8 @@ class RoomConsumer(AsyncWebsocketConsumer):
         await self.close(code=code)
 
     async def disconnect(self, code: int) -> None:
+        if self.read_receipts is not None:
+            self.read_receipts.stop()
         # Each step on its own: with Redis away one failing must not skip the others.
         for step in (self.leave, self.unsubscribe, self.release_socket):
             try:
@@ -206,9 +210,15 @@ class RoomConsumer(AsyncWebsocketConsumer):
         ):
             await self.change_message(command)
         elif isinstance(command, protocol.ReadCommand):
-            await database_sync_to_async(services.read_mark)(
+            marked = await database_sync_to_async(services.read_mark)(
                 room=self.joined_room, user=self.scope["user"], seq=command.seq
             )
+            if marked is not None:
+                if self.read_receipts is None:
+                    self.read_receipts = presence.ReadReceipts(
+                        room_id=self.joined_room.pk, username=self.scope["user"].get_username()
+                    )
+                self.read_receipts.advance(marked)
         elif isinstance(command, protocol.TypingCommand):
             await presence.typing(room_id=self.joined_room.pk, username=self.scope["user"].get_username())
         elif command.around is not None:

@@ -465,6 +465,10 @@ class RoomHub:
             frame = protocol.typing_frame(event["user"])
             # Ephemeral: not for the typist's own tabs, and not held for a replaying socket.
             sockets = [s for s in sockets if s.user != event["user"] and s.replayed_through is not None]
+        elif event["type"] == realtime.READ_EVENT:
+            frame = protocol.read_by_frame(event["user"], event["seq"])
+            # Ephemeral as typing, but for every socket: the reader's other tabs show receipts too.
+            sockets = [s for s in sockets if s.replayed_through is not None]
         elif event["type"] == realtime.PRESENCE_EVENT:
             frame = protocol.presence_frame(event["users"])  # held for a replaying socket, never filtered
         elif event["type"] == realtime.CHANGE_EVENT:

@@ -112,6 +112,41 @@ async def typing(*, room_id: int, username: str) -> None:
         realtime.layer_down(error)
 
 
+READ_BY_INTERVAL = 1.0
+
+
+class ReadReceipts:
+    """Tells a socket's room how far its user has read: at once, then at most once a second while the mark moves.
+
+    The last mark is always told (a trailing send), so the room never keeps an old one.
+    Dropped while Redis is away, as typing is.
+    """
+
+    def __init__(self, *, room_id: int, username: str) -> None:
+        self.room_id, self.username = room_id, username
+        self.newest = 0
+        self.teller: asyncio.Task | None = None
+
+    def advance(self, seq: int) -> None:
+        self.newest = max(self.newest, seq)
+        if self.teller is None or self.teller.done():
+            self.teller = asyncio.get_running_loop().create_task(self._tell())
+
+    def stop(self) -> None:
+        if self.teller is not None:
+            self.teller.cancel()
+
+    async def _tell(self) -> None:
+        told = 0
+        while self.newest > told:
+            told = self.newest
+            try:
+                await realtime.publish_read(room_id=self.room_id, username=self.username, seq=told)
+            except realtime.LAYER_ERRORS as error:
+                realtime.layer_down(error)
+            await asyncio.sleep(READ_BY_INTERVAL)
+
+
 def _keep_counting() -> None:
     """Start this loop's refresher, unless it runs: one task per process, however many sockets."""
     loop = asyncio.get_running_loop()

@@ -179,6 +179,10 @@ def typing_frame(username: str) -> str:
     return encode({"type": "typing", "user": username})
 
 
+def read_by_frame(username: str, seq: int) -> str:
+    return encode({"type": "read_by", "user": username, "seq": seq})
+
+
 def ready_frame(last_seq: int, last_change: int) -> str:
     return encode({"type": "ready", "last_seq": last_seq, "last_change": last_change})
 

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 MESSAGE_EVENT = "chat.message"
 TYPING_EVENT = "chat.typing"
+READ_EVENT = "chat.read"
 CHANGE_EVENT = "chat.change"
 PRESENCE_EVENT = "chat.presence"
 REMOVAL_EVENT = "chat.removal"
@@ -40,7 +41,7 @@ SESSIONS_GROUP = "sessions"
 LAYER_ERRORS = ephemeral.REDIS_ERRORS
 
 ROOM_EVENTS = (
-    MESSAGE_EVENT, CHANGE_EVENT, TYPING_EVENT, PRESENCE_EVENT, REMOVAL_EVENT, ROOM_CLOSED_EVENT, SIGNED_OUT_EVENT,
+    MESSAGE_EVENT, CHANGE_EVENT, TYPING_EVENT, READ_EVENT, PRESENCE_EVENT, REMOVAL_EVENT, ROOM_CLOSED_EVENT, SIGNED_OUT_EVENT,
     RESYNC_EVENT,
 )  # fmt: skip
 
@@ -230,6 +231,11 @@ async def publish_presence(*, room_id: int, users: list[str]) -> None:
 async def publish_typing(*, room_id: int, username: str) -> None:
     """Tell the room's other sockets that this user is typing (ephemeral: nothing is stored)."""
     await _group_send_now(room_group(room_id), {"type": TYPING_EVENT, "room": room_id, "user": username})
+
+
+async def publish_read(*, room_id: int, username: str, seq: int) -> None:
+    """Tell every socket in the room how far this user has read (ephemeral: the mark itself is stored)."""
+    await _group_send_now(room_group(room_id), {"type": READ_EVENT, "room": room_id, "user": username, "seq": seq})
 
 
 def publish_removal(*, room_id: int, username: str) -> None:

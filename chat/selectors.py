@@ -141,6 +141,23 @@ def messages_served() -> QuerySet[Message]:
     return Message.objects.select_related("room", "author", "reply_to__author")
 
 
+READ_MARKS_MAX = 200
+
+
+def read_marks(*, room: Room) -> dict[str, int]:
+    """Return how far the room's readers have read (username: last_read_seq), the furthest first.
+
+    "Seen by N" under a message counts the readers at or past it; the furthest
+    READ_MARKS_MAX are all a page needs to count them (past that it says "200+").
+    """
+    marks = (
+        Membership.objects.filter(room=room, last_read_seq__gt=0)
+        .order_by("-last_read_seq")
+        .values_list("user__username", "last_read_seq")[:READ_MARKS_MAX]
+    )
+    return dict(marks)
+
+
 def _messages(room: Room) -> QuerySet[Message]:
     return messages_served().filter(room=room)
 

@@ -12,7 +12,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import User
 from django.db import IntegrityError, connection, transaction
 from django.db.models import F, OuterRef, Subquery, Value
-from django.db.models.functions import Greatest, Least
+from django.db.models.functions import Least
 from django.utils import timezone
 from django.utils.text import slugify
 
@@ -215,18 +215,21 @@ def token_revoke(token: ApiToken) -> None:
         token.save(update_fields=["revoked_at"])
 
 
-def read_mark(*, room: Room, user: User, seq: int) -> None:
+def read_mark(*, room: Room, user: User, seq: int) -> int | None:
     """Record that `user` has seen the room up to `seq`; only ever moves forward, never past the room's last seq.
 
+    Returns the new mark when it moved (what `read_by` tells the room), else None.
     Reading a public room the user has not joined yet joins it.
     """
     room_last_seq = Subquery(Room.objects.filter(pk=OuterRef("room_id")).values("last_seq")[:1])
-    marked = Membership.objects.filter(room=room, user=user).update(
-        last_read_seq=Greatest(F("last_read_seq"), Least(Value(seq), room_last_seq))
-    )
-    if not marked and not room.is_private:
+    target = Least(Value(seq), room_last_seq)
+    mine = Membership.objects.filter(room=room, user=user)
+    if mine.filter(last_read_seq__lt=target).update(last_read_seq=target):
+        return mine.values_list("last_read_seq", flat=True).first()
+    if not room.is_private and not mine.exists():
         room_join(room=room, user=user)
-        read_mark(room=room, user=user, seq=seq)
+        return read_mark(room=room, user=user, seq=seq)
+    return None
 
 
 def message_create(

@@ -78,6 +78,9 @@ def room_detail(request: HttpRequest, slug: str) -> HttpResponse:
             # Nothing counts as new in a public room the user has not read before.
             "lastRead": membership.last_read_seq if membership is not None else room.last_seq,
             "canModerate": can_moderate,
+            # Read receipts: "Seen by N" counts these, and `read_by` frames move them.
+            "readMarks": selectors.read_marks(room=room),
+            "readMarksMax": selectors.READ_MARKS_MAX,
             "archived": room.is_archived,
             "loginUrl": f"{resolve_url(settings.LOGIN_URL)}?next={request.path}",
         },

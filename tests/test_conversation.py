@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from unittest import mock
 
@@ -13,7 +14,7 @@ from django.test import Client
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chat import markdown, selectors, services
+from chat import markdown, presence, selectors, services
 from chat.demo import BODIES
 from chat.models import Message, Reaction, Room
 from tests.helpers import joined, receive, receive_until_ready, send, silent
@@ -423,3 +424,55 @@ def test_a_private_rooms_reactions_pins_and_replies_are_404_to_outsiders(user, o
 async def post(room, author, body: str) -> Message:
     message, _ = await database_sync_to_async(services.message_create)(room=room, author=author, body=body)
     return message
+
+
+# --------------------------------------------------------------------------
+# Read receipts
+# --------------------------------------------------------------------------
+
+
+def test_read_mark_answers_the_new_mark_only_when_it_moves(user, other_user, room):
+    for i in range(3):
+        services.message_create(room=room, author=user, body=f"m{i}")
+    assert services.read_mark(room=room, user=other_user, seq=2) == 2  # joins the public room, too
+    assert services.read_mark(room=room, user=other_user, seq=1) is None
+    assert services.read_mark(room=room, user=other_user, seq=2) is None
+    assert services.read_mark(room=room, user=other_user, seq=99) == 3  # never past the room's last seq
+    assert selectors.read_marks(room=room) == {"bob": 3}
+
+
+async def test_a_read_mark_that_moves_reaches_the_room_as_read_by(ws_connect, user, other_user, room):
+    for i in range(3):
+        await post(room, user, f"m{i}")
+    alice = await joined(ws_connect, user, room)
+    bob = await joined(ws_connect, other_user, room)
+    await send(bob, type="read", seq=2)
+    assert await receive(alice) == {"type": "read_by", "user": "bob", "seq": 2}
+    assert await receive(bob) == {"type": "read_by", "user": "bob", "seq": 2}
+
+
+async def test_read_by_is_told_at_most_once_a_second_and_always_ends_on_the_last_mark(
+    ws_connect, user, other_user, room
+):
+    for i in range(5):
+        await post(room, user, f"m{i}")
+    alice = await joined(ws_connect, user, room)
+    bob = await joined(ws_connect, other_user, room)
+    loop = asyncio.get_running_loop()
+    for seq in (1, 2, 3, 4, 5, 4):
+        await send(bob, type="read", seq=seq)
+    first = await receive(alice)
+    first_at = loop.time()
+    last = await receive(alice)
+    assert (first["seq"], last["seq"]) == (1, 5)
+    assert loop.time() - first_at >= presence.READ_BY_INTERVAL * 0.9
+    assert await silent(alice, 1.5)
+
+
+def test_the_room_page_carries_the_read_marks(user, other_user, room):
+    services.message_create(room=room, author=user, body="hello")
+    services.read_mark(room=room, user=other_user, seq=1)
+    client = Client()
+    client.force_login(user)
+    config = client.get("/rooms/general/").context["client_config"]
+    assert config["readMarks"] == {"bob": 1}
