@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, TypedDict
 
+from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
 from django.core.paginator import Paginator
@@ -48,13 +49,31 @@ class MembershipInline(admin.TabularInline):
     fields = ("user", "role", "joined_at", "last_read_seq")
     readonly_fields = ("joined_at", "last_read_seq")
 
+    # A direct conversation's two members are shown, never changed.
+    def has_add_permission(self, request: HttpRequest, obj: Room | None = None) -> bool:
+        return not (obj is not None and obj.is_direct) and super().has_add_permission(request, obj)
+
+    def has_change_permission(self, request: HttpRequest, obj: Room | None = None) -> bool:
+        return not (obj is not None and obj.is_direct) and super().has_change_permission(request, obj)
+
+    def has_delete_permission(self, request: HttpRequest, obj: Room | None = None) -> bool:
+        return not (obj is not None and obj.is_direct) and super().has_delete_permission(request, obj)
+
+
+class MembershipForm(forms.ModelForm):
+    def clean_room(self) -> Room:
+        room = self.cleaned_data["room"]
+        if room.is_direct:
+            raise forms.ValidationError("A direct conversation is between its two people: nobody joins it.")
+        return room
+
 
 @admin.register(Room)
 class RoomAdmin(admin.ModelAdmin):
     list_display = (
         "slug", "name", "is_private", "is_archived", "owner", "messages_posted", "last_message_at", "online_now"
     )  # fmt: skip
-    list_filter = ("is_private", "is_archived", "created_at")
+    list_filter = ("is_private", "is_direct", "is_archived", "created_at")
     search_fields = ("slug", "name", "topic")
     prepopulated_fields = {"slug": ("name",)}
     raw_id_fields = ("created_by",)
@@ -252,6 +271,7 @@ class MessageAdmin(admin.ModelAdmin):
 
 @admin.register(Membership)
 class MembershipAdmin(admin.ModelAdmin):
+    form = MembershipForm
     list_display = ("user", "room", "role", "joined_at", "last_read_seq")
     list_select_related = ("user", "room")
     list_filter = ("role", "room__is_private")
@@ -263,6 +283,12 @@ class MembershipAdmin(admin.ModelAdmin):
         # Moving a membership to another user or room would skip what removing one does (closing sockets).
         return (*self.readonly_fields, "user", "room") if obj is not None else self.readonly_fields
 
+    def has_change_permission(self, request: HttpRequest, obj: Membership | None = None) -> bool:
+        return not (obj is not None and obj.room.is_direct) and super().has_change_permission(request, obj)
+
+    def has_delete_permission(self, request: HttpRequest, obj: Membership | None = None) -> bool:
+        return not (obj is not None and obj.room.is_direct) and super().has_delete_permission(request, obj)
+
     def save_model(self, request: HttpRequest, membership: Membership, form, change: bool) -> None:
         services.membership_save(membership)
 
@@ -271,7 +297,10 @@ class MembershipAdmin(admin.ModelAdmin):
 
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Membership]) -> None:
         for membership in queryset.select_related("room", "user"):
-            services.membership_delete(membership)
+            try:
+                services.membership_delete(membership)
+            except services.ChatError as error:
+                self.message_user(request, f"{membership} kept: {error.detail}", messages.ERROR)
 
 
 @admin.register(ApiToken)

@@ -157,6 +157,8 @@ class RoomOut(Schema):
     name: str
     topic: str
     is_private: bool
+    is_direct: bool = Field(description="A direct conversation of two people (POST /api/dms/).")
+    direct_with: str | None = Field(description="In a direct conversation, the other person's username.")
     last_seq: int
     unread: int = Field(description="Messages by others after your read mark (0 in rooms you never read).")
 
@@ -166,6 +168,10 @@ class RoomIn(Schema):
     slug: StrictStr = Field("", description="Made from the name when empty.")
     topic: StrictStr = ""
     is_private: StrictBool = False
+
+
+class DirectIn(Schema):
+    username: StrictStr = Field(description="Who to talk to.")
 
 
 class RoomList(Schema):
@@ -509,12 +515,14 @@ def _server_error(request: HttpRequest, error: Exception) -> HttpResponse:
 # --------------------------------------------------------------------------
 
 
-def room_payload(room: Room) -> dict[str, Any]:
+def room_payload(room: Room, *, direct_with: str | None = None) -> dict[str, Any]:
     return {
         "slug": room.slug,
         "name": room.name,
         "topic": room.topic,
         "is_private": room.is_private,
+        "is_direct": room.is_direct,
+        "direct_with": getattr(room, "direct_with", direct_with),
         "last_seq": room.last_seq,
         "unread": getattr(room, "unread", 0),
     }
@@ -557,6 +565,22 @@ def room_create(request: HttpRequest, data: RoomIn) -> JsonResponse:
         detail = " ".join(f"{field}: {' '.join(problems)}" for field, problems in error.message_dict.items())
         raise ApiError(400, "invalid_room", detail) from None
     return JsonResponse(room_payload(room), status=201)
+
+
+@api.post(
+    "/dms/",
+    response=responses({200: RoomOut, 201: RoomOut}),
+    summary="Open a direct conversation",
+    operation_id="direct_open",
+    tags=["rooms"],
+    url_name="dms",
+    openapi_extra=links(201, slug="$response.body#/slug", to=["message_list", "message_create"]),
+)
+def direct_open(request: HttpRequest, data: DirectIn) -> JsonResponse:
+    """The one private room of you and `username`: 201 the first time, then 200 with the same room.
+    Nobody else can join it or see that it exists. An unknown user, or yourself: 400."""
+    room, created = services.direct_room_open(user=_user(request), username=data.username)
+    return JsonResponse(room_payload(room, direct_with=data.username), status=201 if created else 200)
 
 
 @api.get(

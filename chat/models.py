@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.core.validators import RegexValidator
 from django.db import models
 from django.db.models import Q
@@ -13,6 +14,8 @@ SYSTEM_USERNAME = "system"
 # The author of imported messages whose author has no account here (manage.py importroom).
 PLACEHOLDER_USERNAME = "former-member"
 RESERVED_USERNAMES = {SYSTEM_USERNAME, PLACEHOLDER_USERNAME}
+# Direct rooms' slugs: dm-<lower user id>-<higher user id>. Other rooms cannot take them.
+DIRECT_SLUG_PREFIX = "dm-"
 
 slug_validator = RegexValidator(
     SLUG_PATTERN,
@@ -35,6 +38,10 @@ class Room(models.Model):
     is_archived = models.BooleanField(default=False)
     # Private rooms exist only for their members: unlisted, and 404 to anyone else.
     is_private = models.BooleanField(default=False)
+    # A direct conversation: private, with exactly its two users as members, and nobody else ever.
+    is_direct = models.BooleanField(default=False, editable=False)
+    # "<lower user id>-<higher user id>" of a direct room: unique, so a pair has one conversation.
+    direct_pair = models.CharField(max_length=41, null=True, blank=True, unique=True, editable=False)
     # The seq of the newest message. Incremented in the transaction that saves
     # each message, which is what keeps the per-room sequence gapless.
     last_seq = models.PositiveBigIntegerField(default=0)
@@ -50,9 +57,22 @@ class Room(models.Model):
     class Meta:
         ordering = ["slug"]
         indexes = [models.Index(fields=["created_at"], name="room_created_at")]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(is_direct=False, direct_pair__isnull=True)
+                | Q(is_direct=True, is_private=True, direct_pair__isnull=False),
+                name="room_direct_is_private_with_a_pair",
+            )
+        ]
 
     def __str__(self) -> str:
         return self.slug
+
+    def clean(self) -> None:
+        if self.is_direct and not self.is_private:
+            raise ValidationError({"is_private": "A direct conversation stays private."})
+        if not self.is_direct and self.slug.startswith(DIRECT_SLUG_PREFIX):
+            raise ValidationError({"slug": f'"{DIRECT_SLUG_PREFIX}" starts the addresses of direct conversations.'})
 
 
 class Message(models.Model):

@@ -9,7 +9,7 @@ from typing import TypeVar
 
 from django.contrib.auth.models import AnonymousUser, User
 from django.contrib.sessions.models import Session
-from django.db.models import Count, Exists, F, OuterRef, Q, QuerySet, Subquery, Value
+from django.db.models import CharField, Count, Exists, F, OuterRef, Q, QuerySet, Subquery, Value
 from django.db.models.functions import Coalesce, TruncDate
 from django.utils import timezone
 
@@ -26,7 +26,9 @@ def room_list(*, user: User | AnonymousUser) -> QuerySet[Room]:
     """
     rooms = Room.objects.filter(is_archived=False).order_by(F("last_message_at").desc(nulls_last=True), "slug")
     if not user.is_authenticated:
-        return rooms.filter(is_private=False).annotate(unread=Value(0))
+        return rooms.filter(is_private=False).annotate(
+            unread=Value(0), direct_with=Value(None, output_field=CharField())
+        )
     membership = Membership.objects.filter(room=OuterRef("pk"), user=user)
     unread = (
         Message.objects.filter(room=OuterRef("pk"), seq__gt=OuterRef("last_read_seq"), deleted_at__isnull=True)
@@ -36,10 +38,13 @@ def room_list(*, user: User | AnonymousUser) -> QuerySet[Room]:
         .annotate(count=Count("pk"))
         .values("count")
     )
+    # A direct room is named after the one the user talks to there.
+    partner = Membership.objects.filter(room=OuterRef("pk"), room__is_direct=True).exclude(user=user)
     return (
         rooms.filter(Q(is_private=False) | Exists(membership))
         .annotate(last_read_seq=Subquery(membership.values("last_read_seq")[:1]))
         .annotate(unread=Coalesce(Subquery(unread), 0))
+        .annotate(direct_with=Subquery(partner.values("user__username")[:1]))
     )
 
 

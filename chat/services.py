@@ -17,7 +17,17 @@ from django.utils import timezone
 from django.utils.text import slugify
 
 from chat import ephemeral, markdown, protocol, realtime, selectors, tokens, transfer, validation
-from chat.models import PLACEHOLDER_USERNAME, SYSTEM_USERNAME, ApiToken, Membership, Message, Reaction, Room
+from chat.models import (
+    DIRECT_SLUG_PREFIX,
+    PLACEHOLDER_USERNAME,
+    RESERVED_USERNAMES,
+    SYSTEM_USERNAME,
+    ApiToken,
+    Membership,
+    Message,
+    Reaction,
+    Room,
+)
 from chat.validation import ChatError
 
 __all__ = ["ChatError"]  # what every service raises, defined with the rules in chat/validation.py
@@ -34,6 +44,35 @@ def room_create(
         if created_by is not None:
             Membership.objects.create(room=room, user=created_by, role=Membership.Role.OWNER)
     return room
+
+
+def direct_room_open(*, user: User, username: str) -> tuple[Room, bool]:
+    """Return the direct room of `user` and `username`, creating it the first time; and whether it was created.
+
+    One per pair, whoever opens it first: the unique `direct_pair` settles a race.
+    """
+    other = get_user_model().objects.filter(username=username, is_active=True).first()
+    if other is None or username in RESERVED_USERNAMES:
+        raise ChatError("unknown_user", f'There is no user called "{username}".')
+    if other.pk == user.pk:
+        raise ChatError("direct_self", "A direct conversation is with someone else.")
+    low, high = sorted((user, other), key=lambda someone: someone.pk)
+    pair = f"{low.pk}-{high.pk}"
+    if (room := Room.objects.filter(direct_pair=pair).first()) is not None:
+        return room, False
+    try:
+        with transaction.atomic():
+            room = Room.objects.create(
+                slug=f"{DIRECT_SLUG_PREFIX}{pair}",
+                name=f"{low.get_username()}, {high.get_username()}",
+                is_private=True,
+                is_direct=True,
+                direct_pair=pair,
+            )
+            Membership.objects.bulk_create([Membership(room=room, user=low), Membership(room=room, user=high)])
+    except IntegrityError:
+        return Room.objects.get(direct_pair=pair), False  # the other one opened it at the same moment
+    return room, True
 
 
 def room_update(*, room: Room, fields: list[str]) -> None:
@@ -134,6 +173,7 @@ def session_signed_out(*, session_key: str) -> None:
 
 def member_add(*, room: Room, actor: User, username: str, role: str = Membership.Role.MEMBER) -> Membership:
     """Add a user to the room, or change their role; moderators add members, owners also appoint moderators."""
+    _refuse_if_direct(room)
     actor_membership = _membership_moderating(room=room, actor=actor)
     if role not in (Membership.Role.MEMBER, Membership.Role.MODERATOR):
         raise ChatError("invalid_role", 'The role must be "member" or "moderator".')
@@ -153,6 +193,7 @@ def member_remove(*, room: Room, actor: User, username: str) -> None:
     """Take a user out of a private room and close their open sockets there (after the commit)."""
     if not room.is_private:
         raise ChatError("public_room", "Anyone signed in can open a public room, so nobody can be removed from it.")
+    _refuse_if_direct(room)
     actor_membership = _membership_moderating(room=room, actor=actor)
     user = _user_named(username)
     with transaction.atomic():
@@ -167,14 +208,21 @@ def member_remove(*, room: Room, actor: User, username: str) -> None:
         membership_delete(membership)
 
 
+def _refuse_if_direct(room: Room) -> None:
+    if room.is_direct:
+        raise ChatError("direct_room", "A direct conversation is between its two people: nobody joins or leaves it.")
+
+
 def membership_save(membership: Membership) -> None:
     """Save a membership as staff do in the admin (adding someone, or changing a role)."""
+    _refuse_if_direct(membership.room)
     membership.full_clean(validate_unique=False)
     membership.save()
 
 
 def membership_delete(membership: Membership) -> None:
     """Delete a membership as staff do in the admin; in a private room the user's sockets close."""
+    _refuse_if_direct(membership.room)
     with transaction.atomic():
         membership.delete()
         if membership.room.is_private:
@@ -456,7 +504,9 @@ def message_pin(*, room: Room, message_id: object, user: User, pinned: bool) -> 
     """
     with transaction.atomic():
         message = _message_for_change(room=room, message_id=message_id)
-        if not user.is_staff and not _moderates(room=room, user=user):
+        # In a direct conversation either of the two pins, as in Slack.
+        may_pin = user.is_staff or _moderates(room=room, user=user) or (room.is_direct and _member(room, user))
+        if not may_pin:
             raise ChatError("forbidden", "Only the room's owner and moderators can pin messages.")
         if (message.pinned_at is not None) == pinned:
             transaction.set_rollback(True)  # the change counter stays as it was
@@ -464,6 +514,10 @@ def message_pin(*, room: Room, message_id: object, user: User, pinned: bool) -> 
         message.pinned_at = timezone.now() if pinned else None
         _record_change(room=room, message=message, fields=["pinned_at"])
     return message
+
+
+def _member(room: Room, user: User) -> bool:
+    return selectors.membership_get(room=room, user=user) is not None
 
 
 def _moderates(*, room: Room, user: User) -> bool:

@@ -5,6 +5,7 @@ from chat import api, views
 urlpatterns = [
     path("", views.room_list, name="room-list"),
     path("rooms/new/", views.room_create, name="room-create"),
+    path("dm/<str:username>/", views.direct_room, name="direct-room"),
     path("rooms/<slug:slug>/", views.room_detail, name="room-detail"),
     path("rooms/<slug:slug>/patterns/", views.room_patterns, name="room-patterns"),
     path("rooms/<slug:slug>/members/", views.member_add, name="member-add"),

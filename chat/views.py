@@ -65,6 +65,10 @@ def room_detail(request: HttpRequest, slug: str) -> HttpResponse:
         "chat_messages": messages,  # "messages" is the flash messages of django.contrib.messages
         "has_more": has_more,
         "pinned_messages": selectors.pinned_messages(room=room),
+        # In a direct conversation, who the reader talks to (the page's title).
+        "direct_with": next((m.user.get_username() for m in members if m.user_id != request.user.pk), None)
+        if room.is_direct
+        else None,
         "protocol": protocol.client_constants(),
         # The client starts from exactly what the server rendered.
         "client_config": {
@@ -86,6 +90,22 @@ def room_detail(request: HttpRequest, slug: str) -> HttpResponse:
         },
     }
     return render(request, "chat/room_detail.html", context)
+
+
+@require_GET
+@login_required
+def direct_room(request: HttpRequest, username: str) -> HttpResponse:
+    """Open the direct conversation with `username`, creating it the first time (as a Slack or Zulip link does).
+
+    The one write a GET makes here: idempotent, and it makes an empty private
+    room of two people, nothing anyone else can see.
+    """
+    try:
+        room, _ = services.direct_room_open(user=authenticated_user(request), username=username)
+    except services.ChatError as error:
+        flash.error(request, error.detail)
+        return redirect("room-list")
+    return redirect("room-detail", slug=room.slug)
 
 
 # The patterns page's panels, in the order they are shown.

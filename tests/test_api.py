@@ -70,7 +70,8 @@ def test_room_list_shows_the_rooms_the_user_may_see_with_unread_counts(
     assert {r["slug"]: r["unread"] for r in bobs} == {"general": 1, "secret": 0}
     general = next(r for r in bobs if r["slug"] == "general")
     assert general == {
-        "slug": "general", "name": "General", "topic": "Anything goes", "is_private": False, "last_seq": 1, "unread": 1
+        "slug": "general", "name": "General", "topic": "Anything goes", "is_private": False, "is_direct": False,
+        "direct_with": None, "last_seq": 1, "unread": 1,
     }  # fmt: skip
 
     carol = Client()
@@ -82,7 +83,8 @@ def test_creating_a_room_returns_201_and_makes_the_caller_its_owner(alice_api, u
     response = post_json(alice_api, "/api/rooms/", {"slug": "ops", "name": "Ops", "topic": "", "is_private": True})
     assert response.status_code == 201
     assert response.json() == {
-        "slug": "ops", "name": "Ops", "topic": "", "is_private": True, "last_seq": 0, "unread": 0
+        "slug": "ops", "name": "Ops", "topic": "", "is_private": True, "is_direct": False, "direct_with": None,
+        "last_seq": 0, "unread": 0,
     }  # fmt: skip
     assert Membership.objects.get(room__slug="ops").user == user
 
@@ -535,6 +537,7 @@ async def test_a_poll_woken_out_of_order_reads_the_database(poll_reads, user, bo
 ENDPOINTS = [
     ("get", "/api/rooms/", None),
     ("post", "/api/rooms/", {"name": "New room"}),
+    ("post", "/api/dms/", {"username": "bob"}),
     ("get", "/api/rooms/general/messages", None),
     ("post", "/api/rooms/general/messages", {"body": "hi"}),
     ("get", "/api/rooms/general/messages/{id}", None),
@@ -549,7 +552,7 @@ ENDPOINTS = [
 # Most specific first: the first key found in the path wins.
 WRONG_METHOD = {
     "reactions": "get", "/pins": "post", "/pin": "patch", "{id}": "put", "poll": "post", "messages": "put",
-    "/api/rooms/": "delete",
+    "dms": "get", "/api/rooms/": "delete",
 }  # fmt: skip
 
 

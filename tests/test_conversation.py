@@ -476,3 +476,133 @@ def test_the_room_page_carries_the_read_marks(user, other_user, room):
     client.force_login(user)
     config = client.get("/rooms/general/").context["client_config"]
     assert config["readMarks"] == {"bob": 1}
+
+
+# --------------------------------------------------------------------------
+# Direct messages
+# --------------------------------------------------------------------------
+
+
+def test_a_pair_has_one_direct_room_whoever_opens_it(user, other_user):
+    room, created = services.direct_room_open(user=user, username="bob")
+    again, created_again = services.direct_room_open(user=other_user, username="alice")
+    assert (created, created_again) == (True, False) and again.pk == room.pk
+    assert room.is_private and room.is_direct and room.slug == f"dm-{user.pk}-{other_user.pk}"
+    assert sorted(room.memberships.values_list("user__username", flat=True)) == ["alice", "bob"]
+    assert Room.objects.filter(is_direct=True).count() == 1
+
+
+def test_the_database_keeps_one_direct_room_per_pair(user, other_user):
+    from django.db import IntegrityError, transaction
+
+    room, _ = services.direct_room_open(user=user, username="bob")
+    with pytest.raises(IntegrityError), transaction.atomic():
+        Room.objects.create(slug="dm-copy", name="copy", is_private=True, is_direct=True, direct_pair=room.direct_pair)
+    with pytest.raises(IntegrityError), transaction.atomic():  # direct rooms are private, with their pair
+        Room.objects.create(slug="dm-open", name="open", is_private=False, is_direct=True, direct_pair="1-99")
+
+
+@pytest.mark.parametrize("username", ["alice", "nobody", "system", "former-member"])
+def test_a_direct_room_with_yourself_or_no_one_is_refused(user, username):
+    with pytest.raises(services.ChatError) as refused:
+        services.direct_room_open(user=user, username=username)
+    assert refused.value.code == ("direct_self" if username == "alice" else "unknown_user")
+    assert Room.objects.count() == 0
+
+
+def test_nobody_joins_or_leaves_a_direct_room(user, other_user, third_user):
+    room, _ = services.direct_room_open(user=user, username="bob")
+    with pytest.raises(services.ChatError) as refused:
+        services.member_add(room=room, actor=user, username="carol")
+    assert refused.value.code in ("direct_room", "forbidden")
+    with pytest.raises(services.ChatError):
+        services.member_remove(room=room, actor=user, username="bob")
+    membership = room.memberships.get(user=other_user)
+    with pytest.raises(services.ChatError):
+        services.membership_delete(membership)
+    assert room.memberships.count() == 2
+
+
+def test_a_room_cannot_take_a_direct_rooms_address(user):
+    from django.core.exceptions import ValidationError
+
+    with pytest.raises(ValidationError):
+        services.room_create(slug="dm-1-2", name="Sneaky", created_by=user)
+
+
+def test_dm_url_opens_the_room_and_the_room_list_names_the_partner(user, other_user, third_user):
+    alice = Client()
+    alice.force_login(user)
+    response = alice.get("/dm/bob/")
+    room = Room.objects.get(is_direct=True)
+    assert response.status_code == 302 and response["Location"] == f"/rooms/{room.slug}/"
+    assert alice.get("/dm/bob/")["Location"] == f"/rooms/{room.slug}/" and Room.objects.count() == 1
+    page = alice.get(response["Location"])
+    assert page.status_code == 200 and page.context["direct_with"] == "bob"
+    services.message_create(room=room, author=other_user, body="psst")
+    rooms = {r.slug: r for r in selectors.room_list(user=user)}
+    assert rooms[room.slug].direct_with == "bob" and rooms[room.slug].unread == 1
+    unknown = alice.get("/dm/nobody/", follow=True)
+    assert (
+        unknown.redirect_chain[-1][0] == "/"
+        and "There is no user called &quot;nobody&quot;" in unknown.content.decode()
+    )
+
+
+def test_others_cannot_see_a_direct_room_exists_on_any_path(user, other_user, third_user):
+    room, _ = services.direct_room_open(user=user, username="bob")
+    message, _ = services.message_create(room=room, author=user, body="between us")
+    carol = Client()
+    carol.force_login(third_user)
+    answers = [
+        carol.get(f"/rooms/{room.slug}/"),
+        carol.get(f"/api/rooms/{room.slug}/messages"),
+        carol.get(f"/api/rooms/{room.slug}/messages/{message.pk}"),
+        carol.get(f"/api/rooms/{room.slug}/pins"),
+        carol.get(f"/api/rooms/{room.slug}/poll?timeout=1"),
+    ]
+    assert [response.status_code for response in answers] == [404] * 5
+    assert [r["slug"] for r in carol.get("/api/rooms/").json()["rooms"]] == []
+    assert selectors.room_list(user=third_user).filter(pk=room.pk).count() == 0
+    assert [r.pk for r in selectors.room_list(user=other_user)] == [room.pk]
+
+
+def test_the_api_opens_a_direct_room(user, other_user, settings):
+    settings.CHAT_API_REQUESTS_PER_MINUTE = settings.CHAT_API_WRITES_PER_MINUTE = 100_000
+    alice = Client()
+    alice.force_login(user)
+    first = post_json(alice, "/api/dms/", {"username": "bob"})
+    assert first.status_code == 201
+    assert first.json()["is_direct"] is True and first.json()["direct_with"] == "bob"
+    again = post_json(alice, "/api/dms/", {"username": "bob"})
+    assert again.status_code == 200 and again.json()["slug"] == first.json()["slug"]
+    for body, code in (
+        ({"username": "alice"}, "direct_self"),
+        ({"username": "zed"}, "unknown_user"),
+        ({}, "invalid_field"),
+    ):
+        response = post_json(alice, "/api/dms/", body)
+        assert (response.status_code, response.json()["error"]["code"]) == (400, code)
+    listed = alice.get("/api/rooms/").json()["rooms"]
+    assert [(r["is_direct"], r["direct_with"]) for r in listed] == [(True, "bob")]
+    assert Room.objects.count() == 1
+
+
+def test_either_person_pins_in_a_direct_room(user, other_user):
+    room, _ = services.direct_room_open(user=user, username="bob")
+    message, _ = services.message_create(room=room, author=user, body="remember this")
+    pinned = services.message_pin(room=room, message_id=message.pk, user=other_user, pinned=True)
+    assert pinned.pinned_at is not None
+
+
+def test_the_admin_shows_a_direct_rooms_members_and_changes_none(admin_client, user, other_user, third_user):
+    room, _ = services.direct_room_open(user=user, username="bob")
+    response = admin_client.post(
+        "/admin/chat/membership/add/", {"user": third_user.pk, "room": room.pk, "role": "member"}
+    )
+    assert response.status_code == 200 and "nobody joins it" in response.content.decode()
+    bobs = room.memberships.get(user=other_user)
+    assert admin_client.post(f"/admin/chat/membership/{bobs.pk}/delete/", {"post": "yes"}).status_code == 403
+    assert room.memberships.count() == 2
+    page = admin_client.get(f"/admin/chat/room/{room.pk}/change/").content.decode()
+    assert "bob" in page and 'name="memberships-0-role"' not in page  # shown, read-only

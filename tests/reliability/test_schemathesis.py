@@ -83,6 +83,7 @@ async def test_schemathesis_finds_no_server_error_and_every_answer_matches_the_s
     assert tested == {
         "GET /api/rooms/",
         "POST /api/rooms/",
+        "POST /api/dms/",
         "GET /api/rooms/{slug}/messages",
         "POST /api/rooms/{slug}/messages",
         "GET /api/rooms/{slug}/messages/{message_id}",
