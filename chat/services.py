@@ -125,7 +125,7 @@ def room_clear_history(*, room: Room, batch_size: int = 10_000, progress: Callab
     for low in range(0, through_seq, batch_size):
         deleted += Message.objects.filter(
             room=room, seq__gt=low, seq__lte=min(low + batch_size, through_seq), deleted_at__isnull=True
-        ).update(body="", html="", deleted_at=now, change=change)
+        ).update(body="", html="", deleted_at=now, pinned_at=None, change=change)
         if progress is not None:
             progress(deleted)
     realtime.publish_after_commit(
@@ -463,7 +463,8 @@ def message_delete(*, room: Room, message_id: object, user: User) -> Message:
             raise ChatError("forbidden", "You can only delete your own messages.")
         message.body = message.html = ""
         message.deleted_at = timezone.now()
-        _record_change(room=room, message=message, fields=["body", "html", "deleted_at"])
+        message.pinned_at = None  # nothing left to show in the pinned list
+        _record_change(room=room, message=message, fields=["body", "html", "deleted_at", "pinned_at"])
     return message
 
 

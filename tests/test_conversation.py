@@ -606,3 +606,14 @@ def test_the_admin_shows_a_direct_rooms_members_and_changes_none(admin_client, u
     assert room.memberships.count() == 2
     page = admin_client.get(f"/admin/chat/room/{room.pk}/change/").content.decode()
     assert "bob" in page and 'name="memberships-0-role"' not in page  # shown, read-only
+
+
+def test_a_deleted_or_cleared_message_leaves_the_pinned_list(user, room):
+    kept, gone = (services.message_create(room=room, author=user, body=body)[0] for body in ("kept", "gone"))
+    for message in (kept, gone):
+        services.message_pin(room=room, message_id=message.pk, user=user, pinned=True)
+    services.message_delete(room=room, message_id=gone.pk, user=user)
+    assert [m.pk for m in selectors.pinned_messages(room=room)] == [kept.pk]
+    services.room_clear_history(room=room)
+    assert selectors.pinned_messages(room=room) == []
+    assert Message.objects.filter(pinned_at__isnull=False).count() == 0
