@@ -87,3 +87,70 @@ async def test_hostile_names_topics_and_bodies_are_inert_on_every_page(server, b
     await assert_inert(alice, "room name", "topic", "username", "rendered body", "live body")
     live = "#messages li.message[data-seq='2']"  # rendered by room.js
     await assert_shown_as_text(alice, {f"{live} .author": "username", f"{live} .body": "live body"})
+
+
+# Markdown is rendered to HTML (chat/markdown.py): none of these may become a
+# script, an element that runs one, or a javascript: link. Each is shown as
+# the text it was, in a code span or block where it was written in one.
+MARKDOWN_ATTACKS = {
+    "link": ("[x](javascript:alert('link'))", ".body", "[x](javascript:alert('link'))"),
+    "image": ("![x](javascript:alert('image'))", ".body", "![x](javascript:alert('image'))"),
+    "raw img": ("<img src=x onerror=alert('img')>", ".body", "<img src=x onerror=alert('img')>"),
+    "raw svg": ("<svg onload=alert('svg')>", ".body", "<svg onload=alert('svg')>"),
+    "code span": ("`<img src=x onerror=alert('span')>`", ".body code", "<img src=x onerror=alert('span')>"),
+    "code block": (
+        "```html\n<script>alert('block')</script><svg onload=alert('block')>\n```",
+        ".body pre code",
+        "<script>alert('block')</script><svg onload=alert('block')>",
+    ),
+    "link text": (
+        "[<img src=x onerror=alert('text')>](https://example.com/)",
+        ".body a",
+        "<img src=x onerror=alert('text')>",
+    ),
+}
+
+
+async def assert_markdown_inert(page: Page, who: str, dialogs: list[str]) -> None:
+    for seq, (_, selector, text) in enumerate(MARKDOWN_ATTACKS.values(), start=1):
+        await expect(page.locator(f"#messages li.message[data-seq='{seq}'] {selector}")).to_have_text(text)
+    injected = await page.locator(
+        "#messages img, #messages svg, #messages script, #messages [onerror], #messages [onload]"
+    ).count()
+    assert injected == 0, f"{who}: hostile Markdown became elements"
+    bad_links = await page.locator("#messages a[href^='javascript' i], #messages a:not([href^='https://'])").count()
+    assert bad_links == 0, f"{who}: a link that is not https"
+    assert dialogs == [], f"{who}: a hostile script ran: {dialogs}"
+    # The only link is the one written as one, opened away from the page.
+    link = page.locator("#messages .body a")
+    await expect(link).to_have_count(1)
+    await expect(link).to_have_attribute("rel", "nofollow noopener noreferrer ugc")
+    await expect(link).to_have_attribute("target", "_blank")
+
+
+async def test_hostile_markdown_is_inert_for_the_sender_live_and_server_rendered(
+    server, browsers, user, other_user, room
+):
+    pages = {}
+    dialogs: dict[str, list[str]] = {}
+    for who, person in (("alice", user), ("bob", other_user)):
+        page = await browsers.new_page(person)
+        dialogs[who] = []
+        page.on("dialog", lambda dialog, seen=dialogs[who]: seen.append(dialog.message))
+        await open_room(page, server, room.slug)
+        pages[who] = page
+    for body, _, _ in MARKDOWN_ATTACKS.values():
+        await send(pages["alice"], body)
+
+    await assert_markdown_inert(pages["alice"], "alice (her own)", dialogs["alice"])
+    await assert_markdown_inert(pages["bob"], "bob (live)", dialogs["bob"])
+    await pages["bob"].reload()
+    await expect_live(pages["bob"])
+    await assert_markdown_inert(pages["bob"], "bob (after a reload)", dialogs["bob"])
+
+    # The edit box holds the source as typed, not HTML.
+    item = pages["alice"].locator("#messages li.message[data-seq='3']")
+    await item.hover()
+    await item.get_by_role("button", name="Edit this message").click()
+    await expect(item.locator(".edit-form textarea")).to_have_value(MARKDOWN_ATTACKS["raw img"][0])
+    assert dialogs["alice"] == [] and await pages["alice"].locator("#messages img").count() == 0

@@ -45,11 +45,14 @@ export async function getJSON(url, options = {}) {
 }
 
 // Post a message through the API; the nonce makes a retry return the original.
-export async function postMessage(room, body, nonce) {
+// replyTo: the id of the message it answers, or null.
+export async function postMessage(room, body, nonce, replyTo = null) {
+  const payload = { body: body, nonce: nonce };
+  if (replyTo != null) payload.reply_to = replyTo;
   return getJSON(apiUrl(room, "messages"), {
     method: "POST",
     headers: { "Content-Type": "application/json", "X-CSRFToken": csrfToken() },
-    body: JSON.stringify({ body: body, nonce: nonce }),
+    body: JSON.stringify(payload),
   });
 }
 

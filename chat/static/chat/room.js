@@ -3,21 +3,28 @@
 //
 // - room/messages.js    the messages kept by seq: dedupe, order, holes, gaps
 // - room/render.js      the message list in the DOM
-// - room/controls.js    edit and delete buttons
-// - room/composer.js    the textarea and the sends not acknowledged yet
+// - room/controls.js    a message's buttons: reply, react, edit, delete, pin
+// - room/reactions.js   the reaction chips and the emoji picker
+// - room/pins.js        the pinned messages under the header
+// - room/jump.js        going to a quoted or pinned message, loading it first if need be
+// - room/composer.js    the textarea, the reply being written, the sends not acknowledged yet
 // - room/members.js     who is online, who is typing
 // - room/reading.js     read marks and the unread count in the title
 // - room/connection.js  the socket, the long-poll fallback, the connection pill
 // - live.js             the transports; protocol.js the server's close codes and limits
+import { LIMITS } from "./protocol.js";
 import { Composer } from "./room/composer.js";
 import { Connection } from "./room/connection.js";
 import { MessageControls } from "./room/controls.js";
+import { Jumper } from "./room/jump.js";
 import { forgetPresence, hideTyping, presenceUnknown, showPresence, showTyping } from "./room/members.js";
 import { MessageLog } from "./room/messages.js";
+import { PinnedList } from "./room/pins.js";
+import { Reactions } from "./room/reactions.js";
 import { Reading } from "./room/reading.js";
 import {
-  decorate, followScrolling, holdPlace, insertBefore, markDeleted, markEdited, markFirstUnread,
-  renderMessage, renderedMessages, scrollToBottom, setBody,
+  decorate, excerpt, followScrolling, holdPlace, insertBefore, markDeleted, markFirstUnread, renderMessage,
+  renderedMessages, scrollToBottom, setReactions, setReader, showHoles, updateMessage, updateQuotesOf,
 } from "./room/render.js";
 
 const config = JSON.parse(document.getElementById("chat-config").textContent);
@@ -27,7 +34,12 @@ const connection = new Connection({
   room: config.room,
   loginUrl: config.loginUrl,
   cursor: () => ({ after: log.lastContiguous, changesAfter: log.lastChange }),
-  onConnecting: () => log.forgetRequests(),
+  onConnecting: () => {
+    log.forgetRequests();
+    loadOlder.disabled = false; // an "older" request in flight will not be answered now
+    jumper.cancel();
+    showHoles(log.holes(), LIMITS.historyMaxLimit, fillHole); // so are "fill" requests: their buttons come back
+  },
   onFrame: handleFrame,
   onMessages: (messages) => messages.forEach(addMessage),
   onFallbackLive: () => composer.sendAllByApi(),
@@ -40,8 +52,16 @@ const connection = new Connection({
 const live = () => connection.live;
 const send = (frame) => connection.send(frame);
 const log = new MessageLog({ lastSeq: config.lastSeq, lastChange: config.lastChange, live, send });
-const controls = new MessageControls({ username: config.username, canModerate: config.canModerate, live, send });
 const composer = new Composer({ room: config.room, username: config.username, connection, onPosted: addMessage });
+const reactions = new Reactions({ live, send });
+const controls = new MessageControls({
+  username: config.username, canModerate: config.canModerate, live, send,
+  onReply: (original) => composer.startReply(original),
+  onReact: (item, button) => reactions.togglePicker(item, button),
+});
+const jumper = new Jumper({ log, live });
+const pins = new PinnedList({ onJump: (seq) => jumper.to(seq) });
+setReader(config.username);
 const reading = new Reading({ lastRead: config.lastRead, username: config.username, log, send });
 
 for (const [seq, item] of renderedMessages()) {
@@ -51,6 +71,11 @@ for (const [seq, item] of renderedMessages()) {
 for (const item of log.items()) controls.add(item);
 const firstUnread = reading.firstUnread();
 if (firstUnread) markFirstUnread(firstUnread);
+// A reply's quote goes to the original, on server-rendered and live messages alike.
+document.getElementById("messages").addEventListener("click", (event) => {
+  const quote = event.target.closest(".reply-quote");
+  if (quote && quote.dataset.replySeq) jumper.to(Number(quote.dataset.replySeq));
+});
 
 // ---- frames from the server ---------------------------------------------------
 
@@ -66,6 +91,7 @@ function handleFrame(frame) {
       // The server skipped the oldest missed messages; start the view afresh
       // from next_seq and let "Load older" fetch the rest on demand.
       for (const item of log.restartFrom(frame.next_seq)) item.remove();
+      showHoles([], 0, fillHole);
       loadOlder.hidden = false;
       break;
     case "ready":
@@ -90,11 +116,24 @@ function handleFrame(frame) {
     case "message_deleted":
       log.noteChange(frame.change);
       if (log.has(frame.seq)) markDeleted(log.get(frame.seq));
+      pins.remove(frame.id);
+      updateQuotesOf(frame.seq, "");
+      composer.cancelReply(frame.id);
       reading.updateTitle();
+      break;
+    case "reactions":
+      log.noteChange(frame.change);
+      if (log.has(frame.seq) && !log.get(frame.seq).classList.contains("deleted")) setReactions(log.get(frame.seq), frame.reactions);
       break;
     case "history_cleared":
       log.noteChange(frame.change);
-      for (const [seq, item] of log.entries()) if (seq <= frame.seq) markDeleted(item);
+      for (const [seq, item] of log.entries()) {
+        if (seq > frame.seq) continue;
+        if (item.dataset.id) composer.cancelReply(Number(item.dataset.id));
+        markDeleted(item);
+        updateQuotesOf(seq, "");
+      }
+      pins.removeUpTo(frame.seq);
       reading.updateTitle();
       break;
   }
@@ -117,22 +156,38 @@ function onReady(frame) {
 }
 
 function onHistory(frame) {
-  const kind = log.answered();
+  // Answers come in the order asked; an "around" one also says so itself.
+  const asked = log.answered();
+  const kind = frame.around != null ? "around" : asked;
   const restorePlace = holdPlace(); // the reader's place, when messages land above it
   for (const message of frame.messages) addMessage(message);
   if (kind === "older") {
     loadOlder.disabled = false;
     loadOlder.hidden = !frame.has_more;
-    restorePlace();
+  } else if (kind === "around" && frame.messages.length && frame.messages[0].seq === log.firstSeq()) {
+    // The messages around the one asked for are now the top of the list: "Load older" continues above them.
+    loadOlder.disabled = false;
+    loadOlder.hidden = !frame.has_more;
   }
+  showHoles(log.holes(), LIMITS.historyMaxLimit, fillHole);
+  if (kind === "around" && jumper.arrived(frame.around)) return;
+  if (kind !== "gap") restorePlace();
 }
 
+function fillHole(before, limit) {
+  return connection.live && log.requestFill(before, limit);
+}
+
+// The message as it is now: an edit, a pin or unpin, or reactions (after a resume).
 function onUpdated(frame) {
   log.noteChange(frame.change);
-  const item = log.get(frame.message.seq);
+  const message = frame.message;
+  pins.update(message);
+  updateQuotesOf(message.seq, message.deleted_at ? "" : excerpt(message.body));
+  const item = log.get(message.seq);
   if (!item || item.classList.contains("deleted")) return;
-  setBody(item.querySelector(".body"), frame.message.body);
-  markEdited(item);
+  updateMessage(item, message);
+  controls.update(item);
 }
 
 function addMessage(message) {
@@ -153,8 +208,7 @@ function addMessage(message) {
 
 function requestOlder() {
   if (log.firstSeq() <= 1 || !connection.live || loadOlder.disabled || loadOlder.hidden) return;
-  loadOlder.disabled = true;
-  log.requestOlder();
+  loadOlder.disabled = log.requestOlder();
 }
 
 loadOlder.addEventListener("click", requestOlder);

@@ -1,10 +1,11 @@
-// The composer: the textarea, its hint line, and the sends not acknowledged
-// yet. Each send carries a nonce; the server stores each (author, nonce) once,
-// so a send queued offline, sent again after a reconnect or through the API,
-// or retried after the server could not save it, never makes a second message.
+// The composer: the textarea, its hint line, the message being replied to,
+// and the sends not acknowledged yet. Each send carries a nonce; the server
+// stores each (author, nonce) once, so a send queued offline, sent again after
+// a reconnect or through the API, or retried after the server could not save
+// it, never makes a second message. A reply keeps its reply_to through all of that.
 import { newNonce, postMessage } from "../live.js";
 import { LIMITS } from "../protocol.js";
-import { appendPending, isAtBottom, renderMessage, scrollToBottom } from "./render.js";
+import { appendPending, isAtBottom, quoteText, renderMessage, scrollToBottom } from "./render.js";
 
 const TYPING_SEND_MS = 1500; // one "typing" frame at most this often
 // A send the server could not save (its database is away: docs/protocol.md) goes
@@ -25,17 +26,27 @@ export class Composer {
     this.username = username;
     this.connection = connection;
     this.onPosted = onPosted;
-    this.pending = new Map(); // nonce -> {body, element, retries, retryTimer}
+    this.pending = new Map(); // nonce -> {body, replyTo, element, retries, retryTimer}
+    this.replyTo = null; // {id, seq, author, excerpt}: what the next send answers
     this.lastTypingSent = 0;
     this.form = document.getElementById("composer");
     this.input = document.getElementById("message-input");
     this.hint = document.getElementById("composer-hint");
     this.sendButton = document.getElementById("send-button");
+    this.replyBar = document.getElementById("reply-bar");
+    this.replyText = document.getElementById("reply-bar-text");
+    document.getElementById("reply-cancel").addEventListener("click", () => {
+      this.cancelReply();
+      this.input.focus();
+    });
     this.form.addEventListener("submit", (event) => { event.preventDefault(); this.submit(); });
     this.input.addEventListener("keydown", (event) => {
       if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
         event.preventDefault();
         this.submit();
+      } else if (event.key === "Escape" && this.replyTo) {
+        event.preventDefault();
+        this.cancelReply();
       }
     });
     this.input.addEventListener("input", () => { this.update(); this.signalTyping(); });
@@ -49,20 +60,49 @@ export class Composer {
       return;
     }
     const nonce = newNonce();
-    const element = renderMessage({ seq: 0, id: "", author: this.username, body: body, created_at: new Date().toISOString() });
+    const replyTo = this.replyTo;
+    const element = renderMessage({
+      seq: 0, id: "", author: this.username, body: body, created_at: new Date().toISOString(), reply_to: replyTo,
+    });
     element.classList.add("pending");
     delete element.dataset.seq;
     const status = document.createElement("span");
     status.className = "status";
     element.querySelector(".message-head").append(" ", status);
     appendPending(element);
-    const item = { body: body, element: element, retries: 0, retryTimer: null };
+    const item = { body: body, replyTo: replyTo ? replyTo.id : null, element: element, retries: 0, retryTimer: null };
     this.pending.set(nonce, item);
     if (this.connection.fallbackLive) this.sendByApi(nonce, item);
-    else this.mark(item, this.connection.send({ type: "send", body: body, nonce: nonce }) ? "Sending…" : "Waiting for connection…");
+    else this.mark(item, this.connection.send(sendFrame(nonce, item)) ? "Sending…" : "Waiting for connection…");
+    this.cancelReply();
     this.input.value = "";
     this.input.focus();
     this.update();
+  }
+
+  // The next send answers this message: the bar above the box says which.
+  startReply(original) {
+    const stick = isAtBottom(); // the bar makes the composer taller; keep the newest message in view
+    this.replyTo = original;
+    const author = document.createElement("strong");
+    author.textContent = original.author;
+    const text = document.createElement("span");
+    text.className = "reply-bar-excerpt";
+    text.textContent = original.excerpt ? quoteText(original.excerpt) : "Message deleted";
+    this.replyText.replaceChildren("Replying to ", author, ": ", text);
+    this.replyBar.hidden = false;
+    if (stick) scrollToBottom();
+    this.input.focus();
+  }
+
+  // No reply after all; with `id`, only if the reply was to that message (it was deleted).
+  cancelReply(id = null) {
+    if (!this.replyTo || (id !== null && this.replyTo.id !== id)) return;
+    const stick = isAtBottom();
+    this.replyTo = null;
+    this.replyBar.hidden = true;
+    this.replyText.replaceChildren();
+    if (stick) scrollToBottom();
   }
 
   mark(item, text) {
@@ -73,7 +113,7 @@ export class Composer {
   resendAll() {
     for (const [nonce, item] of this.pending) {
       clearTimeout(item.retryTimer);
-      this.connection.send({ type: "send", body: item.body, nonce: nonce });
+      this.connection.send(sendFrame(nonce, item));
       this.mark(item, "Sending…");
     }
   }
@@ -87,7 +127,7 @@ export class Composer {
     this.mark(item, "Sending…");
     let result;
     try {
-      result = await postMessage(this.room, item.body, nonce);
+      result = await postMessage(this.room, item.body, nonce, item.replyTo);
     } catch (error) {
       this.mark(item, "Waiting for connection…"); // sent again, same nonce, when a transport is back
       return;
@@ -133,7 +173,7 @@ export class Composer {
     item.retryTimer = setTimeout(() => {
       if (this.pending.get(nonce) !== item) return; // acknowledged meanwhile
       if (this.connection.fallbackLive) this.sendByApi(nonce, item);
-      else this.connection.send({ type: "send", body: item.body, nonce: nonce }); // offline: resendAll sends it
+      else this.connection.send(sendFrame(nonce, item)); // offline: resendAll sends it
     }, delay);
   }
 
@@ -177,7 +217,15 @@ export class Composer {
     anchor.href = link;
     anchor.textContent = label || (link === "/" ? "Back to rooms" : "Log in");
     this.hint.append(anchor);
+    this.cancelReply();
     this.input.disabled = true;
     this.form.querySelector("button[type=submit]").disabled = true;
   }
+}
+
+// A "send" frame; reply_to only when it answers a message.
+function sendFrame(nonce, item) {
+  const frame = { type: "send", body: item.body, nonce: nonce };
+  if (item.replyTo != null) frame.reply_to = item.replyTo;
+  return frame;
 }

@@ -1,53 +1,74 @@
-// Editing and deleting messages: authors edit and delete their own,
-// moderators also delete others'. Both go as frames on the live socket.
+// A message's buttons: Reply and React for everyone; Edit and Delete for its
+// author, Delete for moderators too; Pin for the room's owner, moderators and
+// staff. React, edit, delete and pin go as frames on the live socket; a reply
+// waits in the composer, which may send it later (queued offline).
 import { LIMITS } from "../protocol.js";
+import { excerpt } from "./render.js";
 
 export class MessageControls {
   //   username, canModerate   who is reading, from the page's config
   //   live()                  whether the socket is past "ready"
   //   send(frame)             sends a frame on the socket
-  constructor({ username, canModerate, live, send }) {
+  //   onReply(original)       {id, seq, author, excerpt}: the reader answers this message
+  //   onReact(item, button)   the reader wants to choose a reaction (room/reactions.js)
+  constructor({ username, canModerate, live, send, onReply, onReact }) {
     this.username = username;
     this.canModerate = canModerate;
     this.live = live;
     this.send = send;
+    this.onReply = onReply;
+    this.onReact = onReact;
   }
 
   add(item) {
     if (!item.dataset.id || item.classList.contains("deleted") || item.querySelector(".controls")) return; // pending sends have no id
     const mine = item.dataset.author === this.username;
-    if (!mine && !this.canModerate) return;
+    const author = item.dataset.author;
     const controls = document.createElement("span");
     controls.className = "controls";
-    if (mine) {
-      const editButton = document.createElement("button");
-      editButton.type = "button";
-      editButton.className = "link";
-      editButton.textContent = "Edit";
-      editButton.setAttribute("aria-label", "Edit this message");
-      editButton.addEventListener("click", () => this.startEdit(item));
-      controls.append(editButton);
+    controls.append(
+      button("Reply", `Reply to ${author}`, () => this.onReply({
+        id: Number(item.dataset.id), seq: Number(item.dataset.seq), author: author, excerpt: excerpt(item.dataset.body || ""),
+      })),
+    );
+    const react = button("React", `React to ${author}'s message`, () => this.onReact(item, react));
+    react.setAttribute("aria-expanded", "false");
+    controls.append(react);
+    if (mine) controls.append(button("Edit", "Edit this message", () => this.startEdit(item)));
+    if (mine || this.canModerate) {
+      const question = mine ? "Delete this message for everyone?" : `Delete ${author}'s message for everyone?`;
+      controls.append(button("Delete", mine ? "Delete this message" : `Delete this message by ${author}`, () => {
+        if (this.live() && confirm(question)) this.send({ type: "delete", id: Number(item.dataset.id) });
+      }));
     }
-    const deleteButton = document.createElement("button");
-    deleteButton.type = "button";
-    deleteButton.className = "link";
-    deleteButton.textContent = "Delete";
-    deleteButton.setAttribute("aria-label", mine ? "Delete this message" : `Delete this message by ${item.dataset.author}`);
-    const question = mine ? "Delete this message for everyone?" : `Delete ${item.dataset.author}'s message for everyone?`;
-    deleteButton.addEventListener("click", () => {
-      if (this.live() && confirm(question)) this.send({ type: "delete", id: Number(item.dataset.id) });
-    });
-    controls.append(deleteButton);
+    if (this.canModerate) {
+      const pin = button("Pin", "", () => {
+        if (this.live()) this.send({ type: "pin", id: Number(item.dataset.id), pinned: !item.classList.contains("pinned") });
+      });
+      pin.classList.add("pin-button");
+      controls.append(pin);
+    }
     item.querySelector(".message-head").append(controls);
+    this.update(item);
+  }
+
+  // The message was pinned or unpinned: its Pin button says what it would do now.
+  update(item) {
+    const pin = item.querySelector(".pin-button");
+    if (!pin) return;
+    const pinned = item.classList.contains("pinned");
+    pin.textContent = pinned ? "Unpin" : "Pin";
+    pin.setAttribute("aria-label", `${pinned ? "Unpin" : "Pin"} ${item.dataset.author}'s message`);
   }
 
   startEdit(item) {
     if (!this.live() || item.querySelector(".edit-form")) return;
     const body = item.querySelector(".body");
+    const source = item.dataset.body; // the Markdown, not the HTML it shows as
     const form = document.createElement("form");
     form.className = "edit-form";
     const box = document.createElement("textarea");
-    box.value = body.textContent;
+    box.value = source;
     box.maxLength = LIMITS.messageMaxLength;
     box.setAttribute("aria-label", "Edit message");
     const save = document.createElement("button");
@@ -59,7 +80,7 @@ export class MessageControls {
     cancel.textContent = "Cancel";
     form.append(box, save, cancel);
     body.hidden = true;
-    item.append(form);
+    body.after(form);
     box.focus();
     const close = () => { form.remove(); body.hidden = false; };
     cancel.addEventListener("click", close);
@@ -69,8 +90,18 @@ export class MessageControls {
     });
     form.addEventListener("submit", (event) => {
       event.preventDefault();
-      if (box.value.trim() && box.value !== body.textContent) this.send({ type: "edit", id: Number(item.dataset.id), body: box.value });
+      if (box.value.trim() && box.value !== source) this.send({ type: "edit", id: Number(item.dataset.id), body: box.value });
       close();
     });
   }
+}
+
+function button(text, label, onClick) {
+  const element = document.createElement("button");
+  element.type = "button";
+  element.className = "link";
+  element.textContent = text;
+  if (label) element.setAttribute("aria-label", label);
+  element.addEventListener("click", onClick);
+  return element;
 }

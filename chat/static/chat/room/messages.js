@@ -1,10 +1,14 @@
 // The room's messages kept by seq (docs/protocol.md): whatever order frames
 // arrive in, each message is held once, and the page knows the last seq it
 // holds without a hole (where a resume starts) and asks for any hole above it.
+// A jump to an old message (a reply's quote, a pinned message) may add an
+// island of messages below that: the holes between are shown with a button
+// that loads them ("fill"), never asked for by themselves.
 import { LIMITS } from "../protocol.js";
 
 const GAP_GRACE_MS = 1000; // frames from two publishers may cross; wait before asking
 const OLDER_PAGE = 50; // messages per "Load older"
+const AROUND_PAGE = 50; // messages around one the reader goes to
 
 export class MessageLog {
   //   lastSeq, lastChange   what the server rendered with the page
@@ -12,9 +16,12 @@ export class MessageLog {
   //   send(frame)           sends a frame on the socket; false if it could not
   constructor({ lastSeq, lastChange, live, send }) {
     this.bySeq = new Map(); // seq -> the message's element
-    this.lastContiguous = lastSeq; // every seq in (first shown, lastContiguous] is held
+    // Every seq in (first shown, lastContiguous] is held, but for the holes a jump left (holes()).
+    this.lastContiguous = lastSeq;
     this.lastChange = lastChange; // edits and deletions up to here are applied
-    this.requests = []; // "older" | "gap": history requests, answered in order
+    // "older" | "gap" | "fill" | "around": history requests, answered in order. An
+    // "around" answer echoes its seq; the others look alike, so this is how they are told apart.
+    this.requests = [];
     this.gapTimer = null;
     this.live = live;
     this.send = send;
@@ -84,7 +91,31 @@ export class MessageLog {
   }
 
   requestOlder() {
-    this.ask("older", this.firstSeq(), OLDER_PAGE);
+    return this.ask("older", this.firstSeq(), OLDER_PAGE);
+  }
+
+  // The messages on both sides of `seq`, to go to it. False if the socket could not send.
+  requestAround(seq) {
+    if (!this.send({ type: "history", around: seq, limit: AROUND_PAGE })) return false;
+    this.requests.push("around");
+    return true;
+  }
+
+  // The newest `limit` messages of the hole below `before`.
+  requestFill(before, limit) {
+    return this.ask("fill", before, limit);
+  }
+
+  // The holes below lastContiguous, oldest first: [{before, count, next}], where
+  // `before` is the seq just above the hole and `next` its element.
+  holes() {
+    const seqs = [...this.bySeq.keys()].filter((seq) => seq <= this.lastContiguous).sort((a, b) => a - b);
+    const holes = [];
+    for (let index = 1; index < seqs.length; index += 1) {
+      const count = seqs[index] - seqs[index - 1] - 1;
+      if (count > 0) holes.push({ before: seqs[index], count: count, next: this.bySeq.get(seqs[index]) });
+    }
+    return holes;
   }
 
   scheduleGapCheck() {
@@ -99,8 +130,10 @@ export class MessageLog {
     this.scheduleGapCheck(); // checks again once the answer has had time to arrive
   }
 
+  // Returns whether the request went; only one that went is waited for.
   ask(kind, before, limit) {
+    if (!this.send({ type: "history", before: before, limit: limit })) return false;
     this.requests.push(kind);
-    this.send({ type: "history", before: before, limit: limit });
+    return true;
   }
 }

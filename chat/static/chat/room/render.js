@@ -1,16 +1,48 @@
-// The room page's message list in the DOM: one message's element, the day
-// separators and author groups, and the pane's scrolling. Message text goes
-// in with textContent only: a body is never parsed as HTML.
+// The room page's message list in the DOM: one message's element (its reply
+// quote, body, reactions and pin marker), the day separators and author
+// groups, holes left by a jump, and the pane's scrolling. Text people wrote
+// goes in with textContent; the one exception is a message's `html`, which the
+// server rendered from Markdown and sanitized (chat/markdown.py). A `body` is
+// never parsed as HTML: it is the source, kept for editing and quoting.
 const list = document.getElementById("messages");
 const pane = document.getElementById("messages-pane");
 const jumpButton = document.getElementById("jump-new");
+const jumpStatus = document.getElementById("jump-status");
 
+const EXCERPT_LENGTH = 140; // as the server cuts reply_to.excerpt
+
+let reader = ""; // who is reading: the reactions they made show as pressed
+export function setReader(username) {
+  reader = username;
+}
+
+// The start of a body, as the server quotes it (reply_to.excerpt): its first
+// characters, counted as Python counts them (code points, so no emoji is cut in two).
+export function excerpt(body) {
+  const characters = Array.from(body);
+  return characters.length > EXCERPT_LENGTH ? characters.slice(0, EXCERPT_LENGTH).join("") : body;
+}
+
+// A body as a pinned message shows it: cut with "…" as the template's truncatechars:140 does.
+export function truncate(text) {
+  const characters = Array.from(text);
+  return characters.length > EXCERPT_LENGTH ? `${characters.slice(0, EXCERPT_LENGTH - 1).join("")}…` : text;
+}
+
+// An excerpt as a quote shows it: one as long as an excerpt gets was most likely cut, so it says so.
+export function quoteText(excerptText) {
+  const characters = Array.from(excerptText);
+  return characters.length >= EXCERPT_LENGTH ? `${characters.slice(0, EXCERPT_LENGTH - 1).join("")}…` : excerptText;
+}
+
+// The same structure as templates/chat/_message.html renders.
 export function renderMessage(message) {
   const item = document.createElement("li");
   item.className = message.system ? "message system" : "message";
   item.dataset.seq = String(message.seq);
   item.dataset.id = String(message.id);
   item.dataset.author = message.author;
+  item.dataset.body = message.body;
   const head = document.createElement("div");
   head.className = "message-head";
   const author = document.createElement("span");
@@ -22,30 +54,169 @@ export function renderMessage(message) {
   head.append(author, " ", time);
   const body = document.createElement("div");
   body.className = "body";
-  setBody(body, message.body);
   item.append(head, body);
-  if (message.deleted_at) markDeleted(item);
-  else if (message.edited_at) markEdited(item);
+  if (message.deleted_at) {
+    markDeleted(item);
+    return item;
+  }
+  setBody(body, message);
+  setReplyQuote(item, message.reply_to);
+  setReactions(item, message.reactions || []);
+  setPinned(item, message.pinned_at);
+  if (message.edited_at) markEdited(item);
   return item;
 }
 
-// Text, with http(s) links made clickable; never HTML (chat/templatetags/chat_text.py does the same).
-const URL_PATTERN = /https?:\/\/[^\s<>"']+/g;
-export function setBody(element, text) {
-  element.replaceChildren();
-  let position = 0;
-  for (const match of text.matchAll(URL_PATTERN)) {
-    const url = match[0].replace(/[.,;:!?)\]}'"]+$/, "");
-    element.append(text.slice(position, match.index));
-    const link = document.createElement("a");
-    link.href = url;
-    link.rel = "noopener noreferrer";
-    link.target = "_blank";
-    link.textContent = url;
-    element.append(link);
-    position = match.index + url.length;
+// A message object changed (an edit, a pin, reactions): show it as it is now.
+export function updateMessage(item, message) {
+  if (message.deleted_at) {
+    markDeleted(item);
+    return;
   }
-  element.append(text.slice(position));
+  if (item.dataset.body !== message.body) {
+    item.dataset.body = message.body;
+    setBody(item.querySelector(".body"), message);
+  }
+  setReplyQuote(item, message.reply_to);
+  setReactions(item, message.reactions || []);
+  setPinned(item, message.pinned_at);
+  if (message.edited_at) markEdited(item);
+}
+
+// The server's sanitized HTML; a message without any (a send not acknowledged
+// yet) shows its source as text.
+export function setBody(element, { body, html }) {
+  if (html) {
+    element.replaceChildren(safeFragment(html));
+    element.classList.remove("plain");
+  } else {
+    element.textContent = body;
+    element.classList.add("plain");
+  }
+}
+
+// The one place the page parses HTML: a message's `html`, from the server.
+// Defence in depth: the server sends only these tags and attributes
+// (chat/markdown.py ALLOWED_TAGS), so this removes nothing from what it sends;
+// were anything else ever to slip through, it would become text, not markup.
+// DOMParser's document is inert: nothing in it runs or loads while it is checked.
+const ALLOWED = {
+  P: [], BR: [], EM: [], STRONG: [], S: [], PRE: [], UL: [], LI: [], BLOCKQUOTE: [],
+  CODE: ["class"], OL: ["start"], A: ["href", "title", "rel", "target"],
+};
+const SAFE_URL = /^(https?:|mailto:)/i;
+function safeFragment(html) {
+  const parsed = new DOMParser().parseFromString(html, "text/html").body;
+  for (const element of parsed.querySelectorAll("*")) {
+    const allowed = ALLOWED[element.tagName];
+    if (!allowed) {
+      element.replaceWith(element.textContent);
+      continue;
+    }
+    for (const { name } of [...element.attributes]) if (!allowed.includes(name)) element.removeAttribute(name);
+    if (element.tagName === "A") {
+      if (!SAFE_URL.test(element.getAttribute("href") || "")) element.removeAttribute("href");
+      element.rel = "nofollow noopener noreferrer ugc";
+      element.target = "_blank";
+    }
+  }
+  const fragment = document.createDocumentFragment();
+  fragment.append(...parsed.childNodes); // adopted into the page only now, checked
+  return fragment;
+}
+
+// The quote above a reply: who wrote the original and how it starts; a button
+// that goes to it (room/jump.js).
+export function setReplyQuote(item, replyTo) {
+  let quote = item.querySelector(".reply-quote");
+  if (!replyTo) {
+    if (quote) quote.remove();
+    return;
+  }
+  if (!quote) {
+    quote = document.createElement("button");
+    quote.type = "button";
+    quote.className = "reply-quote";
+    quote.title = "Go to the original message";
+    const prefix = document.createElement("span");
+    prefix.className = "visually-hidden";
+    prefix.textContent = "In reply to ";
+    const author = document.createElement("span");
+    author.className = "reply-author";
+    const text = document.createElement("span");
+    text.className = "reply-excerpt";
+    quote.append(prefix, author, " ", text);
+    item.querySelector(".body").before(quote);
+  }
+  quote.dataset.replySeq = String(replyTo.seq);
+  quote.dataset.replyId = String(replyTo.id);
+  quote.querySelector(".reply-author").textContent = replyTo.author;
+  setQuoteExcerpt(quote, replyTo.excerpt);
+}
+
+function setQuoteExcerpt(quote, text) {
+  const shown = quote.querySelector(".reply-excerpt");
+  shown.textContent = text ? quoteText(text) : "Message deleted"; // "" once the original is deleted
+  shown.classList.toggle("gone", !text);
+}
+
+// The original of these quotes was edited ("" : deleted): quotes show it as it is now.
+export function updateQuotesOf(seq, text) {
+  for (const quote of list.querySelectorAll(`.reply-quote[data-reply-seq="${Number(seq)}"]`)) setQuoteExcerpt(quote, text);
+}
+
+// The reaction chips: "👍 2", pressed when the reader is among those who reacted.
+export function setReactions(item, reactions) {
+  let row = item.querySelector(".reactions");
+  if (!row) {
+    row = document.createElement("div");
+    row.className = "reactions";
+    row.setAttribute("role", "group");
+    row.setAttribute("aria-label", "Reactions");
+    item.querySelector(".body").after(row);
+  }
+  row.replaceChildren(...reactions.map(reactionChip));
+  row.hidden = reactions.length === 0;
+}
+
+function reactionChip({ emoji, count, users }) {
+  const chip = document.createElement("button");
+  chip.type = "button";
+  chip.className = "reaction";
+  chip.dataset.emoji = emoji;
+  chip.setAttribute("aria-pressed", String(users.includes(reader)));
+  const who = users.join(", ");
+  chip.title = `${who} reacted with ${emoji}`;
+  chip.setAttribute("aria-label", `${emoji} ${count}: ${who}`);
+  const symbol = document.createElement("span");
+  symbol.className = "reaction-emoji";
+  symbol.textContent = emoji;
+  const number = document.createElement("span");
+  number.className = "reaction-count";
+  number.textContent = String(count);
+  chip.append(symbol, " ", number);
+  return chip;
+}
+
+// "📌 Pinned" in the message's head while a moderator has it pinned.
+export function setPinned(item, pinnedAt) {
+  item.classList.toggle("pinned", Boolean(pinnedAt));
+  let marker = item.querySelector(".pin-marker");
+  if (!pinnedAt) {
+    delete item.dataset.pinnedAt;
+    if (marker) marker.remove();
+    return;
+  }
+  item.dataset.pinnedAt = pinnedAt;
+  if (marker) return;
+  marker = document.createElement("span");
+  marker.className = "pin-marker";
+  const pin = document.createElement("span");
+  pin.setAttribute("aria-hidden", "true");
+  pin.textContent = "📌";
+  marker.append(pin, " Pinned");
+  const head = item.querySelector(".message-head");
+  head.insertBefore(marker, head.querySelector(".controls"));
 }
 
 export function markEdited(item) {
@@ -53,14 +224,25 @@ export function markEdited(item) {
   const note = document.createElement("span");
   note.className = "edited";
   note.textContent = "(edited)";
-  item.querySelector(".message-head").append(" ", note);
+  const head = item.querySelector(".message-head");
+  const before = head.querySelector(".pin-marker, .controls");
+  head.insertBefore(document.createTextNode(" "), before);
+  head.insertBefore(note, before);
 }
 
+// A deleted message keeps its place and says so; everything else about it goes.
 export function markDeleted(item) {
   item.classList.add("deleted");
-  item.querySelector(".body").textContent = "Message deleted";
-  for (const extra of item.querySelectorAll(".edited, .controls, .edit-form")) extra.remove();
-  item.querySelector(".body").hidden = false;
+  item.classList.remove("pinned");
+  delete item.dataset.body;
+  delete item.dataset.pinnedAt;
+  for (const extra of item.querySelectorAll(".edited, .controls, .edit-form, .reply-quote, .reactions, .emoji-picker, .pin-marker")) {
+    extra.remove();
+  }
+  const body = item.querySelector(".body");
+  body.classList.remove("plain");
+  body.textContent = "Message deleted";
+  body.hidden = false;
 }
 
 export function localiseTime(time) {
@@ -117,6 +299,7 @@ export function decorate() {
   let previous = null;
   for (const item of [...list.children]) {
     if (item.classList.contains("day-separator")) { item.remove(); continue; }
+    if (item.classList.contains("history-hole")) { previous = null; continue; } // no group spans messages not shown
     if (!item.classList.contains("message") || item.classList.contains("pending")) continue;
     const moment = new Date(item.querySelector("time").dateTime);
     const day = moment.toDateString();
@@ -131,6 +314,32 @@ export function decorate() {
     item.classList.toggle("continued", Boolean(continued));
     previous = { day: day, author: item.dataset.author, moment: moment };
   }
+}
+
+// Holes below the newest messages, left by a jump to an old message (a
+// "history" around it): each gets a line with a button that loads it, the
+// newest `limit` of it at a time. holes: [{before, count, next}] (MessageLog.holes).
+export function showHoles(holes, limit, onLoad) {
+  for (const marker of list.querySelectorAll("li.history-hole")) marker.remove();
+  for (const { before, count, next } of holes) {
+    const marker = document.createElement("li");
+    marker.className = "history-hole";
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "link";
+    const loads = Math.min(count, limit);
+    button.textContent = loads === count
+      ? `Load ${count} more message${count === 1 ? "" : "s"}`
+      : `Load ${loads} of ${count.toLocaleString()} more messages`;
+    button.addEventListener("click", () => {
+      if (!onLoad(before, loads)) return; // not connected: the button stays
+      button.disabled = true;
+      button.textContent = "Loading…";
+    });
+    marker.append(button);
+    list.insertBefore(marker, next);
+  }
+  scheduleDecorate();
 }
 
 function dayLabel(moment) {
@@ -157,6 +366,34 @@ export function scrollToBottom() {
 export function holdPlace() {
   const fromBottom = pane.scrollHeight - pane.scrollTop;
   return () => { pane.scrollTop = pane.scrollHeight - fromBottom; };
+}
+
+// Show a message the reader asked to go to: in the middle of the pane,
+// highlighted for a moment, and focused (so the keyboard carries on from it).
+const HIGHLIGHT_MS = 2500;
+const highlights = new WeakMap(); // item -> the timer that ends its highlight
+const reducedMotion = window.matchMedia && matchMedia("(prefers-reduced-motion: reduce)").matches;
+export function revealMessage(item) {
+  item.scrollIntoView({ block: "center", behavior: reducedMotion ? "auto" : "smooth" });
+  item.classList.remove("highlight");
+  void item.offsetWidth; // restarts the highlight's fade when it is asked for again
+  item.classList.add("highlight");
+  clearTimeout(highlights.get(item));
+  highlights.set(item, setTimeout(() => item.classList.remove("highlight"), HIGHLIGHT_MS));
+  item.tabIndex = -1;
+  item.focus({ preventScroll: true });
+}
+
+// The line at the top of the pane while a message is being fetched to go to
+// ("" hides it); an `error` goes by itself after a few seconds.
+const STATUS_ERROR_MS = 4000;
+let statusTimer = null;
+export function showJumpStatus(text, { error = false } = {}) {
+  clearTimeout(statusTimer);
+  jumpStatus.textContent = text;
+  jumpStatus.hidden = !text;
+  jumpStatus.classList.toggle("error", error);
+  if (error) statusTimer = setTimeout(() => showJumpStatus(""), STATUS_ERROR_MS);
 }
 
 // Reaching the top calls `onTop` (load the page of history above); the
