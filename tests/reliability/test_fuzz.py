@@ -21,13 +21,17 @@ json_values = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
     max_leaves=8,
 )
-FIELDS = ["body", "nonce", "id", "before", "limit", "seq"]
+FIELDS = ["body", "nonce", "id", "before", "limit", "seq", "around", "reply_to", "emoji", "pinned"]
 frames = st.one_of(
     st.text(max_size=300),  # mostly not JSON
     st.binary(max_size=300),  # binary frames
     json_values.map(json.dumps),
     st.fixed_dictionaries(
-        {"type": st.sampled_from(["send", "history", "typing", "edit", "delete", "read", "subscribe", ""])},
+        {
+            "type": st.sampled_from(
+                ["send", "history", "typing", "edit", "delete", "read", "react", "pin", "subscribe", ""]
+            )
+        },
         optional={field: json_values for field in FIELDS},
     ).map(json.dumps),
     # Bodies around the 4,000-character limit, and frames around the 64 KiB one.
@@ -35,8 +39,9 @@ frames = st.one_of(
         lambda c: json.dumps({"type": "send", "body": c[0] * c[1]})
     ),
 )
-# What a frame may bring back besides an error: its own effects (a valid send, history, edit) and room news.
-HARMLESS = {"error", "message", "history", "presence", "message_updated", "message_deleted"}
+# What a frame may bring back besides an error: its own effects (a valid send, history, edit, reaction,
+# read mark) and room news.
+HARMLESS = {"error", "message", "history", "presence", "message_updated", "message_deleted", "reactions", "read_by"}
 
 
 @pytest.fixture
