@@ -266,15 +266,18 @@ class RoomConsumer(AsyncWebsocketConsumer):
         if isinstance(command, protocol.EditCommand):
             change = functools.partial(services.message_edit, body=command.body)
         elif isinstance(command, protocol.ReactCommand):
-            change = functools.partial(services.message_react, emoji=command.emoji)
+            change = functools.partial(services.message_react, emoji=command.emoji, rate_checked=True)
         elif isinstance(command, protocol.PinCommand):
             change = functools.partial(services.message_pin, pinned=command.pinned)
         else:
             change = services.message_delete
         try:
+            if isinstance(command, protocol.ReactCommand):
+                validation.reaction_emoji(command.emoji)  # bad input counts for nothing
+                await services.reaction_rate_check(user=self.scope["user"])
             await database_sync_to_async(change)(room=self.joined_room, message_id=command.id, user=self.scope["user"])
         except ChatError as error:
-            await self.send(protocol.error_frame(error.code, error.detail))
+            await self.send(protocol.error_frame(error.code, error.detail, retry_after=error.retry_after))
         # Success is the broadcast that every socket in the room, this one included, receives.
 
 

@@ -408,22 +408,30 @@ async def message_rate_check(*, author: User, body: object) -> None:
         _raise_if_rate_limited(await ephemeral.rate_limit_async(*rate))
 
 
-def _message_rate(author: User) -> tuple[str, int, int] | None:
-    """At most CHAT_MESSAGE_RATE_LIMIT messages per CHAT_MESSAGE_RATE_WINDOW seconds per user, on every path.
+async def reaction_rate_check(*, user: User) -> None:
+    """Count a reaction against its user's rate from the event loop (then message_react(rate_checked=True))."""
+    if rate := _message_rate(user, "reactions"):
+        _raise_if_rate_limited(await ephemeral.rate_limit_async(*rate), "reactions")
 
-    Returns the limit's key, limit and window; None for operators, who are not limited.
+
+def _message_rate(author: User, kind: str = "messages") -> tuple[str, int, int] | None:
+    """At most CHAT_MESSAGE_RATE_LIMIT messages (or reactions) per CHAT_MESSAGE_RATE_WINDOW seconds per user.
+
+    Counted on every path, each kind apart: every one reaches every socket in
+    the room. Returns the limit's key, limit and window; None for operators,
+    who are not limited.
     """
     if author.get_username() == SYSTEM_USERNAME:
         return None
-    return f"messages:{author.pk}", settings.CHAT_MESSAGE_RATE_LIMIT, settings.CHAT_MESSAGE_RATE_WINDOW
+    return f"{kind}:{author.pk}", settings.CHAT_MESSAGE_RATE_LIMIT, settings.CHAT_MESSAGE_RATE_WINDOW
 
 
-def _raise_if_rate_limited(retry_after: int) -> None:
+def _raise_if_rate_limited(retry_after: int, kind: str = "messages") -> None:
     if retry_after:
         limit, window = settings.CHAT_MESSAGE_RATE_LIMIT, settings.CHAT_MESSAGE_RATE_WINDOW
         raise ChatError(
             "rate_limited",
-            f"Slow down: at most {limit} messages every {window} seconds. Try again in {retry_after} s.",
+            f"Slow down: at most {limit} {kind} every {window} seconds. Try again in {retry_after} s.",
             retry_after=retry_after,
         )
 
@@ -471,12 +479,15 @@ def message_delete(*, room: Room, message_id: object, user: User) -> Message:
 REACTIONS_MAX_EMOJI = 20
 
 
-def message_react(*, room: Room, message_id: object, user: User, emoji: object) -> Message:
+def message_react(*, room: Room, message_id: object, user: User, emoji: object, rate_checked: bool = False) -> Message:
     """Toggle the user's reaction to a message with one emoji, then publish the message's reactions once committed.
 
-    At most REACTIONS_MAX_EMOJI different emoji per message.
+    At most REACTIONS_MAX_EMOJI different emoji per message. `rate_checked`:
+    the caller counted this reaction already (reaction_rate_check).
     """
     emoji = validation.reaction_emoji(emoji)
+    if not rate_checked and (rate := _message_rate(user, "reactions")):
+        _raise_if_rate_limited(ephemeral.rate_limit(*rate), "reactions")
     with transaction.atomic():
         message = _message_for_change(room=room, message_id=message_id)
         removed, _ = Reaction.objects.filter(message=message, user=user, emoji=emoji).delete()

@@ -617,3 +617,33 @@ def test_a_deleted_or_cleared_message_leaves_the_pinned_list(user, room):
     services.room_clear_history(room=room)
     assert selectors.pinned_messages(room=room) == []
     assert Message.objects.filter(pinned_at__isnull=False).count() == 0
+
+
+async def test_reactions_have_a_rate_limit_of_their_own(ws_connect, user, room, settings):
+    settings.CHAT_MESSAGE_RATE_LIMIT = 2
+    message = await post(room, user, "react a lot")
+    alice = await joined(ws_connect, user, room)
+    for _ in range(2):
+        await send(alice, type="react", id=message.pk, emoji="👍")
+        assert (await receive(alice))["type"] == "reactions"
+    await send(alice, type="react", id=message.pk, emoji="👍")
+    refused = await receive(alice)
+    assert (refused["code"], refused["retry_after"] >= 1) == ("rate_limited", True)
+    assert "reactions" in refused["detail"]
+    stored = await database_sync_to_async(Message.objects.get)(pk=message.pk)
+    assert stored.change == 2 and stored.reactions == []  # on, off, and the third never happened
+    await send(alice, type="send", body="messages have their own budget")
+    assert (await receive(alice))["type"] == "message"
+
+
+def test_the_apis_reactions_are_limited_too(user, room, settings):
+    settings.CHAT_MESSAGE_RATE_LIMIT = 1
+    settings.CHAT_API_REQUESTS_PER_MINUTE = settings.CHAT_API_WRITES_PER_MINUTE = 100_000
+    message, _ = services.message_create(room=room, author=user, body="once")
+    client = Client()
+    client.force_login(user)
+    url = f"/api/rooms/general/messages/{message.pk}/reactions/"
+    assert post_json(client, url, {"emoji": "👍"}).status_code == 200
+    response = post_json(client, url, {"emoji": "👍"})
+    assert (response.status_code, response.json()["error"]["code"]) == (429, "rate_limited")
+    assert int(response["Retry-After"]) >= 1 and Reaction.objects.count() == 1
