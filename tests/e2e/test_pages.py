@@ -10,6 +10,7 @@ from channels.db import database_sync_to_async
 from playwright.async_api import Page, expect
 
 from chat import services
+from chat.models import Room
 from tests.e2e.helpers import (
     AXE_JS,
     TIMEOUT_MS,
@@ -195,7 +196,8 @@ async def serious_violations(page: Page) -> list[dict]:
 
 
 @database_sync_to_async
-def chat_a_little(room, private_room, user, other_user) -> None:
+def chat_a_little(room, private_room, user, other_user) -> Room:
+    """A few messages of every kind in `room`, one in `private_room`; returns alice and bob's direct room, two in it."""
     services.message_create(room=room, author=user, body="Hello, see https://example.com/docs")
     services.message_create(room=room, author=other_user, body="Hi alice!\nTwo lines.")
     message, _ = services.message_create(room=room, author=user, body="typo")
@@ -203,14 +205,23 @@ def chat_a_little(room, private_room, user, other_user) -> None:
     message, _ = services.message_create(room=room, author=other_user, body="gone")
     services.message_delete(room=room, message_id=message.pk, user=other_user)
     services.message_create(room=private_room, author=other_user, body="psst")
+    services.read_mark(room=room, user=other_user, seq=message.seq)  # "Seen by 1" under alice's latest
+    direct, _ = services.direct_room_open(user=user, username=other_user.username)
+    services.message_create(room=direct, author=other_user, body="a word in private?")
+    services.message_create(room=direct, author=user, body="sure")
+    return direct
 
 
-@pytest.mark.parametrize("where", ["room list", "room page", "patterns page"])
+@pytest.mark.parametrize("where", ["room list", "room page", "direct room", "patterns page"])
 async def test_no_serious_accessibility_violations(where, server, browsers, user, other_user, room, private_room):
-    await chat_a_little(room, private_room, user, other_user)
+    direct = await chat_a_little(room, private_room, user, other_user)
     alice = await browsers.new_page(user)
     if where == "room list":
         await alice.goto(f"{server.origin}/")
+        await expect(alice.locator("#direct-start")).to_be_visible()  # with a "Direct messages" list and the form
+    elif where == "direct room":
+        await open_room(alice, server, direct.slug)
+        await expect(alice.locator("#online")).to_contain_text("alice")
     elif where == "patterns page":
         await alice.goto(f"{server.origin}/rooms/{room.slug}/patterns/")
         await expect(alice.locator(".pattern-panel[data-pattern='socket']")).to_have_attribute("data-state", "live")
@@ -219,6 +230,7 @@ async def test_no_serious_accessibility_violations(where, server, browsers, user
     else:
         await open_room(alice, server, room.slug)
         await expect(alice.locator("#online")).to_contain_text("alice")
+        await alice.locator(".seen-by-count").focus()  # its names shown
     violations = await serious_violations(alice)
     assert violations == [], f"axe on the {where}:\n{json.dumps(violations, indent=2)}"
 

@@ -118,8 +118,12 @@ async def assert_markdown_inert(page: Page, who: str, dialogs: list[str]) -> Non
         "#messages img, #messages svg, #messages script, #messages [onerror], #messages [onload]"
     ).count()
     assert injected == 0, f"{who}: hostile Markdown became elements"
-    bad_links = await page.locator("#messages a[href^='javascript' i], #messages a:not([href^='https://'])").count()
+    # In the bodies: the page's own links (an author's name opens a direct conversation) are not Markdown.
+    bad_links = await page.locator(
+        "#messages .body a[href^='javascript' i], #messages .body a:not([href^='https://'])"
+    ).count()
     assert bad_links == 0, f"{who}: a link that is not https"
+    assert await page.locator("#messages a:not(.body a):not(a.author)").count() == 0, f"{who}: a link outside a body"
     assert dialogs == [], f"{who}: a hostile script ran: {dialogs}"
     # The only link is the one written as one, opened away from the page.
     link = page.locator("#messages .body a")

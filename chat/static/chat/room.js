@@ -10,6 +10,7 @@
 // - room/composer.js    the textarea, the reply being written, the sends not acknowledged yet
 // - room/members.js     who is online, who is typing
 // - room/reading.js     read marks and the unread count in the title
+// - room/receipts.js    "Seen by N" under the reader's latest own message (others' read marks)
 // - room/connection.js  the socket, the long-poll fallback, the connection pill
 // - live.js             the transports; protocol.js the server's close codes and limits
 import { LIMITS } from "./protocol.js";
@@ -22,6 +23,7 @@ import { MessageLog } from "./room/messages.js";
 import { PinnedList } from "./room/pins.js";
 import { Reactions } from "./room/reactions.js";
 import { Reading } from "./room/reading.js";
+import { Receipts } from "./room/receipts.js";
 import {
   decorate, excerpt, followScrolling, holdPlace, insertBefore, markDeleted, markFirstUnread, renderMessage,
   renderedMessages, scrollToBottom, setReactions, setReader, showHoles, updateMessage, updateQuotesOf,
@@ -63,12 +65,14 @@ const jumper = new Jumper({ log, live });
 const pins = new PinnedList({ onJump: (seq) => jumper.to(seq) });
 setReader(config.username);
 const reading = new Reading({ lastRead: config.lastRead, username: config.username, log, send });
+const receipts = new Receipts({ marks: config.readMarks, max: config.readMarksMax, username: config.username, log });
 
 for (const [seq, item] of renderedMessages()) {
   log.add(seq, item);
   reading.observe(item);
 }
 for (const item of log.items()) controls.add(item);
+receipts.update();
 const firstUnread = reading.firstUnread();
 if (firstUnread) markFirstUnread(firstUnread);
 // A reply's quote goes to the original, on server-rendered and live messages alike.
@@ -93,6 +97,7 @@ function handleFrame(frame) {
       for (const item of log.restartFrom(frame.next_seq)) item.remove();
       showHoles([], 0, fillHole);
       loadOlder.hidden = false;
+      receipts.update();
       break;
     case "ready":
       onReady(frame);
@@ -105,6 +110,9 @@ function handleFrame(frame) {
       break;
     case "presence":
       showPresence(frame.users);
+      break;
+    case "read_by":
+      receipts.note(frame.user, frame.seq);
       break;
     case "delivery":
       connection.delivery(frame.mode);
@@ -120,6 +128,7 @@ function handleFrame(frame) {
       updateQuotesOf(frame.seq, "");
       composer.cancelReply(frame.id);
       reading.updateTitle();
+      receipts.update();
       break;
     case "reactions":
       log.noteChange(frame.change);
@@ -135,6 +144,7 @@ function handleFrame(frame) {
       }
       pins.removeUpTo(frame.seq);
       reading.updateTitle();
+      receipts.update();
       break;
   }
 }
@@ -200,6 +210,7 @@ function addMessage(message) {
   log.add(message.seq, item);
   reading.observe(item);
   reading.updateTitle();
+  if (message.author === config.username) receipts.update(); // the line moves to the newest own message
   const empty = document.getElementById("no-messages");
   if (empty) empty.remove();
 }

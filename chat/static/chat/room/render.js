@@ -11,9 +11,33 @@ const jumpStatus = document.getElementById("jump-status");
 
 const EXCERPT_LENGTH = 140; // as the server cuts reply_to.excerpt
 
-let reader = ""; // who is reading: the reactions they made show as pressed
+let reader = ""; // who is reading: the reactions they made show as pressed, their own name is no link
 export function setReader(username) {
   reader = username;
+}
+
+// In a direct conversation the other person's name would link back to this very room.
+const directRoom = list.dataset.direct !== undefined;
+
+// Where a direct conversation with `name` opens (chat/urls.py "direct-room"; the
+// server creates it the first time), as the template's links say it.
+function directUrl(name) {
+  return `/dm/${encodeURIComponent(name)}/`;
+}
+
+// A message's author: a link that opens a direct conversation with them, but
+// for the reader's own messages, operators' system messages and in a direct room.
+function authorElement(name, system) {
+  const linked = !system && !directRoom && name !== reader;
+  const author = document.createElement(linked ? "a" : "span");
+  author.className = "author";
+  author.textContent = name;
+  if (linked) {
+    author.href = directUrl(name);
+    author.title = `Message ${name} directly`;
+    author.setAttribute("aria-label", `Message ${name} directly`);
+  }
+  return author;
 }
 
 // The start of a body, as the server quotes it (reply_to.excerpt): its first
@@ -45,9 +69,7 @@ export function renderMessage(message) {
   item.dataset.body = message.body;
   const head = document.createElement("div");
   head.className = "message-head";
-  const author = document.createElement("span");
-  author.className = "author";
-  author.textContent = message.author;
+  const author = authorElement(message.author, message.system);
   const time = document.createElement("time");
   time.dateTime = message.created_at;
   localiseTime(time);
