@@ -34,8 +34,6 @@ class RoomConsumer(AsyncWebsocketConsumer):
     accepted = False
     # Set once this socket counts against its user's cap (CHAT_MAX_SOCKETS_PER_USER).
     socket_id: str | None = None
-    # Tells the room how far this user has read, once they read something here.
-    read_receipts: presence.ReadReceipts | None = None
 
     @property
     def joined_room(self) -> Room:
@@ -157,8 +155,6 @@ class RoomConsumer(AsyncWebsocketConsumer):
         await self.close(code=code)
 
     async def disconnect(self, code: int) -> None:
-        if self.read_receipts is not None:
-            self.read_receipts.stop()
         # Each step on its own: with Redis away one failing must not skip the others.
         for step in (self.leave, self.unsubscribe, self.release_socket):
             try:
@@ -214,11 +210,9 @@ class RoomConsumer(AsyncWebsocketConsumer):
                 room=self.joined_room, user=self.scope["user"], seq=command.seq
             )
             if marked is not None:
-                if self.read_receipts is None:
-                    self.read_receipts = presence.ReadReceipts(
-                        room_id=self.joined_room.pk, username=self.scope["user"].get_username()
-                    )
-                self.read_receipts.advance(marked)
+                presence.read_advanced(
+                    room_id=self.joined_room.pk, username=self.scope["user"].get_username(), seq=marked
+                )
         elif isinstance(command, protocol.TypingCommand):
             await presence.typing(room_id=self.joined_room.pk, username=self.scope["user"].get_username())
         elif command.around is not None:

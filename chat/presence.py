@@ -115,36 +115,47 @@ async def typing(*, room_id: int, username: str) -> None:
 READ_BY_INTERVAL = 1.0
 
 
-class ReadReceipts:
-    """Tells a socket's room how far its user has read: at once, then at most once a second while the mark moves.
+# Per event loop (a process has one): (room id, username) -> the newest mark to tell, while its
+# teller runs; and the tellers themselves, held so that they are not collected while they sleep.
+_newest_reads: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[int, str], int]] = (
+    weakref.WeakKeyDictionary()
+)
+_read_tellers: set[asyncio.Task] = set()
 
-    The last mark is always told (a trailing send), so the room never keeps an old one.
-    Dropped while Redis is away, as typing is.
+
+def read_advanced(*, room_id: int, username: str, seq: int) -> None:
+    """Tell the room that `username` has read up to `seq` (`read_by`).
+
+    At once, then at most once a second per user on this process while the
+    mark keeps moving (however many tabs send it), always ending on the
+    newest: the room never keeps an old mark. Dropped while Redis is away, as
+    typing is.
     """
+    loop = asyncio.get_running_loop()
+    newest = _newest_reads.setdefault(loop, {})
+    key = (room_id, username)
+    if key in newest:  # a teller runs: it tells this when its second is up
+        newest[key] = max(newest[key], seq)
+        return
+    newest[key] = seq
+    task = loop.create_task(_tell_reads(newest, key), context=contextvars.Context())
+    _read_tellers.add(task)
+    task.add_done_callback(_read_tellers.discard)
 
-    def __init__(self, *, room_id: int, username: str) -> None:
-        self.room_id, self.username = room_id, username
-        self.newest = 0
-        self.teller: asyncio.Task | None = None
 
-    def advance(self, seq: int) -> None:
-        self.newest = max(self.newest, seq)
-        if self.teller is None or self.teller.done():
-            self.teller = asyncio.get_running_loop().create_task(self._tell())
-
-    def stop(self) -> None:
-        if self.teller is not None:
-            self.teller.cancel()
-
-    async def _tell(self) -> None:
-        told = 0
-        while self.newest > told:
-            told = self.newest
+async def _tell_reads(newest: dict[tuple[int, str], int], key: tuple[int, str]) -> None:
+    room_id, username = key
+    told = 0
+    try:
+        while newest[key] > told:
+            told = newest[key]
             try:
-                await realtime.publish_read(room_id=self.room_id, username=self.username, seq=told)
+                await realtime.publish_read(room_id=room_id, username=username, seq=told)
             except realtime.LAYER_ERRORS as error:
                 realtime.layer_down(error)
             await asyncio.sleep(READ_BY_INTERVAL)
+    finally:
+        del newest[key]
 
 
 def _keep_counting() -> None:

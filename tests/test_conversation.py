@@ -647,3 +647,21 @@ def test_the_apis_reactions_are_limited_too(user, room, settings):
     response = post_json(client, url, {"emoji": "👍"})
     assert (response.status_code, response.json()["error"]["code"]) == (429, "rate_limited")
     assert int(response["Retry-After"]) >= 1 and Reaction.objects.count() == 1
+
+
+async def test_read_by_counts_per_user_however_many_tabs_send_reads(ws_connect, user, other_user, room):
+    for i in range(3):
+        await post(room, user, f"m{i}")
+    alice = await joined(ws_connect, user, room)
+    bob_tabs = [await joined(ws_connect, other_user, room) for _ in range(2)]
+    for tab, seq in zip((*bob_tabs, bob_tabs[0]), (1, 2, 3), strict=True):
+        await send(tab, type="read", seq=seq)
+    loop = asyncio.get_running_loop()
+    told: list[tuple[float, int]] = []
+    while not told or told[-1][1] != 3:
+        seq = (await receive(alice))["seq"]
+        told.append((loop.time(), seq))
+    assert len(told) <= 2  # the tabs' three reads: told at once, then once more a second later at most
+    if len(told) == 2:
+        assert told[0][1] < 3 and told[1][0] - told[0][0] >= presence.READ_BY_INTERVAL * 0.9
+    assert await silent(alice, 1.5)
