@@ -272,8 +272,7 @@ class Credentials:
         """A poll's one trip to the database thread: who asks, and the room they may read.
 
         One trip, not one for the credentials and one for the room: each trip
-        costs the loop a hand-over to the thread and back, a tenth of a poll's
-        set-up (docs/performance.md).
+        is a hand-over to the thread and back, which every poll pays.
         """
         user = self.identify(request)
         if user is None:
