@@ -133,6 +133,12 @@ class ReactionIn(Schema):
     )
 
 
+class ReadMarks(Schema):
+    marks: dict[str, int] = Field(
+        description="How far each reader has read (username: seq), the furthest 200: `Seen by` counts these."
+    )
+
+
 class PinnedList(Schema):
     messages: list[MessageOut] = Field(description="The newest pin first, 50 at most.")
 
@@ -751,6 +757,21 @@ def message_unpin(request: HttpRequest, slug: str, message_id: int) -> JsonRespo
 def pin_list(request: HttpRequest, slug: str) -> JsonResponse:
     room = _room(slug, _user(request))
     return JsonResponse({"messages": [protocol.message_payload(m) for m in selectors.pinned_messages(room=room)]})
+
+
+@api.get(
+    "/rooms/{slug:slug}/reads",
+    response=responses({200: ReadMarks}, 404),
+    summary="How far the room's readers have read",
+    operation_id="read_marks",
+    tags=["rooms"],
+    url_name="reads",
+)
+def read_marks(request: HttpRequest, slug: str) -> JsonResponse:
+    """Read receipts: a message is seen by the readers whose mark is at or past its seq. Sockets hear of each
+    move live (`read_by`); this is where a client that was away catches up."""
+    room = _room(slug, _user(request))
+    return JsonResponse({"marks": selectors.read_marks(room=room)})
 
 
 # --------------------------------------------------------------------------

@@ -547,12 +547,13 @@ ENDPOINTS = [
     ("put", "/api/rooms/general/messages/{id}/pin", None),
     ("delete", "/api/rooms/general/messages/{id}/pin", None),
     ("get", "/api/rooms/general/pins", None),
+    ("get", "/api/rooms/general/reads", None),
     ("get", "/api/rooms/general/poll?timeout=1", None),
 ]
 # Most specific first: the first key found in the path wins.
 WRONG_METHOD = {
     "reactions": "get", "/pins": "post", "/pin": "patch", "{id}": "put", "poll": "post", "messages": "put",
-    "dms": "get", "/api/rooms/": "delete",
+    "dms": "get", "reads": "post", "/api/rooms/": "delete",
 }  # fmt: skip
 
 

@@ -410,9 +410,10 @@ def test_a_private_rooms_reactions_pins_and_replies_are_404_to_outsiders(user, o
         carol.delete(f"/api/rooms/secret/messages/{message.pk}/pin"),
         carol.get("/api/rooms/secret/pins"),
         carol.get("/api/rooms/secret/messages?around=1"),
+        carol.get("/api/rooms/secret/reads"),
     ]
-    assert [response.status_code for response in answers] == [404] * 5
-    assert [response.json()["error"]["code"] for response in answers] == ["room_not_found"] * 5
+    assert [response.status_code for response in answers] == [404] * 6
+    assert [response.json()["error"]["code"] for response in answers] == ["room_not_found"] * 6
     with pytest.raises(services.ChatError) as refused:  # a reply from another room cannot quote it either
         general = services.room_create(slug="open", name="Open", created_by=third_user)
         services.message_create(room=general, author=third_user, body="leak?", reply_to=message.pk)
@@ -467,6 +468,17 @@ async def test_read_by_is_told_at_most_once_a_second_and_always_ends_on_the_last
     assert (first["seq"], last["seq"]) == (1, 5)
     assert loop.time() - first_at >= presence.READ_BY_INTERVAL * 0.9
     assert await silent(alice, 1.5)
+
+
+def test_the_api_answers_the_read_marks(user, other_user, room, settings):
+    settings.CHAT_API_REQUESTS_PER_MINUTE = 100_000
+    for i in range(2):
+        services.message_create(room=room, author=user, body=f"m{i}")
+    services.read_mark(room=room, user=other_user, seq=2)
+    services.read_mark(room=room, user=user, seq=1)
+    client = Client()
+    client.force_login(user)
+    assert client.get("/api/rooms/general/reads").json() == {"marks": {"bob": 2, "alice": 1}}
 
 
 def test_the_room_page_carries_the_read_marks(user, other_user, room):

@@ -75,3 +75,15 @@ async def expect_messages(page: Page, expected: list[tuple[int, str]], timeout: 
 async def horizontal_overflow(page: Page) -> tuple[int, int]:
     """(document scroll width, viewport width): the page overflows sideways when the first is larger."""
     return tuple(await page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]"))
+
+
+# Keeps the page's WebSockets in window.__sockets, so that a test can close them.
+KEEP_SOCKETS = """
+(() => {
+  const Native = window.WebSocket;
+  window.__sockets = [];
+  window.WebSocket = class extends Native {
+    constructor(...args) { super(...args); window.__sockets.push(this); }
+  };
+})();
+"""

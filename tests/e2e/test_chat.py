@@ -14,6 +14,7 @@ from playwright.async_api import WebSocketRoute, expect
 from chat import protocol, services
 from chat.models import Message, Room
 from tests.e2e.helpers import (
+    KEEP_SOCKETS,
     RECONNECT_TIMEOUT_MS,
     expect_live,
     expect_messages,
@@ -93,18 +94,6 @@ async def test_reloading_shows_the_history_once_and_in_order(server, browsers, u
         expected.append((len(expected) + 1, marker))
         await expect_messages(page, expected)
         await expect(page.locator("#messages li.message.pending")).to_have_count(0)
-
-
-# Keeps the page's WebSockets in window.__sockets, so that a test can close them.
-KEEP_SOCKETS = """
-(() => {
-  const Native = window.WebSocket;
-  window.__sockets = [];
-  window.WebSocket = class extends Native {
-    constructor(...args) { super(...args); window.__sockets.push(this); }
-  };
-})();
-"""
 
 
 async def test_reconnecting_after_a_restart_and_a_dropped_socket_shows_missed_messages_once(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import pytest
@@ -9,7 +10,7 @@ from channels.db import database_sync_to_async
 from playwright.async_api import Page, expect
 
 from chat import services
-from tests.e2e.helpers import expect_live, open_room, send
+from tests.e2e.helpers import KEEP_SOCKETS, RECONNECT_TIMEOUT_MS, expect_live, open_room, send
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio(loop_scope="session"), pytest.mark.slow]
 
@@ -172,3 +173,31 @@ async def test_seen_by_counts_the_others_who_read_the_latest_own_message_with_th
     count = message(alice, 2).locator(".seen-by-count")
     await expect(count).to_have_text("Seen by 2+")
     await expect(count).to_have_accessible_description("bob, carol and perhaps more")
+
+
+@database_sync_to_async
+def read_mark_of(room, person) -> int:
+    return room.memberships.get(user=person).last_read_seq
+
+
+async def test_a_page_that_was_away_catches_up_on_who_read_its_message(server, browsers, user, other_user, room):
+    await regulars(room, other_user)
+    alice = await browsers.new_page(user)
+    await alice.add_init_script(KEEP_SOCKETS)
+    await open_room(alice, server, room.slug)
+    await send(alice, "Anyone there?")
+    seen = message(alice, 1).locator(".seen-by")
+    # alice's network drops (and her socket with it) while bob reads the room: his read_by cannot reach her.
+    await alice.context.set_offline(True)
+    await alice.evaluate("window.__sockets.filter(s => s.readyState === WebSocket.OPEN).forEach(s => s.close())")
+    await expect(alice.locator("#connection-state")).to_have_attribute("data-state", "reconnecting")
+    bob = await browsers.new_page(other_user)
+    await open_room(bob, server, room.slug)
+    async with asyncio.timeout(10):  # bob's page marks the room read: wait until the database has it
+        while await read_mark_of(room, other_user) < 1:
+            await asyncio.sleep(0.05)
+    await expect(seen).to_have_count(0)
+    # Back online: the page resumes, and asks where everyone's read mark is now.
+    await alice.context.set_offline(False)
+    await expect_live(alice, timeout=RECONNECT_TIMEOUT_MS)
+    await expect(seen.locator(".seen-by-count")).to_have_text("Seen by 1")

@@ -93,6 +93,7 @@ async def test_schemathesis_finds_no_server_error_and_every_answer_matches_the_s
         "PUT /api/rooms/{slug}/messages/{message_id}/pin",
         "DELETE /api/rooms/{slug}/messages/{message_id}/pin",
         "GET /api/rooms/{slug}/pins",
+        "GET /api/rooms/{slug}/reads",
         "GET /api/rooms/{slug}/poll",
         "Stateful tests",
     }, output

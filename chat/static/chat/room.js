@@ -149,6 +149,7 @@ function handleFrame(frame) {
   }
 }
 
+let readyBefore = false; // a ready after the first is a reconnect
 function onReady(frame) {
   log.noteChange(frame.last_change);
   if (frame.last_seq < log.lastContiguous) {
@@ -163,6 +164,8 @@ function onReady(frame) {
   composer.update();
   log.checkGap();
   reading.markRead();
+  if (readyBefore) receipts.catchUp(config.room);
+  readyBefore = true;
 }
 
 function onHistory(frame) {

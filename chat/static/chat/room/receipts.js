@@ -4,6 +4,7 @@
 // read_by): a read mark is a member's last_read_seq, so one map of marks
 // answers for any message. The page starts from the marks it was rendered
 // with (the furthest readers) and read_by frames move them while it is open.
+import { apiUrl, getJSON } from "../live.js";
 import { isAtBottom, scrollToBottom } from "./render.js";
 
 const NAMES_SHOWN = 10; // the tooltip names this many, then "and N more"
@@ -48,6 +49,18 @@ export class Receipts {
     line.addEventListener("mouseleave", undismiss);
     line.append(count, names);
     return line;
+  }
+
+  // After a reconnect: read_by frames sent while the page was away are not
+  // replayed, so ask where everyone is now (GET /api/rooms/<slug>/reads).
+  async catchUp(room) {
+    try {
+      const { response, data } = await getJSON(apiUrl(room, "reads"));
+      if (!response.ok || !data) return;
+      for (const [user, seq] of Object.entries(data.marks)) this.note(user, seq);
+    } catch {
+      // Offline again: the next reconnect asks again.
+    }
   }
 
   // A read_by frame: marks only move forward (a late or repeated frame changes nothing).
