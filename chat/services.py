@@ -449,12 +449,13 @@ def message_edit(*, room: Room, message_id: object, user: User, body: object, by
     `by_staff` lets staff edit anyone's message: the admin's path, not the chat's.
     """
     body = validation.message_body(body)
+    html = markdown.render(body)  # before the room's lock, which every send in the room waits for
     with transaction.atomic():
         message = _message_for_change(room=room, message_id=message_id)
         if message.author_id != user.pk and not (by_staff and user.is_staff):
             raise ChatError("forbidden", "You can only edit your own messages.")
         message.body = body
-        message.html = markdown.render(body)
+        message.html = html
         message.edited_at = timezone.now()
         _record_change(room=room, message=message, fields=["body", "html", "edited_at"])
     return message
@@ -630,31 +631,34 @@ def messages_import(
 
 def _import_batch(room: Room, batch: list[tuple[int, dict[str, Any]]], result: transfer.ImportResult) -> None:
     keys = [transfer.import_key(room, row) for _, row in batch]
+    # Rendered before the room's lock, which every send in the room waits for (rows already there too: a
+    # re-import renders for nothing, but holds up nobody).
+    rendered = [markdown.render(row["body"]) for _, row in batch]
     with transaction.atomic():
         # The room's row lock first, as message_create takes it: seqs stay gapless under concurrent posts.
         Room.objects.filter(pk=room.pk).update(last_seq=F("last_seq"))
         done = set(Message.objects.filter(room=room, nonce__in=keys).values_list("nonce", flat=True))
-        new = [(key, row) for key, (_, row) in zip(keys, batch, strict=True) if key not in done]
+        new = [(key, row, html) for key, (_, row), html in zip(keys, batch, rendered, strict=True) if key not in done]
         result.already_there += len(batch) - len(new)
         if not new:
             return
-        authors = _import_authors({row["author"] for _, row in new}, result)
+        authors = _import_authors({row["author"] for _, row, _ in new}, result)
         first_seq = Room.objects.values_list("last_seq", flat=True).get(pk=room.pk) + 1
         Message.objects.bulk_create(
             Message(
                 room=room,
                 author=authors[row["author"]],
                 body=row["body"],
-                html=markdown.render(row["body"]),
+                html=html,
                 created_at=row["created_at"],
                 edited_at=row["edited_at"],
                 deleted_at=row["deleted_at"],
                 seq=first_seq + offset,
                 nonce=key,
             )
-            for offset, (key, row) in enumerate(new)
+            for offset, (key, row, html) in enumerate(new)
         )
-        newest = max(row["created_at"] for _, row in new)
+        newest = max(row["created_at"] for _, row, _ in new)
         Room.objects.filter(pk=room.pk).update(last_seq=first_seq + len(new) - 1, last_message_at=newest)
         result.created += len(new)
 
