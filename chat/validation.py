@@ -134,8 +134,4 @@ def reaction_emoji(value: object) -> str:
 
 def reply_id(value: object) -> int | None:
     """Return the id of the message a new one answers (None: it answers none)."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= SEQ_MAX:
-        raise ChatError("invalid_reply", '"reply_to" must be the id of a message in this room.')
-    return value
+    return None if value is None else json_int(value, "reply_to", low=1, code="invalid_reply")
