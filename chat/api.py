@@ -725,7 +725,8 @@ def message_react(request: HttpRequest, slug: str, message_id: int, data: Reacti
     url_name="message-pin",
 )
 def message_pin(request: HttpRequest, slug: str, message_id: int) -> JsonResponse:
-    """The room's owner and moderators, and staff. Pinning a pinned message changes nothing."""
+    """The room's owner and moderators, and staff (either person in a direct room). Pinning a pinned message
+    changes nothing."""
     room = _room(slug, _user(request))
     changed = services.message_pin(room=room, message_id=message_id, user=_user(request), pinned=True)
     return JsonResponse(protocol.message_payload(changed))
@@ -740,7 +741,7 @@ def message_pin(request: HttpRequest, slug: str, message_id: int) -> JsonRespons
     url_name="message-pin",
 )
 def message_unpin(request: HttpRequest, slug: str, message_id: int) -> JsonResponse:
-    """The room's owner and moderators, and staff."""
+    """The room's owner and moderators, and staff (either person in a direct room)."""
     room = _room(slug, _user(request))
     changed = services.message_pin(room=room, message_id=message_id, user=_user(request), pinned=False)
     return JsonResponse(protocol.message_payload(changed))
