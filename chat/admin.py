@@ -19,7 +19,7 @@ from django.template.response import TemplateResponse
 from django.utils.functional import cached_property
 
 from chat import ephemeral, services
-from chat.models import ApiToken, Membership, Message, Room
+from chat.models import ApiToken, EmailNotice, Membership, Message, NotificationSettings, Room
 from chat.views import authenticated_user
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ class MembershipInline(admin.TabularInline):
     model = Membership
     extra = 0
     raw_id_fields = ("user",)
-    fields = ("user", "role", "joined_at", "last_read_seq")
+    fields = ("user", "role", "notify", "joined_at", "last_read_seq")
     readonly_fields = ("joined_at", "last_read_seq")
 
     # A direct conversation's two members are shown, never changed.
@@ -185,12 +185,12 @@ class MessageAdmin(admin.ModelAdmin):
     search_fields = ("body", "author__username")
     raw_id_fields = ("room", "author")
     fields = (
-        "room", "seq", "author", "body", "reply_to", "reaction_summary", "nonce",
+        "room", "seq", "author", "body", "reply_to", "reaction_summary", "mentioned", "nonce",
         "created_at", "edited_at", "deleted_at", "pinned_at",
     )  # fmt: skip
     readonly_fields = (
-        "room", "seq", "author", "reply_to", "reaction_summary", "nonce", "created_at", "edited_at", "deleted_at",
-        "pinned_at",
+        "room", "seq", "author", "reply_to", "reaction_summary", "mentioned", "nonce", "created_at", "edited_at",
+        "deleted_at", "pinned_at",
     )  # fmt: skip
     actions = ["pin_messages", "unpin_messages"]
     # A million messages: no COUNT(*) of the whole table, a capped count of the filtered one.
@@ -219,6 +219,11 @@ class MessageAdmin(admin.ModelAdmin):
     @admin.display(description="reactions")
     def reaction_summary(self, message: Message) -> str:
         return ", ".join(f"{r['emoji']} {r['count']} ({', '.join(r['users'])})" for r in message.reactions) or "–"
+
+    @admin.display(description="mentions")
+    def mentioned(self, message: Message) -> str:
+        names = [f"@{name}" for name in message.mentions] + (["@room"] if message.mentions_room else [])
+        return ", ".join(names) or "–"
 
     @admin.action(description="Pin the selected messages in their rooms")
     def pin_messages(self, request: HttpRequest, queryset: QuerySet[Message]) -> None:
@@ -272,9 +277,9 @@ class MessageAdmin(admin.ModelAdmin):
 @admin.register(Membership)
 class MembershipAdmin(admin.ModelAdmin):
     form = MembershipForm
-    list_display = ("user", "room", "role", "joined_at", "last_read_seq")
+    list_display = ("user", "room", "role", "notify", "joined_at", "last_read_seq")
     list_select_related = ("user", "room")
-    list_filter = ("role", "room__is_private")
+    list_filter = ("role", "notify", "room__is_private")
     search_fields = ("user__username", "room__slug", "room__name")
     raw_id_fields = ("user", "room")
     readonly_fields = ("joined_at", "last_read_seq")
@@ -336,3 +341,30 @@ class ApiTokenAdmin(admin.ModelAdmin):
     def revoke(self, request, queryset) -> None:
         for token in queryset:
             services.token_revoke(token)
+
+
+@admin.register(NotificationSettings)
+class NotificationSettingsAdmin(admin.ModelAdmin):
+    """What people chose on /settings/ (their address is the user's own email field)."""
+
+    list_display = ("user", "email_notifications", "default_notify")
+    list_filter = ("email_notifications", "default_notify")
+    search_fields = ("user__username", "user__email")
+    raw_id_fields = ("user",)
+
+
+@admin.register(EmailNotice)
+class EmailNoticeAdmin(admin.ModelAdmin):
+    """Missed-message email, as it waits and goes: read-only (the worker's tasks are under "Tasks")."""
+
+    list_display = ("user", "message", "created_at", "handled_at", "emailed")
+    list_select_related = ("user", "message")
+    list_filter = ("emailed", ("handled_at", admin.EmptyFieldListFilter))
+    search_fields = ("user__username",)
+    raw_id_fields = ("user", "message")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: EmailNotice | None = None) -> bool:
+        return False

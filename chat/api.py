@@ -12,7 +12,7 @@ import functools
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from channels.db import database_sync_to_async
@@ -33,7 +33,7 @@ from ninja.security import APIKeyCookie, HttpBearer
 from pydantic import BeforeValidator, StrictBool, StrictInt, StrictStr
 from pydantic_core import PydanticUseDefault
 
-from chat import database, ephemeral, longpoll, protocol, selectors, services, tokens, validation
+from chat import database, ephemeral, longpoll, notifications, protocol, selectors, services, tokens, validation
 from chat.models import Room
 from chat.validation import ChatError
 
@@ -109,6 +109,10 @@ class MessageOut(Schema):
     reply_to: ReplyQuote | None = Field(description="The message this one answers.")
     reactions: list[ReactionOut] = Field(description="One entry per emoji, in the order each was first used.")
     pinned_at: str | None = Field(json_schema_extra={"format": "date-time"})
+    mentions: list[str] = Field(
+        description="The usernames it mentions (@name), in order: people who can read the room."
+    )
+    mentions_room: bool = Field(description="It mentions every member (@room, written by an owner or moderator).")
 
 
 # A body's length is validation.message_body's to refuse (413 body_too_long, on every path); the schema says it.
@@ -167,6 +171,8 @@ class RoomOut(Schema):
     direct_with: str | None = Field(description="In a direct conversation, the other person's username.")
     last_seq: int
     unread: int = Field(description="Messages by others after your read mark (0 in rooms you never read).")
+    unread_mentions: int = Field(description="Messages mentioning you after your read mark.")
+    notify: str = Field(description='Your notification level here: "all", "mentions" or "nothing".')
 
 
 class RoomIn(Schema):
@@ -182,6 +188,24 @@ class DirectIn(Schema):
 
 class RoomList(Schema):
     rooms: list[RoomOut]
+
+
+class MemberNames(Schema):
+    members: list[str] = Field(description="Usernames, alphabetical, 20 at most.")
+
+
+class MembershipIn(Schema):
+    notify: Literal["all", "mentions", "nothing", ""] = Field(
+        description='What notifies you here: every message, mentions of you, or nothing. "" follows your default '
+        '(/settings/; a direct conversation\'s is "all").'
+    )
+
+
+class MembershipOut(Schema):
+    room: str
+    role: str
+    notify: str = Field(description="The level in force.")
+    notify_is_default: bool = Field(description="The level follows your default: none is set for this room.")
 
 
 def _digits(value: object) -> object:
@@ -203,6 +227,9 @@ Seq = Annotated[_SeqNumber, BeforeValidator(_digits), Field(description="A messa
 BeforeSeq = Annotated[_PositiveSeqNumber, BeforeValidator(_digits), Field(description="Only messages before this seq.")]
 AroundSeq = Annotated[
     _PositiveSeqNumber, BeforeValidator(_digits), Field(description="The messages on both sides of this seq.")
+]
+MessageId = Annotated[
+    _PositiveSeqNumber, BeforeValidator(_digits), Field(description="Only messages older than this id.")
 ]
 PageLimit = Annotated[_LimitNumber, BeforeValidator(_digits), Field(description="At most this many messages.")]
 POLL_DEFAULT_TIMEOUT = min(25, settings.CHAT_POLL_MAX_TIMEOUT)
@@ -474,7 +501,13 @@ api = ChatAPI(
 POLL_AUTH = [BearerToken(for_polls=True), SessionCookie(for_polls=True)]
 
 # Which code a bad field of a body gets: the WebSocket's, where it has one.
-FIELD_CODES = {"body": "invalid_body", "nonce": "invalid_nonce", "reply_to": "invalid_reply", "emoji": "invalid_emoji"}
+FIELD_CODES = {
+    "body": "invalid_body",
+    "nonce": "invalid_nonce",
+    "reply_to": "invalid_reply",
+    "emoji": "invalid_emoji",
+    "notify": "invalid_notify",
+}
 
 
 @api.exception_handler(ApiError)
@@ -534,7 +567,7 @@ def _server_error(request: HttpRequest, error: Exception) -> HttpResponse:
 # --------------------------------------------------------------------------
 
 
-def room_payload(room: Room, *, direct_with: str | None = None) -> dict[str, Any]:
+def room_payload(room: Room, *, direct_with: str | None = None, notify: str | None = None) -> dict[str, Any]:
     return {
         "slug": room.slug,
         "name": room.name,
@@ -544,6 +577,8 @@ def room_payload(room: Room, *, direct_with: str | None = None) -> dict[str, Any
         "direct_with": getattr(room, "direct_with", direct_with),
         "last_seq": room.last_seq,
         "unread": getattr(room, "unread", 0),
+        "unread_mentions": getattr(room, "unread_mentions", 0),
+        "notify": getattr(room, "notify", notify),
     }
 
 
@@ -583,7 +618,7 @@ def room_create(request: HttpRequest, data: RoomIn) -> JsonResponse:
     except DjangoValidationError as error:
         detail = " ".join(f"{field}: {' '.join(problems)}" for field, problems in error.message_dict.items())
         raise ApiError(400, "invalid_room", detail) from None
-    return JsonResponse(room_payload(room), status=201)
+    return JsonResponse(room_payload(room, notify=notifications.level_for(room=room, user=_user(request))), status=201)
 
 
 @api.post(
@@ -599,7 +634,10 @@ def direct_open(request: HttpRequest, data: DirectIn) -> JsonResponse:
     """The one private room of you and `username`: 201 the first time, then 200 with the same room.
     Nobody else can join it or see that it exists. An unknown user, or yourself: 400."""
     room, created = services.direct_room_open(user=_user(request), username=data.username)
-    return JsonResponse(room_payload(room, direct_with=data.username), status=201 if created else 200)
+    payload = room_payload(
+        room, direct_with=data.username, notify=notifications.level_for(room=room, user=_user(request))
+    )
+    return JsonResponse(payload, status=201 if created else 200)
 
 
 @api.get(
@@ -773,6 +811,62 @@ def read_marks(request: HttpRequest, slug: str) -> JsonResponse:
     move live (`read_by`); this is where a client that was away catches up."""
     room = _room(slug, _user(request))
     return JsonResponse({"marks": selectors.read_marks(room=room)})
+
+
+@api.patch(
+    "/rooms/{slug:slug}/membership/",
+    response=responses({200: MembershipOut}, 403, 404),
+    summary="Set your notification level in a room",
+    operation_id="membership_update",
+    tags=["rooms"],
+    url_name="membership",
+)
+def membership_update(request: HttpRequest, slug: str, data: MembershipIn) -> JsonResponse:
+    """In a public room you have not joined, this joins it. A private room you are not in: 404."""
+    user = _user(request)
+    membership = notifications.notify_set(room=_room(slug, user), user=user, level=data.notify)
+    level = notifications.level_in(
+        membership=membership, room=membership.room, user_settings=notifications.settings_for(user)
+    )
+    return JsonResponse(
+        {"room": slug, "role": membership.role, "notify": level, "notify_is_default": membership.notify == ""}
+    )
+
+
+@api.get(
+    "/rooms/{slug:slug}/members",
+    response=responses({200: MemberNames}, 404),
+    summary="The room's members, by the start of their names",
+    operation_id="member_list",
+    tags=["rooms"],
+    url_name="members",
+)
+def member_list(
+    request: HttpRequest,
+    slug: str,
+    prefix: Annotated[StrictStr, Field(max_length=150, description="The start of a username, any case.")] = "",
+) -> JsonResponse:
+    """Who `@` can mention by name here (the composer's autocomplete). In a public room, people who joined it;
+    anyone who can read the room can be mentioned."""
+    room = _room(slug, _user(request))
+    return JsonResponse({"members": selectors.member_names(room=room, prefix=prefix)})
+
+
+@api.get(
+    "/mentions/",
+    response=responses({200: MessagesPage}),
+    summary="Messages that mention you",
+    operation_id="mention_list",
+    tags=["messages"],
+    url_name="mentions",
+)
+def mention_list(request: HttpRequest, before_id: MessageId | None = None, limit: PageLimit = 50) -> JsonResponse:
+    """Newest first, from every room you may read now; `has_more` means older ones exist (ask with `before_id`,
+    the last one's id)."""
+    page = selectors.mentions_of(user=_user(request), before_id=before_id, limit=limit + 1)
+    return JsonResponse(
+        {"messages": [protocol.message_payload(m) for m in page[:limit]], "has_more": len(page) > limit}
+    )
 
 
 # --------------------------------------------------------------------------

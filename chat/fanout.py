@@ -421,6 +421,13 @@ class RoomHub:
                 for socket in [s for s in room_sockets if s.session and s.session == event["session"]]:
                     self._close(socket, protocol.CLOSE_SIGNED_OUT, protocol.signed_out_frame())
             return
+        if event["type"] == realtime.NOTIFY_EVENT:  # site-wide: these users' sockets in every room
+            users, frame = set(event["users"]), protocol.encode(event["frame"])
+            for room_sockets in self.rooms.values():
+                for socket in [s for s in room_sockets if s.user in users and s.replayed_through is not None]:
+                    if self._offer(socket, frame):
+                        await self._send_now(socket, frame)
+            return
         cursor = self.cursors.get(event["room"])
         if cursor is not None and event["type"] == realtime.MESSAGE_EVENT:
             if not cursor.admit(event):  # delivered already (live or from the database), or above a hole
@@ -484,11 +491,17 @@ class RoomHub:
                     framed = framed or serversend.text_frame(frame)
                     if socket.raw(framed):
                         continue
-                try:
-                    await socket.send({"type": "websocket.send", "text": frame})
-                except Exception:
-                    logger.debug("Sending to a closed socket failed", exc_info=True)
-                    socket.closed = True
+                await self._send_now(socket, frame, raw_written=True)
+
+    async def _send_now(self, socket: LocalSocket, frame: str, *, raw_written: bool = False) -> None:
+        """Send a frame _offer said to send at once (`raw_written`: the raw writer was tried already)."""
+        if not raw_written and socket.raw is not None and socket.raw(serversend.text_frame(frame)):
+            return
+        try:
+            await socket.send({"type": "websocket.send", "text": frame})
+        except Exception:
+            logger.debug("Sending to a closed socket failed", exc_info=True)
+            socket.closed = True
 
     async def _read(self) -> None:
         while True:

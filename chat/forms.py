@@ -3,7 +3,7 @@ from __future__ import annotations
 from django import forms
 from django.contrib.auth.forms import UserCreationForm
 
-from chat.models import RESERVED_USERNAMES, Membership
+from chat.models import RESERVED_USERNAMES, Membership, NotifyLevel
 
 
 class SignupForm(UserCreationForm):
@@ -40,3 +40,25 @@ class MemberForm(forms.Form):
 
     def clean_role(self) -> str:
         return self.cleaned_data["role"] or Membership.Role.MEMBER
+
+
+class NotificationSettingsForm(forms.Form):
+    """The settings page: where email goes, whether it goes at all, and every room's default level."""
+
+    email = forms.EmailField(required=False, help_text="Where missed mentions and direct messages are emailed.")
+    email_notifications = forms.BooleanField(
+        required=False,
+        label="Email me mentions and direct messages I have not read",
+        help_text="Sent once they have waited unread for a while, all of them in one email.",
+    )
+    default_notify = forms.ChoiceField(
+        choices=NotifyLevel.choices,
+        label="Notify me in rooms of",
+        help_text="Each room can have its own level, set on its page. Direct messages notify unless muted there.",
+    )
+
+
+class NotifyLevelForm(forms.Form):
+    """A room's level, from its page ("" follows the default)."""
+
+    notify = forms.ChoiceField(choices=[("", "Default"), *NotifyLevel.choices], required=False)

@@ -13,7 +13,9 @@ SLUG_PATTERN = r"^[a-z0-9-]{1,64}$"
 SYSTEM_USERNAME = "system"
 # The author of imported messages whose author has no account here (manage.py importroom).
 PLACEHOLDER_USERNAME = "former-member"
-RESERVED_USERNAMES = {SYSTEM_USERNAME, PLACEHOLDER_USERNAME}
+# "@room" mentions every member of a room (its owner and moderators may write it), so nobody is called "room".
+ROOM_MENTION = "room"
+RESERVED_USERNAMES = {SYSTEM_USERNAME, PLACEHOLDER_USERNAME, ROOM_MENTION}
 # Direct rooms' slugs: dm-<lower user id>-<higher user id>. Other rooms cannot take them.
 DIRECT_SLUG_PREFIX = "dm-"
 
@@ -103,6 +105,11 @@ class Message(models.Model):
     # Who reacted with what: [{"emoji", "count", "users"}] in order of first use. A summary of
     # the Reaction rows, rewritten with them, so that serving a message never counts reactions.
     reactions = models.JSONField(default=list, blank=True, editable=False)
+    # The usernames it mentions, in order (only people who can read the room), and whether it
+    # mentions the whole room (@room). Kept with the message, as reactions are, so that serving
+    # it never looks Mention rows up.
+    mentions = models.JSONField(default=list, blank=True, editable=False)
+    mentions_room = models.BooleanField(default=False, editable=False)
 
     class Meta:
         # By the column, not the relation: "room" would sort by the Room's own ordering, through a join.
@@ -151,8 +158,16 @@ class Reaction(models.Model):
         return f"{self.emoji} by {self.user_id} on {self.message_id}"
 
 
+class NotifyLevel(models.TextChoices):
+    """Which messages of a room notify a person: in the browser, and by email for mentions and direct messages."""
+
+    ALL = "all", "All messages"
+    MENTIONS = "mentions", "Mentions only"
+    NOTHING = "nothing", "Nothing"
+
+
 class Membership(models.Model):
-    """A user's place in a room: their role, and how far they have read."""
+    """A user's place in a room: their role, how far they have read, and what notifies them."""
 
     class Role(models.TextChoices):
         MEMBER = "member"
@@ -165,6 +180,8 @@ class Membership(models.Model):
     joined_at = models.DateTimeField(auto_now_add=True)
     # The highest seq the user has seen; only ever raised.
     last_read_seq = models.PositiveBigIntegerField(default=0)
+    # "" follows the user's default (NotificationSettings.default_notify); a direct room's is "all".
+    notify = models.CharField(max_length=8, choices=NotifyLevel.choices, blank=True, default="")
 
     class Meta:
         ordering = ["room", "user"]
@@ -179,6 +196,77 @@ class Membership(models.Model):
     def can_moderate(self) -> bool:
         """Moderators and owners delete others' messages and manage members."""
         return self.role in (self.Role.MODERATOR, self.Role.OWNER)
+
+    def notify_level(self, default: str) -> str:
+        """The level in force: its own, else "all" in a direct room, else the user's `default`."""
+        return self.notify or (NotifyLevel.ALL if self.room.is_direct else default)
+
+
+class NotificationSettings(models.Model):
+    """A person's notification choices (/settings/); the email address itself is the user's."""
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, primary_key=True, related_name="notification_settings"
+    )
+    email_notifications = models.BooleanField(
+        default=True, help_text="Email mentions and direct messages left unread (NOTIFY_EMAIL_DELAY)."
+    )
+    default_notify = models.CharField(
+        max_length=8,
+        choices=NotifyLevel.choices,
+        default=NotifyLevel.MENTIONS,
+        help_text="The level of every room whose own level is not set. Direct messages always notify, unless muted.",
+    )
+
+    class Meta:
+        verbose_name_plural = "notification settings"
+
+    def __str__(self) -> str:
+        return f"notification settings of {self.user_id}"
+
+
+class Mention(models.Model):
+    """A person a message mentions: by @name, or as a member of the room by @room.
+
+    What a reader's unread-mention counts and /mentions/ read. The room and seq
+    are the message's, copied so that counting needs no join.
+    """
+
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="mention_rows")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="mentions")
+    room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="+", db_index=False)
+    seq = models.PositiveBigIntegerField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["message", "user"], name="mention_unique_message_user")]
+        # Unread mentions per room (user, room, seq > mark), and the Mentions page (user, newest first).
+        indexes = [models.Index(fields=["user", "room", "seq"], name="mention_user_room_seq")]
+
+    def __str__(self) -> str:
+        return f"{self.user_id} in {self.message_id}"
+
+
+class EmailNotice(models.Model):
+    """A mention or direct message that will be emailed to `user` if still unread after NOTIFY_EMAIL_DELAY.
+
+    One row per (user, message), so nothing is emailed twice. `handled_at` is
+    set when an email run took it: emailed, or dropped as read, deleted or muted.
+    """
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+    handled_at = models.DateTimeField(null=True, blank=True)
+    emailed = models.BooleanField(default=False)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["user", "message"], name="email_notice_unique_user_message")]
+        indexes = [
+            models.Index(fields=["user", "created_at"], name="email_notice_pending", condition=Q(handled_at=None))
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user_id} about {self.message_id}"
 
 
 class ApiToken(models.Model):

@@ -40,6 +40,8 @@ def message_payload(message: Message) -> dict[str, Any]:
         "reply_to": _quote(message),
         "reactions": message.reactions,
         "pinned_at": _iso(message.pinned_at),
+        "mentions": message.mentions,
+        "mentions_room": message.mentions_room,
     }
 
 
@@ -177,6 +179,23 @@ def change_frame(message: Message) -> str:
 
 def typing_frame(username: str) -> str:
     return encode({"type": "typing", "user": username})
+
+
+NOTIFY_EXCERPT_LENGTH = 140
+
+
+def notify_payload(message: Message, reason: str) -> dict[str, Any]:
+    """Tell a user, in whichever room their socket is, that a message asks for them: "mention" or "direct"."""
+    return {
+        "type": "notify",
+        "reason": reason,
+        "room": message.room.slug,
+        "room_name": message.room.name,
+        "id": message.pk,
+        "seq": message.seq,
+        "author": message.author.get_username(),
+        "excerpt": message.body[:NOTIFY_EXCERPT_LENGTH],
+    }
 
 
 def read_by_frame(username: str, seq: int) -> str:

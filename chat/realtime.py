@@ -35,6 +35,8 @@ REMOVAL_EVENT = "chat.removal"
 ROOM_CLOSED_EVENT = "chat.room_closed"
 SIGNED_OUT_EVENT = "chat.signed_out"
 RESYNC_EVENT = "chat.resync"
+# A message asks for some users (a mention, a direct message): their sockets in every room hear of it.
+NOTIFY_EVENT = "chat.notify"
 # The group every process's hub joins, for events about a browser session in all rooms.
 SESSIONS_GROUP = "sessions"
 # What a channel layer raises while Redis is away or not answering.
@@ -42,7 +44,7 @@ LAYER_ERRORS = ephemeral.REDIS_ERRORS
 
 ROOM_EVENTS = (
     MESSAGE_EVENT, CHANGE_EVENT, TYPING_EVENT, READ_EVENT, PRESENCE_EVENT, REMOVAL_EVENT, ROOM_CLOSED_EVENT,
-    SIGNED_OUT_EVENT, RESYNC_EVENT,
+    SIGNED_OUT_EVENT, RESYNC_EVENT, NOTIFY_EVENT,
 )  # fmt: skip
 
 
@@ -246,6 +248,15 @@ def publish_removal(*, room_id: int, username: str) -> None:
 def publish_signed_out(*, session_key: str) -> None:
     """Close the sockets of a browser session that signed out, in every room, on every process."""
     _group_send(SESSIONS_GROUP, {"type": SIGNED_OUT_EVENT, "session": session_key})
+
+
+def publish_notify(*, usernames: list[str], frame: dict) -> None:
+    """Tell these users' sockets, in every room, on every process, that a message asks for them (ephemeral).
+
+    What their sidebars count and their browsers notify of; a client that was
+    away reads the counts again (GET /api/rooms/). The Mention rows are the truth.
+    """
+    _group_send(SESSIONS_GROUP, {"type": NOTIFY_EVENT, "users": usernames, "frame": frame})
 
 
 def publish_resync(*, room_id: int) -> None:

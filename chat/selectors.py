@@ -9,11 +9,11 @@ from typing import TypeVar
 
 from django.contrib.auth.models import AnonymousUser, User
 from django.contrib.sessions.models import Session
-from django.db.models import CharField, Count, Exists, F, OuterRef, Q, QuerySet, Subquery, Value
-from django.db.models.functions import Coalesce, TruncDate
+from django.db.models import Case, CharField, Count, Exists, F, OuterRef, Q, QuerySet, Subquery, Value, When
+from django.db.models.functions import Coalesce, NullIf, TruncDate
 from django.utils import timezone
 
-from chat.models import Membership, Message, Room
+from chat.models import Membership, Mention, Message, NotificationSettings, NotifyLevel, Room
 
 _Row = TypeVar("_Row", Membership, Message, Room)
 
@@ -27,7 +27,10 @@ def room_list(*, user: User | AnonymousUser) -> QuerySet[Room]:
     rooms = Room.objects.filter(is_archived=False).order_by(F("last_message_at").desc(nulls_last=True), "slug")
     if not user.is_authenticated:
         return rooms.filter(is_private=False).annotate(
-            unread=Value(0), direct_with=Value(None, output_field=CharField())
+            unread=Value(0),
+            unread_mentions=Value(0),
+            direct_with=Value(None, output_field=CharField()),
+            notify=Value(None, output_field=CharField()),
         )
     membership = Membership.objects.filter(room=OuterRef("pk"), user=user)
     unread = (
@@ -38,13 +41,33 @@ def room_list(*, user: User | AnonymousUser) -> QuerySet[Room]:
         .annotate(count=Count("pk"))
         .values("count")
     )
+    # Mentions count in public rooms never read too (the mark is 0 there): someone asked for you.
+    unread_mentions = (
+        Mention.objects.filter(room=OuterRef("pk"), user=user, seq__gt=Coalesce(OuterRef("last_read_seq"), 0))
+        .order_by()
+        .values("room")
+        .annotate(count=Count("pk"))
+        .values("count")
+    )
     # A direct room is named after the one the user talks to there.
     partner = Membership.objects.filter(room=OuterRef("pk"), room__is_direct=True).exclude(user=user)
+    default_notify = Coalesce(
+        Subquery(NotificationSettings.objects.filter(user=user).values("default_notify")[:1]),
+        Value(NotifyLevel.MENTIONS),
+    )
     return (
         rooms.filter(Q(is_private=False) | Exists(membership))
         .annotate(last_read_seq=Subquery(membership.values("last_read_seq")[:1]))
         .annotate(unread=Coalesce(Subquery(unread), 0))
+        .annotate(unread_mentions=Coalesce(Subquery(unread_mentions), 0))
         .annotate(direct_with=Subquery(partner.values("user__username")[:1]))
+        .annotate(
+            notify=Coalesce(
+                NullIf(Subquery(membership.values("notify")[:1]), Value("")),
+                Case(When(is_direct=True, then=Value(NotifyLevel.ALL)), default=default_notify),
+                output_field=CharField(),
+            )
+        )
     )
 
 
@@ -141,6 +164,17 @@ def room_members(*, room: Room) -> list[Membership]:
     return sorted(members, key=lambda membership: (rank[membership.role], membership.user.get_username().lower()))
 
 
+MEMBER_SEARCH_MAX = 20
+
+
+def member_names(*, room: Room, prefix: str = "", limit: int = MEMBER_SEARCH_MAX) -> list[str]:
+    """Usernames of the room's active members starting with `prefix` (any case), alphabetical: @-autocomplete."""
+    members = Membership.objects.filter(room=room, user__is_active=True)
+    if prefix:
+        members = members.filter(user__username__istartswith=prefix)
+    return list(members.order_by("user__username").values_list("user__username", flat=True)[:limit])
+
+
 def messages_served() -> QuerySet[Message]:
     """Messages with what their payload names joined in (protocol.message_payload): no query per message."""
     return Message.objects.select_related("room", "author", "reply_to__author")
@@ -203,6 +237,23 @@ def message_around(*, room: Room, seq: int, limit: int) -> tuple[list[Message], 
 
 
 PINNED_MAX = 50
+
+
+MENTIONS_PAGE_SIZE = 50
+
+
+def mentions_of(*, user: User, before_id: int | None = None, limit: int = MENTIONS_PAGE_SIZE) -> list[Message]:
+    """The messages that mention `user`, newest first, in rooms they may read now (the Mentions page)."""
+    readable = Q(room__is_private=False) | Q(Exists(Membership.objects.filter(room=OuterRef("room_id"), user=user)))
+    messages = messages_served().filter(readable, mention_rows__user=user, deleted_at__isnull=True)
+    if before_id is not None:
+        messages = messages.filter(pk__lt=before_id)
+    return list(messages.order_by("-pk")[:limit])
+
+
+def read_positions(*, user: User, room_ids: Collection[int]) -> dict[int, int]:
+    """How far `user` has read in each of these rooms (room pk: seq; absent where they never read)."""
+    return dict(Membership.objects.filter(user=user, room__in=room_ids).values_list("room_id", "last_read_seq"))
 
 
 def pinned_messages(*, room: Room) -> list[Message]:

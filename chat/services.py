@@ -16,7 +16,7 @@ from django.db.models.functions import Least
 from django.utils import timezone
 from django.utils.text import slugify
 
-from chat import ephemeral, markdown, protocol, realtime, selectors, tokens, transfer, validation
+from chat import ephemeral, markdown, notifications, protocol, realtime, selectors, tokens, transfer, validation
 from chat.models import (
     DIRECT_SLUG_PREFIX,
     PLACEHOLDER_USERNAME,
@@ -125,9 +125,10 @@ def room_clear_history(*, room: Room, batch_size: int = 10_000, progress: Callab
     for low in range(0, through_seq, batch_size):
         deleted += Message.objects.filter(
             room=room, seq__gt=low, seq__lte=min(low + batch_size, through_seq), deleted_at__isnull=True
-        ).update(body="", html="", deleted_at=now, pinned_at=None, change=change)
+        ).update(body="", html="", deleted_at=now, pinned_at=None, mentions=[], mentions_room=False, change=change)
         if progress is not None:
             progress(deleted)
+    notifications.forget_room_history(room=room, through_seq=through_seq)
     realtime.publish_after_commit(
         lambda: realtime.publish_history_cleared(room_id=room.pk, through_seq=through_seq, change=change)
     )
@@ -308,6 +309,7 @@ def message_create(
     ):
         raise ChatError("forbidden", "You are not a member of this room.")
     original = None if reply_id is None else _reply_target(room=room, message_id=reply_id)
+    html, mentions = notifications.render(room=room, author=author, body=body)
     # No look-up first: a retry is rare, and the unique (author, nonce)
     # constraint catches it below at no cost to every other send.
     now = timezone.now()
@@ -315,14 +317,23 @@ def message_create(
         room=room,
         author=author,
         body=body,
-        html=markdown.render(body),
+        html=html,
         reply_to=original,
         nonce=nonce,
         created_at=now,
         seq=0,
+        mentions=mentions.usernames,
+        mentions_room=mentions.everyone,
     )
+    notifies = mentions.everyone or bool(mentions.user_ids) or room.is_direct
     try:
-        message = _save_with_next_seq(draft, now)
+        # A message that notifies someone is stored with its Mention and EmailNotice rows, in one
+        # transaction; most messages notify nobody, and stay one statement (_save_with_next_seq).
+        with transaction.atomic() if notifies else contextlib.nullcontext():
+            message = _save_with_next_seq(draft, now)
+            if message is not None and notifies:
+                message.room = room
+                notifications.record(message, mentions)
     except IntegrityError:
         # A retry, or a concurrent send with the same nonce: the stored row is the answer.
         if nonce is not None and (existing := _message_for_nonce(room=room, author=author, nonce=nonce)):
@@ -449,7 +460,10 @@ def message_edit(*, room: Room, message_id: object, user: User, body: object, by
     `by_staff` lets staff edit anyone's message: the admin's path, not the chat's.
     """
     body = validation.message_body(body)
-    html = markdown.render(body)  # before the room's lock, which every send in the room waits for
+    # Before the room's lock, which every send in the room waits for. Mentions are
+    # resolved as the author wrote them (staff editing in the admin do not add @room).
+    editor = user if not by_staff else _author_of(message_id) or user
+    html, mentions = notifications.render(room=room, author=editor, body=body)
     with transaction.atomic():
         message = _message_for_change(room=room, message_id=message_id)
         if message.author_id != user.pk and not (by_staff and user.is_staff):
@@ -457,8 +471,19 @@ def message_edit(*, room: Room, message_id: object, user: User, body: object, by
         message.body = body
         message.html = html
         message.edited_at = timezone.now()
-        _record_change(room=room, message=message, fields=["body", "html", "edited_at"])
+        message.mentions, message.mentions_room = mentions.usernames, mentions.everyone
+        _record_change(room=room, message=message, fields=["body", "html", "edited_at", "mentions", "mentions_room"])
+        notifications.record(message, mentions, replaced=True)
     return message
+
+
+def _author_of(message_id: object) -> User | None:
+    """The author of a message, if `message_id` is one (the admin's edits keep the author's own mentions)."""
+    try:
+        message_id = validation.message_id(message_id)
+    except ChatError:
+        return None
+    return get_user_model().objects.filter(messages__pk=message_id).first()
 
 
 def message_delete(*, room: Room, message_id: object, user: User) -> Message:
@@ -473,7 +498,10 @@ def message_delete(*, room: Room, message_id: object, user: User) -> Message:
         message.body = message.html = ""
         message.deleted_at = timezone.now()
         message.pinned_at = None  # nothing left to show in the pinned list
-        _record_change(room=room, message=message, fields=["body", "html", "deleted_at", "pinned_at"])
+        notifications.forget(message)
+        _record_change(
+            room=room, message=message, fields=["body", "html", "deleted_at", "pinned_at", "mentions", "mentions_room"]
+        )
     return message
 
 

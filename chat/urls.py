@@ -10,6 +10,10 @@ urlpatterns = [
     path("rooms/<slug:slug>/patterns/", views.room_patterns, name="room-patterns"),
     path("rooms/<slug:slug>/members/", views.member_add, name="member-add"),
     path("rooms/<slug:slug>/members/<str:username>/remove/", views.member_remove, name="member-remove"),
+    path("rooms/<slug:slug>/notify/", views.room_notify, name="room-notify"),
+    path("mentions/", views.mentions, name="mentions"),
+    path("settings/", views.notification_settings, name="settings"),
+    path("unsubscribe/<str:token>/", views.unsubscribe, name="unsubscribe"),
     path("api/", include((api.urls(), "api"))),
     # Anything else under /api/ answers JSON too, never an HTML error page.
     re_path(r"^api/", api.not_found),

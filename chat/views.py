@@ -10,11 +10,12 @@ from django.contrib.auth.models import User
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render, resolve_url
+from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from chat import protocol, selectors, services
-from chat.forms import MemberForm, RoomForm, SignupForm
-from chat.models import Membership, Room
+from chat import notifications, protocol, selectors, services
+from chat.forms import MemberForm, NotificationSettingsForm, NotifyLevelForm, RoomForm, SignupForm
+from chat.models import Membership, NotifyLevel, Room
 
 
 def authenticated_user(request: HttpRequest) -> User:
@@ -55,6 +56,9 @@ def room_detail(request: HttpRequest, slug: str) -> HttpResponse:
     if not room.is_private:  # everyone who opened it is a member: list only who runs it
         members = [member for member in members if member.can_moderate]
     messages, has_more = selectors.message_list(room=room, limit=settings.CHAT_PAGE_MESSAGES)
+    user_settings = notifications.settings_for(authenticated_user(request))
+    notify = notifications.level_in(membership=membership, room=room, user_settings=user_settings)
+    default_level = NotifyLevel.ALL if room.is_direct else user_settings.default_notify
     context = {
         "room": room,
         # The sidebar: the rooms this user may see, with unread counts (one query).
@@ -87,7 +91,15 @@ def room_detail(request: HttpRequest, slug: str) -> HttpResponse:
             "readMarksMax": selectors.READ_MARKS_MAX,
             "archived": room.is_archived,
             "loginUrl": f"{resolve_url(settings.LOGIN_URL)}?next={request.path}",
+            # Mentions and notifications (docs/notifications.md): the level in force here, and
+            # whether @room from this reader mentions everyone.
+            "notify": notify,
+            "isMember": membership is not None,
+            "mayMentionRoom": notifications.may_mention_room(room=room, user=authenticated_user(request)),
         },
+        "notify_levels": NotifyLevel.choices,
+        "notify_own": membership.notify if membership is not None else "",
+        "notify_default_label": NotifyLevel(default_level).label,
     }
     return render(request, "chat/room_detail.html", context)
 
@@ -187,6 +199,75 @@ def _visible_or_404(request: HttpRequest, slug: str) -> tuple[Room, Membership |
     if visible is None:  # missing, or private to this user: both look the same
         raise Http404("No such room.")
     return visible
+
+
+@require_POST
+@login_required
+def room_notify(request: HttpRequest, slug: str) -> HttpResponse:
+    """Set the reader's notification level in the room (the page's form; scripts use PATCH …/membership/)."""
+    room, _ = _visible_or_404(request, slug)
+    form = NotifyLevelForm(request.POST)
+    if not form.is_valid():
+        flash.error(request, "Choose a notification level.")
+        return redirect("room-detail", slug=room.slug)
+    try:
+        notifications.notify_set(room=room, user=authenticated_user(request), level=form.cleaned_data["notify"])
+    except services.ChatError as error:
+        flash.error(request, error.detail)
+    else:
+        flash.success(request, "Notifications for this room are saved.")
+    return redirect("room-detail", slug=room.slug)
+
+
+@require_GET
+@login_required
+def mentions(request: HttpRequest) -> HttpResponse:
+    """The messages that mention the reader, newest first, each linking into its room at that message."""
+    try:
+        before_id = int(request.GET["before"]) if request.GET.get("before") else None
+    except ValueError:
+        before_id = None
+    page = selectors.mentions_of(
+        user=authenticated_user(request), before_id=before_id, limit=selectors.MENTIONS_PAGE_SIZE + 1
+    )
+    shown = page[: selectors.MENTIONS_PAGE_SIZE]
+    marks = selectors.read_positions(user=authenticated_user(request), room_ids={m.room_id for m in shown})
+    context = {
+        "mentions": [(message, message.seq > marks.get(message.room_id, 0)) for message in shown],
+        "older": shown[-1].pk if len(page) > len(shown) else None,
+    }
+    return render(request, "chat/mentions.html", context)
+
+
+@require_http_methods(["GET", "POST"])
+@login_required
+def notification_settings(request: HttpRequest) -> HttpResponse:
+    user = authenticated_user(request)
+    current = notifications.settings_for(user)
+    initial = {
+        "email": user.email,
+        "email_notifications": current.email_notifications,
+        "default_notify": current.default_notify,
+    }
+    form = NotificationSettingsForm(request.POST or None, initial=initial)
+    if request.method == "POST" and form.is_valid():
+        notifications.settings_update(user=user, **form.cleaned_data)
+        flash.success(request, "Your settings are saved.")
+        return redirect("settings")
+    return render(request, "chat/settings.html", {"form": form}, status=400 if form.errors else 200)
+
+
+@csrf_exempt  # the signed token is the credential: mail clients POST it with no session (RFC 8058)
+@require_http_methods(["GET", "POST"])
+def unsubscribe(request: HttpRequest, token: str) -> HttpResponse:
+    """An email's one-click unsubscribe: GET asks to confirm (link scanners only GET), POST turns email off."""
+    user = notifications.unsubscribe_user(token)
+    if user is None:
+        return render(request, "chat/unsubscribe.html", {"invalid": True}, status=400)
+    if request.method == "POST":
+        notifications.unsubscribe(user)
+        return render(request, "chat/unsubscribe.html", {"done": True, "person": user})
+    return render(request, "chat/unsubscribe.html", {"person": user})
 
 
 @require_http_methods(["GET", "POST"])

@@ -73,6 +73,8 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "channels",
     "ninja",  # the API's schema and docs page, its assets served from here (no CDN)
+    "django_tasks",
+    "django_tasks_db",  # missed-message email waits and runs as tasks in the database (docs/architecture.md)
     "chat",
     "bench",
     "chatsite",  # its system checks (chatsite/checks.py)
@@ -245,3 +247,29 @@ CHAT_MESSAGE_RATE_WINDOW = int(os.environ.get("CHAT_MESSAGE_RATE_WINDOW", "10"))
 CHAT_MAX_SOCKETS_PER_USER = int(os.environ.get("CHAT_MAX_SOCKETS_PER_USER", "20"))
 # Seconds a long-poll may wait at most (its `timeout`): below any proxy's idle timeout.
 CHAT_POLL_MAX_TIMEOUT = int(os.environ.get("CHAT_POLL_MAX_TIMEOUT", "30"))
+
+# Notifications (docs/notifications.md). A mention or direct message still unread after
+# this many seconds is emailed, batched with everything else missed since the last email.
+NOTIFY_EMAIL_DELAY = int(os.environ.get("NOTIFY_EMAIL_DELAY", "600"))
+# Where links in emails point: the site as its readers reach it.
+SITE_URL = os.environ.get("SITE_URL", "http://127.0.0.1:8000").rstrip("/")
+
+# Tasks (django-tasks, the backport of Django 6's django.tasks): kept in the database, which
+# holds the truth while Redis is away, and run by `manage.py db_worker` (bin/serve starts it).
+TASKS = {
+    "default": {
+        "BACKEND": os.environ.get("TASKS_BACKEND", "django_tasks_db.DatabaseBackend"),
+        "QUEUES": ["default"],
+    }
+}
+
+# Email, from the environment; the console backend prints mail locally.
+EMAIL_BACKEND = os.environ.get("EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")
+EMAIL_HOST = os.environ.get("EMAIL_HOST", "localhost")
+EMAIL_PORT = int(os.environ.get("EMAIL_PORT", "25"))
+EMAIL_HOST_USER = os.environ.get("EMAIL_HOST_USER", "")
+EMAIL_HOST_PASSWORD = os.environ.get("EMAIL_HOST_PASSWORD", "")
+EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS")
+EMAIL_USE_SSL = env_bool("EMAIL_USE_SSL")
+EMAIL_TIMEOUT = int(os.environ.get("EMAIL_TIMEOUT", "10"))
+DEFAULT_FROM_EMAIL = os.environ.get("DEFAULT_FROM_EMAIL", "Chat <chat@localhost>")

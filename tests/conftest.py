@@ -14,7 +14,7 @@ from chat import ephemeral, services
 from chat.models import Room
 from chatsite.asgi import application
 from tests.helpers import ORIGIN, session_cookie
-from tests.servers import RedisServer, ServerCluster, Sockets
+from tests.servers import RedisServer, ServerCluster, SmtpServer, Sockets, TaskWorker
 
 # A prefix of its own keeps this run's pub/sub traffic apart from a site, or
 # another test run, using the same Redis.
@@ -150,6 +150,34 @@ def cluster_on_own_redis(own_redis, cluster) -> ServerCluster:
     """tests/conftest.py's `cluster`, on this test's own Redis; its servers are killed before that Redis."""
     cluster.env["REDIS_URL"] = own_redis.url
     return cluster
+
+
+@pytest.fixture
+def smtp_server(tmp_path) -> Iterator[SmtpServer]:
+    server = SmtpServer(tmp_path / "smtp")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def task_worker(cluster, smtp_server, tmp_path) -> Iterator[Callable[..., TaskWorker]]:
+    """Starts `manage.py db_worker` on this test's database, sending mail to `smtp_server`; killed at teardown."""
+    started: list[TaskWorker] = []
+
+    def start(**env: str) -> TaskWorker:
+        worker = TaskWorker({**cluster.env, **smtp_server.env(), **env}, tmp_path / "worker.log")
+        started.append(worker)
+        worker.start()
+        return worker
+
+    try:
+        yield start
+    finally:
+        for worker in started:
+            worker.stop()
 
 
 @pytest.fixture

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email
 import json
+import mailbox
 import os
 import random
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -331,6 +334,106 @@ class RedisServer:
     def log_tail(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-2000:]
+        except OSError:
+            return ""
+
+
+# --------------------------------------------------------------------------
+# Mail: a real SMTP server process, and the task worker that sends to it
+# --------------------------------------------------------------------------
+
+MAIL_TIMEOUT = 30.0  # seconds for an email to arrive: the notice's delay, the worker's poll, SMTP
+
+
+class SmtpServer:
+    """aiosmtpd in a process of its own, keeping every email it receives in a Maildir the test reads."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.maildir = directory / "Maildir"
+        self.port = port_outside_ephemeral_range()
+        self.log_path = directory / "smtp.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        command = [
+            sys.executable, "-m", "aiosmtpd", "-n", "-l", f"127.0.0.1:{self.port}",
+            "-c", "aiosmtpd.handlers.Mailbox", str(self.maildir),
+        ]  # fmt: skip
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not self.answers():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"aiosmtpd on port {self.port} did not start:\n{self.log_tail()}")
+            time.sleep(0.05)  # polling the port until the deadline
+
+    def answers(self) -> bool:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+            return sock.recv(3) == b"220"  # the SMTP greeting
+        return False
+
+    def emails(self) -> list[email.message.Message]:
+        """Every email received so far, oldest first."""
+        if not self.maildir.exists():
+            return []
+        box = mailbox.Maildir(self.maildir, create=False)
+        return [message for _, message in sorted(box.items(), key=lambda item: item[1].get_date())]
+
+    async def wait_for_emails(self, count: int, timeout: float = MAIL_TIMEOUT) -> list[email.message.Message]:
+        deadline = time.monotonic() + timeout
+        while len(received := self.emails()) < count:
+            assert time.monotonic() < deadline, f"{len(received)} of {count} emails arrived in {timeout:.0f} s"
+            await asyncio.sleep(0.1)  # polling the Maildir until the deadline
+        return received
+
+    def env(self) -> dict[str, str]:
+        """What a process that sends mail needs to send it here."""
+        return {
+            "EMAIL_BACKEND": "django.core.mail.backends.smtp.EmailBackend",
+            "EMAIL_HOST": "127.0.0.1",
+            "EMAIL_PORT": str(self.port),
+        }
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+    def log_tail(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-2000:]
+        except OSError:
+            return ""
+
+
+class TaskWorker:
+    """`manage.py db_worker`, as bin/serve starts it beside the server: runs the tasks the database holds."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        command = [
+            sys.executable, "manage.py", "db_worker", "--no-reload", "--no-startup-delay", "--interval", "0.2",
+        ]  # fmt: skip
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                command, cwd=settings.BASE_DIR, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
 

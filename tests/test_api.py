@@ -71,7 +71,7 @@ def test_room_list_shows_the_rooms_the_user_may_see_with_unread_counts(
     general = next(r for r in bobs if r["slug"] == "general")
     assert general == {
         "slug": "general", "name": "General", "topic": "Anything goes", "is_private": False, "is_direct": False,
-        "direct_with": None, "last_seq": 1, "unread": 1,
+        "direct_with": None, "last_seq": 1, "unread": 1, "unread_mentions": 0, "notify": "mentions",
     }  # fmt: skip
 
     carol = Client()
@@ -84,7 +84,7 @@ def test_creating_a_room_returns_201_and_makes_the_caller_its_owner(alice_api, u
     assert response.status_code == 201
     assert response.json() == {
         "slug": "ops", "name": "Ops", "topic": "", "is_private": True, "is_direct": False, "direct_with": None,
-        "last_seq": 0, "unread": 0,
+        "last_seq": 0, "unread": 0, "unread_mentions": 0, "notify": "mentions",
     }  # fmt: skip
     assert Membership.objects.get(room__slug="ops").user == user
 
@@ -127,7 +127,7 @@ def test_messages_page_in_seq_order_with_after_before_and_limit(alice_api, user,
     first = alice_api.get(url).json()["messages"][0]
     assert set(first) == {
         "id", "seq", "room", "author", "body", "created_at", "edited_at", "deleted_at", "nonce", "system",
-        "html", "reply_to", "reactions", "pinned_at",
+        "html", "reply_to", "reactions", "pinned_at", "mentions", "mentions_room",
     }  # fmt: skip
 
 
@@ -549,11 +549,15 @@ ENDPOINTS = [
     ("get", "/api/rooms/general/pins", None),
     ("get", "/api/rooms/general/reads", None),
     ("get", "/api/rooms/general/poll?timeout=1", None),
+    ("get", "/api/rooms/general/members", None),
+    ("patch", "/api/rooms/general/membership/", {"notify": "all"}),
+    ("get", "/api/mentions/", None),
 ]
 # Most specific first: the first key found in the path wins.
 WRONG_METHOD = {
     "reactions": "get", "/pins": "post", "/pin": "patch", "{id}": "put", "poll": "post", "messages": "put",
-    "dms": "get", "reads": "post", "/api/rooms/": "delete",
+    "dms": "get", "reads": "post", "membership": "post", "members": "post", "mentions": "post",
+    "/api/rooms/": "delete",
 }  # fmt: skip
 
 

@@ -106,6 +106,8 @@ async def test_message_frame_carries_the_shared_message_object(ws_connect, user,
         "reply_to",
         "reactions",
         "pinned_at",
+        "mentions",
+        "mentions_room",
     }
     assert frame["message"]["system"] is False
 

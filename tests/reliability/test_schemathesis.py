@@ -95,5 +95,8 @@ async def test_schemathesis_finds_no_server_error_and_every_answer_matches_the_s
         "GET /api/rooms/{slug}/pins",
         "GET /api/rooms/{slug}/reads",
         "GET /api/rooms/{slug}/poll",
+        "GET /api/rooms/{slug}/members",
+        "PATCH /api/rooms/{slug}/membership/",
+        "GET /api/mentions/",
         "Stateful tests",
     }, output
