@@ -365,3 +365,12 @@ def test_a_mention_enqueues_a_task_for_its_email(user, other_user, room, emails,
     post(room, user, "no mention")
     tasks = list(DBTaskResult.objects.values_list("task_path", "args_kwargs"))
     assert tasks == [("chat.tasks.email_missed_messages", {"args": [other_user.pk], "kwargs": {}})]
+
+
+def test_a_mention_in_a_private_room_the_person_left_is_not_emailed(user, other_user, private_room, emails, settings):
+    due(settings)
+    post(private_room, user, "@bob the numbers")
+    services.member_remove(room=private_room, actor=user, username="bob")
+    assert notifications.email_missed(user_id=other_user.pk) == 0
+    assert mail.outbox == []
+    assert EmailNotice.objects.filter(handled_at__isnull=False, emailed=False).count() == 1
