@@ -12,6 +12,7 @@ import functools
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
@@ -24,6 +25,7 @@ from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.middleware.csrf import CsrfViewMiddleware
 from django.urls import URLPattern
+from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 from ninja import Field, NinjaAPI, Schema
 from ninja.errors import AuthenticationError, HttpError
@@ -33,7 +35,7 @@ from ninja.security import APIKeyCookie, HttpBearer
 from pydantic import BeforeValidator, StrictBool, StrictInt, StrictStr
 from pydantic_core import PydanticUseDefault
 
-from chat import database, ephemeral, longpoll, notifications, protocol, selectors, services, tokens, validation
+from chat import database, ephemeral, longpoll, notifications, protocol, search, selectors, services, tokens, validation
 from chat.models import Room
 from chat.validation import ChatError
 
@@ -188,6 +190,21 @@ class DirectIn(Schema):
 
 class RoomList(Schema):
     rooms: list[RoomOut]
+
+
+class SearchResult(Schema):
+    id: int
+    seq: int
+    room: str
+    room_name: str = Field(description="A direct conversation's is the other person's username.")
+    author: str
+    created_at: str = Field(json_schema_extra={"format": "date-time"})
+    snippet: str = Field(description="HTML: the text around the words found, escaped, each found word in <mark>.")
+    url: str = Field(description="The room page at this message.")
+
+
+class SearchResults(Schema):
+    results: list[SearchResult] = Field(description="The most relevant first, then the most recent.")
 
 
 class MemberNames(Schema):
@@ -850,6 +867,48 @@ def member_list(
     anyone who can read the room can be mentioned."""
     room = _room(slug, _user(request))
     return JsonResponse({"members": selectors.member_names(room=room, prefix=prefix)})
+
+
+@api.get(
+    "/search/",
+    response=responses({200: SearchResults}, 404),
+    summary="Search messages",
+    operation_id="search",
+    tags=["messages"],
+    url_name="search",
+)
+def message_search(
+    request: HttpRequest,
+    q: Annotated[StrictStr, Field(description='Words, "phrases" and -exclusions, all of which must hold.')],
+    room: Annotated[StrictStr | None, Field(description="Only this room (its slug).")] = None,
+    author: Annotated[StrictStr | None, Field(description="Only messages by this username.")] = None,
+    after: Annotated[
+        datetime | None, Field(description="Only messages sent at or after (ISO 8601; UTC if no zone).")
+    ] = None,
+    before: Annotated[
+        datetime | None, Field(description="Only messages sent before (ISO 8601; UTC if no zone).")
+    ] = None,
+    limit: Annotated[int, BeforeValidator(_digits), Field(ge=1, le=search.RESULTS_MAX)] = 20,
+) -> JsonResponse:
+    """Every room you may read, direct conversations included. A blank or too long query: 400 (`empty_query`,
+    `query_too_long`), and one with only exclusions: 400 `invalid_query`."""
+    user = _user(request)
+    hits = selectors.message_search(
+        user=user,
+        query=q,
+        room=_room(room, user) if room is not None else None,
+        author_name=author,
+        after=_aware(after),
+        before=_aware(before),
+        limit=limit,
+    )
+    return JsonResponse({"results": [protocol.search_result(hit, user.get_username()) for hit in hits]})
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    if moment is None or timezone.is_aware(moment):
+        return moment
+    return timezone.make_aware(moment, UTC)
 
 
 @api.get(

@@ -62,3 +62,23 @@ class NotifyLevelForm(forms.Form):
     """A room's level, from its page ("" follows the default)."""
 
     notify = forms.ChoiceField(choices=[("", "Default"), *NotifyLevel.choices], required=False)
+
+
+class SearchForm(forms.Form):
+    """The search page's query and filters; the query's syntax is chat/search.py's to check."""
+
+    q = forms.CharField(label="Search", max_length=200, strip=False)
+    room = forms.ChoiceField(required=False, label="In")
+    author = forms.CharField(required=False, max_length=150, label="From")
+    after = forms.DateField(required=False, label="On or after", widget=forms.DateInput(attrs={"type": "date"}))
+    before = forms.DateField(required=False, label="On or before", widget=forms.DateInput(attrs={"type": "date"}))
+
+    def __init__(self, *args, rooms=(), **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        room_field = self.fields["room"]
+        assert isinstance(room_field, forms.ChoiceField)
+        room_field.choices = [("", "Every room"), *((room.slug, room_label(room)) for room in rooms)]
+
+
+def room_label(room) -> str:
+    return room.direct_with or room.name if room.is_direct else room.name

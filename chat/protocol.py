@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
+from django.urls import reverse
 
-from chat import validation
-from chat.models import Message
+from chat import search, validation
+from chat.models import Message, Room
 from chat.validation import ChatError
 
 if TYPE_CHECKING:
@@ -179,6 +180,32 @@ def change_frame(message: Message) -> str:
 
 def typing_frame(username: str) -> str:
     return encode({"type": "typing", "user": username})
+
+
+def search_result(hit: search.Hit, reader: str) -> dict[str, Any]:
+    """One search result: where the message is, who wrote it, and the snippet around what was found."""
+    message = hit.message
+    return {
+        "id": message.pk,
+        "seq": message.seq,
+        "room": message.room.slug,
+        "room_name": room_name_for(message.room, reader),
+        "author": message.author.get_username(),
+        "created_at": _iso(message.created_at),
+        "snippet": hit.snippet,
+        "url": f"{reverse('room-detail', args=[message.room.slug])}?at={message.seq}",
+    }
+
+
+def room_name_for(room: Room, reader: str) -> str:
+    """A room's name as `reader` sees it: a direct conversation is named after the other person.
+
+    Its stored name is both usernames, "alice, bob" (usernames hold no comma or space).
+    """
+    if not room.is_direct:
+        return room.name
+    others = [name for name in room.name.split(", ") if name != reader]
+    return others[0] if others else room.name
 
 
 NOTIFY_EXCERPT_LENGTH = 140

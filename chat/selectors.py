@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TypeVar
 
 from django.contrib.auth.models import AnonymousUser, User
@@ -13,6 +13,7 @@ from django.db.models import Case, CharField, Count, Exists, F, OuterRef, Q, Que
 from django.db.models.functions import Coalesce, NullIf, TruncDate
 from django.utils import timezone
 
+from chat import search
 from chat.models import Membership, Mention, Message, NotificationSettings, NotifyLevel, Room
 
 _Row = TypeVar("_Row", Membership, Message, Room)
@@ -162,6 +163,26 @@ def room_members(*, room: Room) -> list[Membership]:
     rank: dict[str, int] = {Membership.Role.OWNER: 0, Membership.Role.MODERATOR: 1, Membership.Role.MEMBER: 2}
     members = Membership.objects.filter(room=room).select_related("user")
     return sorted(members, key=lambda membership: (rank[membership.role], membership.user.get_username().lower()))
+
+
+def message_search(
+    *,
+    user: User,
+    query: object,
+    room: Room | None = None,
+    author_name: str | None = None,
+    after: datetime | None = None,
+    before: datetime | None = None,
+    limit: int = 20,
+) -> list[search.Hit]:
+    """Search what `user` may read (chat/search.py); an unknown author finds nothing, as one who never wrote."""
+    author = None
+    if author_name is not None:
+        author = User.objects.filter(username=author_name).first()
+        if author is None:
+            search.parse(query)  # a bad query is still refused as such
+            return []
+    return search.search(user=user, query=query, room=room, author=author, after=after, before=before, limit=limit)
 
 
 MEMBER_SEARCH_MAX = 20

@@ -12,6 +12,7 @@ urlpatterns = [
     path("rooms/<slug:slug>/members/<str:username>/remove/", views.member_remove, name="member-remove"),
     path("rooms/<slug:slug>/notify/", views.room_notify, name="room-notify"),
     path("mentions/", views.mentions, name="mentions"),
+    path("search/", views.search, name="search"),
     path("settings/", views.notification_settings, name="settings"),
     path("unsubscribe/<str:token>/", views.unsubscribe, name="unsubscribe"),
     path("api/", include((api.urls(), "api"))),

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from datetime import date, datetime, time, timedelta
 
 from django.conf import settings
 from django.contrib import messages as flash
@@ -10,11 +11,13 @@ from django.contrib.auth.models import User
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render, resolve_url
+from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from chat import notifications, protocol, selectors, services
-from chat.forms import MemberForm, NotificationSettingsForm, NotifyLevelForm, RoomForm, SignupForm
+from chat import search as search_module
+from chat.forms import MemberForm, NotificationSettingsForm, NotifyLevelForm, RoomForm, SearchForm, SignupForm
 from chat.models import Membership, NotifyLevel, Room
 
 
@@ -237,6 +240,50 @@ def mentions(request: HttpRequest) -> HttpResponse:
         "older": shown[-1].pk if len(page) > len(shown) else None,
     }
     return render(request, "chat/mentions.html", context)
+
+
+@require_GET
+@login_required
+def search(request: HttpRequest) -> HttpResponse:
+    """Search every room the reader may read (the header's box); results link into the room at the message."""
+    user = authenticated_user(request)
+    form = SearchForm(request.GET or None, rooms=selectors.room_list(user=user))
+    context: dict[str, object] = {"form": form, "results": None}
+    status = 200
+    if form.is_bound and form.is_valid():
+        filters = form.cleaned_data
+        room = None
+        if filters["room"]:
+            visible = selectors.room_visible(slug=filters["room"], user=user)
+            room = visible[0] if visible is not None else None
+        try:
+            hits = selectors.message_search(
+                user=user,
+                query=filters["q"],
+                room=room,
+                author_name=filters["author"] or None,
+                after=_day_start(filters["after"]),
+                before=_day_start(filters["before"], next_day=True),
+                limit=search_module.RESULTS_MAX,
+            )
+        except services.ChatError as error:
+            form.add_error("q", error.detail)
+            status = 400
+        else:
+            context["results"] = [
+                {**protocol.search_result(hit, user.get_username()), "message": hit.message} for hit in hits
+            ]
+    elif form.is_bound:
+        status = 400
+    return render(request, "chat/search.html", context, status=status)
+
+
+def _day_start(day: date | None, *, next_day: bool = False) -> datetime | None:
+    """Midnight (the site's time zone) at the start of `day`, or of the day after: the form's dates are whole days."""
+    if day is None:
+        return None
+    start = datetime.combine(day + timedelta(days=1) if next_day else day, time.min)
+    return timezone.make_aware(start)
 
 
 @require_http_methods(["GET", "POST"])

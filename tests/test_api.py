@@ -552,11 +552,12 @@ ENDPOINTS = [
     ("get", "/api/rooms/general/members", None),
     ("patch", "/api/rooms/general/membership/", {"notify": "all"}),
     ("get", "/api/mentions/", None),
+    ("get", "/api/search/?q=hello", None),
 ]
 # Most specific first: the first key found in the path wins.
 WRONG_METHOD = {
     "reactions": "get", "/pins": "post", "/pin": "patch", "{id}": "put", "poll": "post", "messages": "put",
-    "dms": "get", "reads": "post", "membership": "post", "members": "post", "mentions": "post",
+    "dms": "get", "reads": "post", "membership": "post", "members": "post", "mentions": "post", "search": "post",
     "/api/rooms/": "delete",
 }  # fmt: skip
 

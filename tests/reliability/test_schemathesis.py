@@ -98,5 +98,6 @@ async def test_schemathesis_finds_no_server_error_and_every_answer_matches_the_s
         "GET /api/rooms/{slug}/members",
         "PATCH /api/rooms/{slug}/membership/",
         "GET /api/mentions/",
+        "GET /api/search/",
         "Stateful tests",
     }, output
