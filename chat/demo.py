@@ -22,6 +22,21 @@ _words = random.Random(42)
 BODIES = [" ".join(_words.choices(WORDS, k=_words.randint(3, 14))) for _ in range(997)]
 # Rendered once each, as a message's html is once per save (chat/markdown.py).
 BODIES_HTML = [markdown.render(body) for body in BODIES]
+# Every tenth demo message also names a rare word: 40,000 made-up words of three syllables, so
+# that search (docs/performance.md) has rare words to find as well as the common ones above,
+# each in about 2.5 of every million messages. None is a word of WORDS.
+_SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+RARE_WORDS = [a + b + c for a in _SYLLABLES[:40] for b in _SYLLABLES[:40] for c in _SYLLABLES[:25]]
+RARE_EVERY = 10
+
+
+def demo_body(room_id: int, seq: int) -> tuple[str, str]:
+    """The body of a demo message and its html (plain text: the same as markdown.render gives)."""
+    body, html = BODIES[seq % len(BODIES)], BODIES_HTML[seq % len(BODIES)]
+    if seq % RARE_EVERY:
+        return body, html
+    rare = RARE_WORDS[(room_id * 7919 + seq // RARE_EVERY) % len(RARE_WORDS)]
+    return f"{body} {rare}", f"{html[:-4]} {rare}</p>"
 
 
 def lobby() -> tuple[Room, bool]:
@@ -98,17 +113,20 @@ def seed_rooms(
 
 
 def _messages(batch: Batch) -> list[Message]:
-    return [
-        Message(
-            room_id=batch.room_id,
-            author_id=batch.author_ids[seq % len(batch.author_ids)],
-            body=BODIES[seq % len(BODIES)],
-            html=BODIES_HTML[seq % len(BODIES)],
-            created_at=batch.now - (batch.count - seq) * batch.step,
-            seq=seq,
+    messages = []
+    for seq in range(batch.first, batch.last + 1):
+        body, html = demo_body(batch.room_id, seq)
+        messages.append(
+            Message(
+                room_id=batch.room_id,
+                author_id=batch.author_ids[seq % len(batch.author_ids)],
+                body=body,
+                html=html,
+                created_at=batch.now - (batch.count - seq) * batch.step,
+                seq=seq,
+            )
         )
-        for seq in range(batch.first, batch.last + 1)
-    ]
+    return messages
 
 
 def _insert(batch: Batch) -> int:

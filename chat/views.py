@@ -99,12 +99,22 @@ def room_detail(request: HttpRequest, slug: str) -> HttpResponse:
             "notify": notify,
             "isMember": membership is not None,
             "mayMentionRoom": notifications.may_mention_room(room=room, user=authenticated_user(request)),
+            # ?at=<seq> (a search result, a mention, an email): the page goes to that message once live.
+            "jumpTo": _seq_in(request.GET.get("at"), room),
         },
         "notify_levels": NotifyLevel.choices,
         "notify_own": membership.notify if membership is not None else "",
         "notify_default_label": NotifyLevel(default_level).label,
     }
     return render(request, "chat/room_detail.html", context)
+
+
+def _seq_in(value: str | None, room: Room) -> int | None:
+    """A seq of the room, from a query parameter; None for anything else."""
+    if not value or not value.isascii() or not value.isdigit():
+        return None
+    seq = int(value)
+    return seq if 1 <= seq <= room.last_seq else None
 
 
 @require_GET

@@ -130,7 +130,7 @@ def test_the_mentions_page_and_api_list_newest_first_and_never_a_room_the_reader
     assert [m["body"] for m in listed["messages"]] == ["@bob secret", "@bob first"]
     page = bob.get("/mentions/").content.decode()
     assert page.count('class="mention-item') == 2
-    assert "/rooms/secret/#seq-1" in page and "/rooms/general/#seq-1" in page
+    assert "/rooms/secret/?at=1" in page and "/rooms/general/?at=1" in page
     services.member_remove(room=private_room, actor=user, username="bob")
     assert [m["body"] for m in bob.get("/api/mentions/").json()["messages"]] == ["@bob first"]
     page = bob.get("/mentions/").content.decode()
@@ -287,7 +287,7 @@ def test_missed_mentions_and_direct_messages_go_in_one_email_once(user, other_us
     sent = mail.outbox[0]
     assert sent.to == ["bob@example.com"] and sent.subject == "2 messages you missed"
     assert "@bob the report?" in sent.body and "and lunch?" in sent.body
-    assert "http://127.0.0.1:8000/rooms/general/#seq-1" in sent.body
+    assert "http://127.0.0.1:8000/rooms/general/?at=1" in sent.body
     assert sent.extra_headers["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
     assert EmailNotice.objects.filter(emailed=True).count() == 2
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import pytest
@@ -204,3 +205,12 @@ def test_the_admins_message_search_uses_the_index_in_every_room(django_user_mode
     assert stemmed.count('class="field-body_start"') == 1
     by_author = admin.get("/admin/chat/message/", {"q": "alice"}).content.decode()
     assert by_author.count('class="field-body_start"') == 3
+
+
+@pytest.mark.parametrize(("at", "jump_to"), [("2", 2), ("0", None), ("9", None), ("x", None), ("", None), ("²", None)])
+def test_the_room_page_takes_at_as_the_message_to_go_to(client, user, room, at, jump_to):
+    post(room, user, "one")
+    post(room, user, "two")
+    client.force_login(user)
+    page = client.get(f"/rooms/general/?at={at}").content.decode()
+    assert f'"jumpTo": {json.dumps(jump_to)}' in page

@@ -54,7 +54,7 @@ async def test_a_missed_mention_arrives_by_email_and_its_links_work(
     text = part(received, "text/plain")
     assert "@alice can you review the draft?" in text and "no mention here" not in text
     assert part(received, "text/html").count("Read it in the chat") == 1
-    message_url = f"{server.origin}/rooms/general/#seq-1"
+    message_url = f"{server.origin}/rooms/general/?at=1"
     assert f"Read it: {message_url}" in text
     unsubscribe_url = re.search(r"Stop these emails: (\S+)", text)[1]
     assert unsubscribe_url.startswith(f"{server.origin}/unsubscribe/")
