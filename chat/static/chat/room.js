@@ -8,10 +8,13 @@
 // - room/pins.js        the pinned messages under the header
 // - room/jump.js        going to a quoted or pinned message, loading it first if need be
 // - room/composer.js    the textarea, the reply being written, the sends not acknowledged yet
+// - room/autocomplete.js  the composer's "@name" suggestions
 // - room/members.js     who is online, who is typing
 // - room/reading.js     read marks and the unread count in the title
 // - room/receipts.js    "Seen by N" under the reader's latest own message (others' read marks)
 // - room/connection.js  the socket, the long-poll fallback, the connection pill
+// - room/sidebar.js     the other rooms' unread and mention counts, kept live by "notify" frames
+// - room/notifier.js    the reader's notification level here, and the browser's notifications
 // - live.js             the transports; protocol.js the server's close codes and limits
 import { LIMITS } from "./protocol.js";
 import { Composer } from "./room/composer.js";
@@ -20,14 +23,16 @@ import { MessageControls } from "./room/controls.js";
 import { Jumper } from "./room/jump.js";
 import { forgetPresence, hideTyping, presenceUnknown, showPresence, showTyping } from "./room/members.js";
 import { MessageLog } from "./room/messages.js";
+import { BrowserNotifier, NotifyLevelControl } from "./room/notifier.js";
 import { PinnedList } from "./room/pins.js";
 import { Reactions } from "./room/reactions.js";
 import { Reading } from "./room/reading.js";
 import { Receipts } from "./room/receipts.js";
 import {
-  decorate, excerpt, followScrolling, holdPlace, insertBefore, markDeleted, markFirstUnread, renderMessage,
-  renderedMessages, scrollToBottom, setReactions, setReader, showHoles, updateMessage, updateQuotesOf,
+  decorate, excerpt, followScrolling, holdPlace, insertBefore, markDeleted, markFirstUnread, mentionsReader,
+  renderMessage, renderedMessages, scrollToBottom, setReactions, setReader, showHoles, updateMessage, updateQuotesOf,
 } from "./room/render.js";
+import { Sidebar } from "./room/sidebar.js";
 
 const config = JSON.parse(document.getElementById("chat-config").textContent);
 const loadOlder = document.getElementById("load-older");
@@ -54,7 +59,9 @@ const connection = new Connection({
 const live = () => connection.live;
 const send = (frame) => connection.send(frame);
 const log = new MessageLog({ lastSeq: config.lastSeq, lastChange: config.lastChange, live, send });
-const composer = new Composer({ room: config.room, username: config.username, connection, onPosted: addMessage });
+const composer = new Composer({
+  room: config.room, username: config.username, mayMentionRoom: config.mayMentionRoom, connection, onPosted: addMessage,
+});
 const reactions = new Reactions({ live, send });
 const controls = new MessageControls({
   username: config.username, canModerate: config.canModerate, live, send,
@@ -63,7 +70,18 @@ const controls = new MessageControls({
 });
 const jumper = new Jumper({ log, live });
 const pins = new PinnedList({ onJump: (seq) => jumper.to(seq) });
-setReader(config.username);
+setReader(config.username, { isMember: config.isMember });
+const sidebar = new Sidebar({ room: config.room });
+const notifier = new BrowserNotifier({ config, sidebar, mentionsReader, onJump: (seq) => jumper.to(seq) });
+new NotifyLevelControl({
+  room: config.room,
+  onSaved: (level) => {
+    config.notify = level;
+    config.isMember = true; // saving a level joins a public room: @room mentions the reader from now on
+    setReader(config.username, { isMember: true });
+    sidebar.setLevel(config.room, level);
+  },
+});
 const reading = new Reading({ lastRead: config.lastRead, username: config.username, log, send });
 const receipts = new Receipts({ marks: config.readMarks, max: config.readMarksMax, username: config.username, log });
 
@@ -86,7 +104,13 @@ document.getElementById("messages").addEventListener("click", (event) => {
 function handleFrame(frame) {
   switch (frame.type) {
     case "message":
-      addMessage(frame.message);
+      // Only a message that arrives live notifies: not one replayed on a reconnect (before "ready").
+      if (addMessage(frame.message) && connection.live) notifier.onMessage(frame.message);
+      break;
+    case "notify": // a mention of the reader or a direct message; this room's own is its "message" frame
+      if (frame.room === config.room) break;
+      sidebar.notified(frame);
+      notifier.onNotify(frame);
       break;
     case "history":
       onHistory(frame);
@@ -164,8 +188,20 @@ function onReady(frame) {
   composer.update();
   log.checkGap();
   reading.markRead();
+  sidebar.refresh(); // the notify frames sent while the page was away are not replayed
   if (readyBefore) receipts.catchUp(config.room);
+  else jumpToLinked(); // a link to a message: a search result, the Mentions page, an email
   readyBefore = true;
+}
+
+// /rooms/<slug>/?at=<seq> (the server checked it: config.jumpTo): go to that message, loading
+// the history around it if it is older than the page, and highlight it.
+function jumpToLinked() {
+  if (config.jumpTo == null) return;
+  jumper.to(config.jumpTo);
+  const url = new URL(location.href);
+  url.searchParams.delete("at");
+  history.replaceState(null, "", url.pathname + url.search + url.hash); // a reload opens at the newest messages
 }
 
 function onHistory(frame) {
@@ -203,10 +239,11 @@ function onUpdated(frame) {
   controls.update(item);
 }
 
+// Show a message; true when it is new to the page.
 function addMessage(message) {
   hideTyping(message.author);
   composer.acknowledge(message);
-  if (log.has(message.seq)) return; // a resend or a replay overlap: already shown
+  if (log.has(message.seq)) return false; // a resend or a replay overlap: already shown
   const item = renderMessage(message);
   controls.add(item);
   insertBefore(item, log.nextAfter(message.seq));
@@ -216,6 +253,7 @@ function addMessage(message) {
   if (message.author === config.username) receipts.update(); // the line moves to the newest own message
   const empty = document.getElementById("no-messages");
   if (empty) empty.remove();
+  return true;
 }
 
 // ---- history above --------------------------------------------------------------

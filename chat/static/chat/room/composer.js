@@ -5,6 +5,7 @@
 // it, never makes a second message. A reply keeps its reply_to through all of that.
 import { newNonce, postMessage } from "../live.js";
 import { LIMITS } from "../protocol.js";
+import { MentionAutocomplete } from "./autocomplete.js";
 import { appendPending, isAtBottom, quoteText, renderMessage, scrollToBottom } from "./render.js";
 
 const TYPING_SEND_MS = 1500; // one "typing" frame at most this often
@@ -21,7 +22,8 @@ export class Composer {
   //   room, username           from the page's config
   //   connection               .live, .fallbackLive, .send(frame)
   //   onPosted(message)        a message the API stored (the answer to a fallback send)
-  constructor({ room, username, connection, onPosted }) {
+  //   mayMentionRoom           @room from this person mentions everyone (the @-list offers it)
+  constructor({ room, username, connection, onPosted, mayMentionRoom = false }) {
     this.room = room;
     this.username = username;
     this.connection = connection;
@@ -35,12 +37,14 @@ export class Composer {
     this.sendButton = document.getElementById("send-button");
     this.replyBar = document.getElementById("reply-bar");
     this.replyText = document.getElementById("reply-bar-text");
+    this.mentions = new MentionAutocomplete({ input: this.input, room, username, mayMentionRoom });
     document.getElementById("reply-cancel").addEventListener("click", () => {
       this.cancelReply();
       this.input.focus();
     });
     this.form.addEventListener("submit", (event) => { event.preventDefault(); this.submit(); });
     this.input.addEventListener("keydown", (event) => {
+      if (this.mentions.onKeydown(event)) return; // the @-list open: Enter picks a name, Escape closes it
       if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
         event.preventDefault();
         this.submit();
@@ -75,6 +79,7 @@ export class Composer {
     if (this.connection.fallbackLive) this.sendByApi(nonce, item);
     else this.mark(item, this.connection.send(sendFrame(nonce, item)) ? "Sending…" : "Waiting for connection…");
     this.cancelReply();
+    this.mentions.close();
     this.input.value = "";
     this.input.focus();
     this.update();
@@ -218,6 +223,7 @@ export class Composer {
     anchor.textContent = label || (link === "/" ? "Back to rooms" : "Log in");
     this.hint.append(anchor);
     this.cancelReply();
+    this.mentions.close();
     this.input.disabled = true;
     this.form.querySelector("button[type=submit]").disabled = true;
   }

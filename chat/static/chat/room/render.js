@@ -12,8 +12,17 @@ const jumpStatus = document.getElementById("jump-status");
 const EXCERPT_LENGTH = 140; // as the server cuts reply_to.excerpt
 
 let reader = ""; // who is reading: the reactions they made show as pressed, their own name is no link
-export function setReader(username) {
+let readerIsMember = false; // a member: @room mentions them
+export function setReader(username, { isMember = false } = {}) {
   reader = username;
+  readerIsMember = isMember;
+}
+
+// Whether a message asks for the reader: it names them, or says @room and they
+// are a member; never their own, never a deleted one (as _message.html's "mentions-me").
+export function mentionsReader(message) {
+  if (message.deleted_at || message.author === reader) return false;
+  return (message.mentions || []).includes(reader) || Boolean(message.mentions_room && readerIsMember);
 }
 
 // In a direct conversation the other person's name would link back to this very room.
@@ -82,6 +91,7 @@ export function renderMessage(message) {
     return item;
   }
   setBody(body, message);
+  item.classList.toggle("mentions-me", mentionsReader(message));
   setReplyQuote(item, message.reply_to);
   setReactions(item, message.reactions || []);
   setPinned(item, message.pinned_at);
@@ -99,6 +109,7 @@ export function updateMessage(item, message) {
     item.dataset.body = message.body;
     setBody(item.querySelector(".body"), message);
   }
+  item.classList.toggle("mentions-me", mentionsReader(message)); // an edit may add or drop a mention
   setReplyQuote(item, message.reply_to);
   setReactions(item, message.reactions || []);
   setPinned(item, message.pinned_at);
@@ -107,13 +118,23 @@ export function updateMessage(item, message) {
 
 // The server's sanitized HTML; a message without any (a send not acknowledged
 // yet) shows its source as text.
-export function setBody(element, { body, html }) {
+export function setBody(element, { body, html, author }) {
   if (html) {
     element.replaceChildren(safeFragment(html));
     element.classList.remove("plain");
+    markOwnMentions(element, author);
   } else {
     element.textContent = body;
     element.classList.add("plain");
+  }
+}
+
+// The reader's own name in a body (and @room, which names every member) stands out.
+function markOwnMentions(body, author) {
+  for (const mention of body.querySelectorAll("span.mention")) {
+    const name = mention.dataset.mention;
+    const me = name === reader || (name === "room" && readerIsMember && author !== reader);
+    mention.classList.toggle("me", me);
   }
 }
 
@@ -124,8 +145,9 @@ export function setBody(element, { body, html }) {
 // DOMParser's document is inert: nothing in it runs or loads while it is checked.
 const ALLOWED = {
   P: [], BR: [], EM: [], STRONG: [], S: [], PRE: [], UL: [], LI: [], BLOCKQUOTE: [],
-  CODE: ["class"], OL: ["start"], A: ["href", "title", "rel", "target"],
+  CODE: ["class"], OL: ["start"], A: ["href", "title", "rel", "target"], SPAN: ["class", "data-mention"],
 };
+const MENTION_CLASS = "mention"; // a span's only class: the server's mention, not a class of the site's own
 const SAFE_URL = /^(https?:|mailto:)/i;
 function safeFragment(html) {
   const parsed = new DOMParser().parseFromString(html, "text/html").body;
@@ -136,6 +158,7 @@ function safeFragment(html) {
       continue;
     }
     for (const { name } of [...element.attributes]) if (!allowed.includes(name)) element.removeAttribute(name);
+    if (element.tagName === "SPAN" && element.getAttribute("class") !== MENTION_CLASS) element.removeAttribute("class");
     if (element.tagName === "A") {
       if (!SAFE_URL.test(element.getAttribute("href") || "")) element.removeAttribute("href");
       element.rel = "nofollow noopener noreferrer ugc";
@@ -255,7 +278,7 @@ export function markEdited(item) {
 // A deleted message keeps its place and says so; everything else about it goes.
 export function markDeleted(item) {
   item.classList.add("deleted");
-  item.classList.remove("pinned");
+  item.classList.remove("pinned", "mentions-me");
   delete item.dataset.body;
   delete item.dataset.pinnedAt;
   for (const extra of item.querySelectorAll(".edited, .controls, .edit-form, .reply-quote, .reactions, .emoji-picker, .pin-marker")) {
@@ -280,6 +303,7 @@ export function localiseTime(time) {
 export function renderedMessages() {
   return [...list.querySelectorAll("li.message")].map((item) => {
     localiseTime(item.querySelector("time"));
+    markOwnMentions(item.querySelector(".body"), item.dataset.author);
     return [Number(item.dataset.seq), item];
   });
 }
