@@ -26,7 +26,7 @@ from bench.report import LOOP_STEPS, percentile, python_loop_ms
 from bench.scenario import BenchFailed, log_dir, new_run_id, server_env
 from bench.serverprocess import ServerFailed, ServerProcess
 from chat import demo, search, services
-from chat.models import Message
+from chat.models import Membership, Message, Room
 
 SERVER_START_TIMEOUT = 30.0
 MAX_QUERIES = 1000
@@ -35,7 +35,9 @@ PHRASES = ['"coffee today"', '"ship review"', '"lunch later"']
 EXCLUDING = ["deploy -coffee", "meeting -lunch -review"]
 
 
-def run_search(*, rooms: int, messages: int, queries: int, database_url: str, say: Callable[[str], None]) -> dict:
+def run_search(
+    *, rooms: int, messages: int, queries: int, private: int, database_url: str, say: Callable[[str], None]
+) -> dict:
     if not 1 <= queries <= MAX_QUERIES:
         raise BenchFailed(f"--queries must be from 1 to {MAX_QUERIES}.")
     loop_ms = python_loop_ms()
@@ -57,6 +59,9 @@ def run_search(*, rooms: int, messages: int, queries: int, database_url: str, sa
     say(f"index: {result['index_build_seconds']} s to build, {result['index_mib']} MiB")
     user = services.reserved_user("searchbench", active=True)
     _, secret = services.token_create(user=user, name="searchbench")
+    readable = private_rooms(user, private)
+    result["private_rooms"], result["member_of_private"] = private, (private + 1) // 2
+    say(f"{private} of the rooms private, the searching user a member of {result['member_of_private']} of them")
     run_id = new_run_id()
     env = server_env(database_url=database_url, run_id=run_id)
     env["CHAT_API_REQUESTS_PER_MINUTE"] = env["CHAT_API_WRITES_PER_MINUTE"] = str(queries * 100)
@@ -64,12 +69,24 @@ def run_search(*, rooms: int, messages: int, queries: int, database_url: str, sa
     process.spawn()
     try:
         process.wait_ready(SERVER_START_TIMEOUT)
-        result["kinds"] = measure(process, secret, queries, say)
+        result["kinds"] = measure(process, secret, queries, readable, say)
     except ServerFailed as error:
         raise BenchFailed(str(error)) from None
     finally:
         process.stop()
     return result
+
+
+def private_rooms(user, count: int) -> set[str]:
+    """Make the first `count` demo rooms private (the rest public), `user` a member of every other one of
+    them; return the slugs `user` may read."""
+    demo_rooms = sorted(Room.objects.filter(slug__startswith="demo-"), key=lambda room: int(room.slug[5:]))
+    Membership.objects.filter(user=user).delete()
+    for number, room in enumerate(demo_rooms):
+        Room.objects.filter(pk=room.pk).update(is_private=number < count)
+        if number < count and number % 2 == 0:
+            Membership.objects.create(room=room, user=user)
+    return {room.slug for number, room in enumerate(demo_rooms) if number >= count or number % 2 == 0}
 
 
 def index_bytes() -> int:
@@ -99,7 +116,7 @@ def rare_words(count: int) -> list[str]:
 _RARE = set(demo.RARE_WORDS)
 
 
-def measure(process: ServerProcess, secret: str, queries: int, say: Callable[[str], None]) -> dict:
+def measure(process: ServerProcess, secret: str, queries: int, readable: set[str], say: Callable[[str], None]) -> dict:
     rare = rare_words(queries)
     kinds: dict[str, list[str]] = {
         "common word": COMMON,
@@ -117,7 +134,10 @@ def measure(process: ServerProcess, secret: str, queries: int, say: Callable[[st
         data = response.read()
         if response.status != 200:
             raise BenchFailed(f"search {query!r} answered {response.status}: {data[:200]!r}")
-        return len(json.loads(data)["results"])
+        found = json.loads(data)["results"]
+        if leaked := {result["room"] for result in found} - readable:
+            raise BenchFailed(f"search {query!r} found messages in rooms the user may not read: {sorted(leaked)}")
+        return len(found)
 
     results = {}
     for kind, texts in kinds.items():

@@ -12,7 +12,7 @@ from multiprocessing.synchronize import Lock
 from django.db import connections
 from django.utils import timezone
 
-from chat import markdown, services
+from chat import markdown, search, services
 from chat.models import Message, Room
 
 LOBBY = ("lobby", "Lobby", "Say hello: everyone who signs up can chat here.")
@@ -92,19 +92,20 @@ def seed_rooms(
         for first in range(1, count + 1, batch_size)
     ]
     written = 0
-    if workers > 1 and len(batches) > 1:
-        connections.close_all()  # each forked worker opens its own
-        context = multiprocessing.get_context("fork")
-        with context.Pool(workers, initializer=_start_worker, initargs=(context.Lock(),)) as pool:
-            for inserted in pool.imap_unordered(_insert_in_worker, batches):
-                written += inserted
+    with search.bulk_load():  # the search index made once at the end, not row by row
+        if workers > 1 and len(batches) > 1:
+            connections.close_all()  # each forked worker opens its own
+            context = multiprocessing.get_context("fork")
+            with context.Pool(workers, initializer=_start_worker, initargs=(context.Lock(),)) as pool:
+                for inserted in pool.imap_unordered(_insert_in_worker, batches):
+                    written += inserted
+                    if progress is not None:
+                        progress(written, messages)
+        else:
+            for batch in batches:
+                written += _insert(batch)
                 if progress is not None:
                     progress(written, messages)
-    else:
-        for batch in batches:
-            written += _insert(batch)
-            if progress is not None:
-                progress(written, messages)
     for room, count in zip(made, per_room, strict=True):
         if count:
             Room.objects.filter(pk=room.pk).update(last_seq=count, last_message_at=now)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import timedelta
+from io import StringIO
 
 import pytest
 from django.test import Client
@@ -214,3 +215,27 @@ def test_the_room_page_takes_at_as_the_message_to_go_to(client, user, room, at, 
     client.force_login(user)
     page = client.get(f"/rooms/general/?at={at}").content.decode()
     assert f'"jumpTo": {json.dumps(jump_to)}' in page
+
+
+def test_seeded_demo_messages_are_found_and_the_index_keeps_itself_current_after(user):
+    from django.core.management import call_command
+
+    from chat import demo
+
+    call_command("seeddemo", rooms=2, messages=40, workers=1, stdout=StringIO())
+    seeded = Message.objects.get(room__slug="demo-1", seq=10)
+    rare = seeded.body.split()[-1]
+    assert rare in demo.RARE_WORDS
+    assert found(user, rare) == [seeded.body]
+    room = seeded.room
+    post(room, user, "wombat after seeding")  # the triggers are back
+    assert found(user, "wombat") == ["wombat after seeding"]
+
+
+def test_only_the_newest_matches_are_ranked(user, room, monkeypatch):
+    monkeypatch.setattr(search, "CANDIDATES", 3)
+    for number in range(5):
+        post(room, user, f"walrus {number}")
+        post(room, user, "filler")
+    assert sorted(found(user, "walrus")) == ["walrus 2", "walrus 3", "walrus 4"]
+    assert len(search.newest_matches("walrus", limit=4)) == 4
