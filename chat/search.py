@@ -247,9 +247,10 @@ def _marked(snippet: str) -> str:
 class _postgresql:
     @staticmethod
     def tsquery(terms: list[Term]) -> tuple[str, list[str]]:
-        # Each term is a phrase query ("a b" = a followed by b; one word is a phrase of one).
-        parts = [("!!" if term.exclude else "") + "phraseto_tsquery('chat_english', %s)" for term in terms]
-        return " && ".join(parts), [" ".join(term.words) for term in terms]
+        # websearch_to_tsquery, given the parsed terms again with each one quoted: a phrase of its
+        # words (one word is a phrase of one), so that "or" is a word here as it is in SQLite.
+        query = " ".join(("-" if term.exclude else "") + '"' + " ".join(term.words) + '"' for term in terms)
+        return "websearch_to_tsquery('chat_english', %s)", [query]
 
     @classmethod
     def ranked(cls, terms: list[Term], where: str, params: list[Any], limit: int) -> list[tuple[int, str]]:
