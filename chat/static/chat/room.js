@@ -82,7 +82,16 @@ new NotifyLevelControl({
     sidebar.setLevel(config.room, level);
   },
 });
-const reading = new Reading({ lastRead: config.lastRead, username: config.username, log, send });
+// A read mark joins a public room (the server's read_mark): from then on @room mentions the reader.
+const sendRead = (frame) => {
+  const sent = send(frame);
+  if (sent && !config.isMember) {
+    config.isMember = true;
+    setReader(config.username, { isMember: true });
+  }
+  return sent;
+};
+const reading = new Reading({ lastRead: config.lastRead, username: config.username, log, send: sendRead });
 const receipts = new Receipts({ marks: config.readMarks, max: config.readMarksMax, username: config.username, log });
 
 for (const [seq, item] of renderedMessages()) {
