@@ -19,7 +19,7 @@ from django.template.response import TemplateResponse
 from django.utils.functional import cached_property
 
 from chat import ephemeral, search, services
-from chat.models import ApiToken, EmailNotice, Membership, Message, NotificationSettings, Room
+from chat.models import ApiToken, Attachment, EmailNotice, Membership, Message, NotificationSettings, Room
 from chat.validation import ChatError
 from chat.views import authenticated_user
 
@@ -186,12 +186,12 @@ class MessageAdmin(admin.ModelAdmin):
     search_fields = ("body", "author__username")
     raw_id_fields = ("room", "author")
     fields = (
-        "room", "seq", "author", "body", "reply_to", "reaction_summary", "mentioned", "nonce",
+        "room", "seq", "author", "body", "reply_to", "reaction_summary", "mentioned", "files", "nonce",
         "created_at", "edited_at", "deleted_at", "pinned_at",
     )  # fmt: skip
     readonly_fields = (
-        "room", "seq", "author", "reply_to", "reaction_summary", "mentioned", "nonce", "created_at", "edited_at",
-        "deleted_at", "pinned_at",
+        "room", "seq", "author", "reply_to", "reaction_summary", "mentioned", "files", "nonce", "created_at",
+        "edited_at", "deleted_at", "pinned_at",
     )  # fmt: skip
     actions = ["pin_messages", "unpin_messages"]
     # A million messages: no COUNT(*) of the whole table, a capped count of the filtered one.
@@ -238,6 +238,10 @@ class MessageAdmin(admin.ModelAdmin):
     def mentioned(self, message: Message) -> str:
         names = [f"@{name}" for name in message.mentions] + (["@room"] if message.mentions_room else [])
         return ", ".join(names) or "–"
+
+    @admin.display(description="files")
+    def files(self, message: Message) -> str:
+        return ", ".join(f"{a['name']} ({a['content_type']}, {a['size']:,} bytes)" for a in message.attachments) or "–"
 
     @admin.action(description="Pin the selected messages in their rooms")
     def pin_messages(self, request: HttpRequest, queryset: QuerySet[Message]) -> None:
@@ -382,3 +386,24 @@ class EmailNoticeAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request: HttpRequest, obj: EmailNotice | None = None) -> bool:
         return False
+
+
+@admin.register(Attachment)
+class AttachmentAdmin(admin.ModelAdmin):
+    """Uploaded files: what they are and where, read-only. Deleting the message deletes its files."""
+
+    list_display = ("name", "content_type", "size", "room", "uploader", "message", "created_at")
+    list_select_related = ("room", "uploader", "message")
+    list_filter = ("content_type", ("message", admin.EmptyFieldListFilter))
+    search_fields = ("name", "uploader__username", "room__slug")
+    raw_id_fields = ("room", "uploader", "message")
+    readonly_fields = ("key", "name", "size", "content_type", "file", "thumbnail", "width", "height", "created_at")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Attachment | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Attachment | None = None) -> bool:
+        return False  # a file goes with its message (delete the message), so no summary names a missing file

@@ -23,6 +23,7 @@ from django.core.exceptions import RequestDataTooBig
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http.multipartparser import MultiPartParserError
 from django.middleware.csrf import CsrfViewMiddleware
 from django.urls import URLPattern
 from django.utils import timezone
@@ -35,7 +36,19 @@ from ninja.security import APIKeyCookie, HttpBearer
 from pydantic import BeforeValidator, StrictBool, StrictInt, StrictStr
 from pydantic_core import PydanticUseDefault
 
-from chat import database, ephemeral, longpoll, notifications, protocol, search, selectors, services, tokens, validation
+from chat import (
+    database,
+    ephemeral,
+    files,
+    longpoll,
+    notifications,
+    protocol,
+    search,
+    selectors,
+    services,
+    tokens,
+    validation,
+)
 from chat.models import Room
 from chat.validation import ChatError
 
@@ -46,7 +59,8 @@ MESSAGES_MAX_LIMIT = 200
 
 # Service error codes that are not plain "bad input" (400).
 STATUS_FOR_CODE = {
-    "forbidden": 403, "room_archived": 403, "not_found": 404, "body_too_long": 413, "rate_limited": 429
+    "forbidden": 403, "room_archived": 403, "not_found": 404, "body_too_long": 413, "rate_limited": 429,
+    "file_too_large": 413, "quota_exceeded": 413, "file_type_not_allowed": 415,
 }  # fmt: skip
 
 
@@ -96,6 +110,15 @@ class ReactionOut(Schema):
     users: list[str] = Field(description="Who reacted, in the order they did.")
 
 
+class FileOut(Schema):
+    id: int = Field(description="Name it in a message's `attachments` to attach it.")
+    name: str
+    size: int = Field(description="In bytes.")
+    content_type: str = Field(description="Decided from the content, never from the name.")
+    url: str = Field(description="The file, for people who can read the room (its uploader alone until attached).")
+    thumbnail_url: str | None = Field(description="A JPEG or PNG of at most 480×360, for raster images; else null.")
+
+
 class MessageOut(Schema):
     id: int
     seq: int = Field(description="The message's place in its room: 1, 2, 3, ... without gaps.")
@@ -115,6 +138,7 @@ class MessageOut(Schema):
         description="The usernames it mentions (@name), in order: people who can read the room."
     )
     mentions_room: bool = Field(description="It mentions every member (@room, written by an owner or moderator).")
+    attachments: list[FileOut] = Field(description="Its files, in the order they were attached.")
 
 
 # A body's length is validation.message_body's to refuse (413 body_too_long, on every path); the schema says it.
@@ -130,6 +154,12 @@ class MessageIn(Schema):
     )
     reply_to: StrictInt | None = Field(
         None, ge=1, le=validation.SEQ_MAX, description="The id of the message this one answers, in the same room."
+    )
+    attachments: list[Annotated[StrictInt, Field(ge=1, le=validation.SEQ_MAX)]] | None = Field(
+        None,
+        max_length=files.ATTACHMENTS_MAX,
+        description="Ids of your own uploads to this room (POST …/files/), not yet attached. "
+        "With files the body may be empty.",
     )
 
 
@@ -524,6 +554,7 @@ FIELD_CODES = {
     "reply_to": "invalid_reply",
     "emoji": "invalid_emoji",
     "notify": "invalid_notify",
+    "attachments": "invalid_attachment",
 }
 
 
@@ -557,6 +588,7 @@ def _invalid(request: HttpRequest, error: NinjaValidationError) -> HttpResponse:
     if source == "body":
         if len(where) < 2:
             return error_response(400, "invalid_json", "The request body must be a JSON object.")
+        name = str(where[1])  # the field, also for an item of a list field ("attachments", 0)
         if problem["type"] == "missing":
             # "missing_body", as on the socket; a missing emoji is as invalid as a wrong one (invalid_emoji).
             code = "missing_body" if name == "body" else FIELD_CODES.get(name, "invalid_field")
@@ -706,7 +738,12 @@ def message_create(request: HttpRequest, slug: str, data: MessageIn) -> JsonResp
     The body is Markdown; the answer carries it rendered as `html`."""
     room = _room(slug, _user(request))
     message, created = services.message_create(
-        room=room, author=_user(request), body=data.body, nonce=data.nonce, reply_to=data.reply_to
+        room=room,
+        author=_user(request),
+        body=data.body,
+        nonce=data.nonce,
+        reply_to=data.reply_to,
+        attachments=data.attachments,
     )
     return JsonResponse(protocol.message_payload(message), status=201 if created else 200)
 
@@ -867,6 +904,44 @@ def member_list(
     anyone who can read the room can be mentioned."""
     room = _room(slug, _user(request))
     return JsonResponse({"members": selectors.member_names(room=room, prefix=prefix)})
+
+
+@api.post(
+    "/rooms/{slug:slug}/files/",
+    response=responses({201: FileOut}, 403, 404, 413, 415),
+    summary="Upload a file",
+    operation_id="file_upload",
+    tags=["files"],
+    url_name="files",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file"],
+                        "properties": {"file": {"type": "string", "format": "binary"}},
+                    }
+                }
+            },
+        }
+    },
+)
+def file_upload(request: HttpRequest, slug: str) -> JsonResponse:
+    """Multipart form data, the file in a field named `file`: at most 10 MiB, and of a type allowed (images,
+    PDF, text, zip; decided from the content). It waits for your next message in the room to name it in its
+    `attachments`. Empty, damaged or disallowed: 400 (`empty_file`, `invalid_image`, `missing_file`), 413
+    (`file_too_large`, `quota_exceeded`), 415 (`file_type_not_allowed`)."""
+    user = _user(request)
+    room = _room(slug, user)
+    try:
+        uploaded = request.FILES.get("file")
+    except MultiPartParserError:  # a multipart body without its boundary, or cut short
+        raise ApiError(400, "invalid_upload", "The multipart form data is malformed.") from None
+    if uploaded is None:
+        raise ApiError(400, "missing_file", 'Send the file as multipart form data, in a field named "file".')
+    return JsonResponse(files.payload(files.upload(room=room, user=user, uploaded=uploaded)), status=201)
 
 
 @api.get(

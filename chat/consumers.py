@@ -229,13 +229,14 @@ class RoomConsumer(AsyncWebsocketConsumer):
     async def send_message(self, command: protocol.SendCommand) -> None:
         author = self.scope["user"]
         try:
-            await services.message_rate_check(author=author, body=command.body)
+            await services.message_rate_check(author=author, body=command.body, attachments=list(command.attachments))
             message, created = await database_sync_to_async(services.message_create)(
                 room=self.joined_room,
                 author=author,
                 body=command.body,
                 nonce=command.nonce,
                 reply_to=command.reply_to,
+                attachments=list(command.attachments),
                 rate_checked=True,
             )
         except ChatError as error:

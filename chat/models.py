@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import secrets
+
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import RegexValidator
@@ -110,6 +112,9 @@ class Message(models.Model):
     # it never looks Mention rows up.
     mentions = models.JSONField(default=list, blank=True, editable=False)
     mentions_room = models.BooleanField(default=False, editable=False)
+    # Its files: [{"id", "name", "size", "content_type", "url", "thumbnail_url"}], a summary of
+    # its Attachment rows written with them, as reactions are.
+    attachments = models.JSONField(default=list, blank=True, editable=False)
 
     class Meta:
         # By the column, not the relation: "room" would sort by the Room's own ordering, through a join.
@@ -156,6 +161,41 @@ class Reaction(models.Model):
 
     def __str__(self) -> str:
         return f"{self.emoji} by {self.user_id} on {self.message_id}"
+
+
+def _attachment_key() -> str:
+    return secrets.token_urlsafe(24)
+
+
+class Attachment(models.Model):
+    """A file uploaded into a room, then attached to one message (chat/files.py checks and serves it).
+
+    Stored under its random key, never under the name it came with; served only
+    to people who can read the room (before it is attached, only to its uploader).
+    """
+
+    key = models.CharField(max_length=40, unique=True, default=_attachment_key, editable=False)
+    room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="+")
+    uploader = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    message = models.ForeignKey(
+        Message, null=True, blank=True, on_delete=models.CASCADE, related_name="attachment_rows"
+    )
+    name = models.CharField(max_length=255)
+    size = models.PositiveBigIntegerField()
+    # Decided from the content (chat/files.py sniff), never from the name.
+    content_type = models.CharField(max_length=100)
+    file = models.FileField(max_length=200)
+    thumbnail = models.FileField(max_length=200, blank=True)
+    width = models.PositiveIntegerField(null=True, blank=True)
+    height = models.PositiveIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        # A person's quota, and their uploads not yet attached.
+        indexes = [models.Index(fields=["uploader", "message"], name="attachment_uploader")]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.key})"
 
 
 class NotifyLevel(models.TextChoices):

@@ -15,6 +15,7 @@ from django.conf import settings
 from django.urls import reverse
 
 from chat import search, validation
+from chat.files import ATTACHMENTS_MAX, attachment_ids
 from chat.models import Message, Room
 from chat.validation import ChatError
 
@@ -43,6 +44,7 @@ def message_payload(message: Message) -> dict[str, Any]:
         "pinned_at": _iso(message.pinned_at),
         "mentions": message.mentions,
         "mentions_room": message.mentions_room,
+        "attachments": message.attachments,
     }
 
 
@@ -262,6 +264,7 @@ class SendCommand:
     body: Any
     nonce: Any
     reply_to: int | None = None
+    attachments: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -336,6 +339,7 @@ def _command(frame: dict[str, Any]) -> ClientCommand:
             body=validation.required(frame, "body", '{"type": "send", "body": "..."}'),
             nonce=frame.get("nonce"),
             reply_to=validation.reply_id(frame.get("reply_to")),
+            attachments=tuple(attachment_ids(frame.get("attachments"))),
         )
     if kind == "history":
         limit = validation.json_int(frame.get("limit"), "limit", low=1, high=HISTORY_MAX_LIMIT)
@@ -380,5 +384,7 @@ def client_constants() -> dict[str, Any]:
         "limits": {
             "messageMaxLength": settings.CHAT_MESSAGE_MAX_LENGTH,
             "historyMaxLimit": HISTORY_MAX_LIMIT,
+            "uploadMaxBytes": settings.CHAT_UPLOAD_MAX_BYTES,
+            "attachmentsMax": ATTACHMENTS_MAX,
         },
     }

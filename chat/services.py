@@ -16,7 +16,7 @@ from django.db.models.functions import Least
 from django.utils import timezone
 from django.utils.text import slugify
 
-from chat import ephemeral, markdown, notifications, protocol, realtime, selectors, tokens, transfer, validation
+from chat import ephemeral, files, markdown, notifications, protocol, realtime, selectors, tokens, transfer, validation
 from chat.models import (
     DIRECT_SLUG_PREFIX,
     PLACEHOLDER_USERNAME,
@@ -125,10 +125,14 @@ def room_clear_history(*, room: Room, batch_size: int = 10_000, progress: Callab
     for low in range(0, through_seq, batch_size):
         deleted += Message.objects.filter(
             room=room, seq__gt=low, seq__lte=min(low + batch_size, through_seq), deleted_at__isnull=True
-        ).update(body="", html="", deleted_at=now, pinned_at=None, mentions=[], mentions_room=False, change=change)
+        ).update(
+            body="", html="", deleted_at=now, pinned_at=None, mentions=[], mentions_room=False, attachments=[],
+            change=change,
+        )  # fmt: skip
         if progress is not None:
             progress(deleted)
     notifications.forget_room_history(room=room, through_seq=through_seq)
+    files.forget(room=room, through_seq=through_seq)
     realtime.publish_after_commit(
         lambda: realtime.publish_history_cleared(room_id=room.pk, through_seq=through_seq, change=change)
     )
@@ -288,6 +292,7 @@ def message_create(
     body: object,
     nonce: object = None,
     reply_to: object = None,
+    attachments: object = None,
     rate_checked: bool = False,
 ) -> tuple[Message, bool]:
     """Save a message with the room's next seq, then publish it once committed.
@@ -297,7 +302,8 @@ def message_create(
     `reply_to`: the id of the message this one answers, in the same room.
     `rate_checked`: the caller counted this send already (message_rate_check).
     """
-    body = validation.message_body(body)
+    attachment_ids = files.attachment_ids(attachments)
+    body = validation.message_body(body, allow_empty=bool(attachment_ids))
     nonce = validation.nonce(nonce)
     reply_id = validation.reply_id(reply_to)
     if not rate_checked and (rate := _message_rate(author)):
@@ -327,10 +333,14 @@ def message_create(
     )
     notifies = mentions.everyone or bool(mentions.user_ids) or room.is_direct
     try:
-        # A message that notifies someone is stored with its Mention and EmailNotice rows, in one
-        # transaction; most messages notify nobody, and stay one statement (_save_with_next_seq).
-        with transaction.atomic() if notifies else contextlib.nullcontext():
+        # A message that notifies someone, or carries files, is stored with their rows in one
+        # transaction; most messages do neither, and stay one statement (_save_with_next_seq).
+        with transaction.atomic() if notifies or attachment_ids else contextlib.nullcontext():
+            claimed = files.claim(room=room, author=author, ids=attachment_ids)
+            draft.attachments = files.summary(claimed)
             message = _save_with_next_seq(draft, now)
+            if message is not None and claimed:
+                files.attach(message, claimed)
             if message is not None and notifies:
                 message.room = room
                 notifications.record(message, mentions)
@@ -407,14 +417,14 @@ def _save_with_next_seq(draft: Message, now: datetime) -> Message | None:
     return draft
 
 
-async def message_rate_check(*, author: User, body: object) -> None:
+async def message_rate_check(*, author: User, body: object, attachments: object = None) -> None:
     """Count a send against its author's rate from the event loop (then message_create(rate_checked=True)).
 
     The WebSocket consumer does this before it hands the save to the
     database thread, which then makes no Redis round trip: every wait there
     holds up every other socket's save (docs/performance.md).
     """
-    validation.message_body(body)  # bad input counts for nothing
+    validation.message_body(body, allow_empty=bool(files.attachment_ids(attachments)))  # bad input counts for nothing
     if rate := _message_rate(author):
         _raise_if_rate_limited(await ephemeral.rate_limit_async(*rate))
 
@@ -499,8 +509,12 @@ def message_delete(*, room: Room, message_id: object, user: User) -> Message:
         message.deleted_at = timezone.now()
         message.pinned_at = None  # nothing left to show in the pinned list
         notifications.forget(message)
+        files.forget([message])
+        message.attachments = []
         _record_change(
-            room=room, message=message, fields=["body", "html", "deleted_at", "pinned_at", "mentions", "mentions_room"]
+            room=room,
+            message=message,
+            fields=["body", "html", "deleted_at", "pinned_at", "mentions", "mentions_room", "attachments"],
         )
     return message
 
@@ -618,7 +632,10 @@ def messages_purge(
         return messages.count()
     purged = 0
     while batch := list(messages.order_by("pk").values_list("pk", flat=True)[:batch_size]):
-        purged += Message.objects.filter(pk__in=batch).delete()[0]
+        with transaction.atomic():
+            files.forget(Message.objects.filter(pk__in=batch))  # the stored files, once the rows are gone
+            # Counted by the messages alone: their reactions, mentions and files go with them.
+            purged += Message.objects.filter(pk__in=batch).delete()[1].get(Message._meta.label, 0)
         if progress is not None:
             progress(purged)
     return purged

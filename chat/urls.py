@@ -13,6 +13,9 @@ urlpatterns = [
     path("rooms/<slug:slug>/notify/", views.room_notify, name="room-notify"),
     path("mentions/", views.mentions, name="mentions"),
     path("search/", views.search, name="search"),
+    # The slash keeps it apart from a file named "thumbnail" (a name never holds a slash).
+    path("files/<str:key>/thumbnail/", views.attachment_thumbnail, name="attachment-thumbnail"),
+    path("files/<str:key>/<path:name>", views.attachment, name="attachment"),
     path("settings/", views.notification_settings, name="settings"),
     path("unsubscribe/<str:token>/", views.unsubscribe, name="unsubscribe"),
     path("api/", include((api.urls(), "api"))),

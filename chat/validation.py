@@ -81,13 +81,13 @@ def storable(text: str) -> bool:
     return True
 
 
-def message_body(body: object) -> str:
-    """Return the body to store, or raise saying what is wrong with it."""
+def message_body(body: object, *, allow_empty: bool = False) -> str:
+    """Return the body to store, or raise saying what is wrong with it (`allow_empty`: it carries files)."""
     if not isinstance(body, str):
         raise ChatError("invalid_body", "body must be a string.")
     if not storable(body):
         raise ChatError("invalid_body", "body cannot contain NUL characters or unpaired surrogates.")
-    if not body.strip():
+    if not body.strip() and not allow_empty:
         raise ChatError("empty_body", "A message needs some text.")
     limit = settings.CHAT_MESSAGE_MAX_LENGTH
     if len(body) > limit:

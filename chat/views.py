@@ -9,16 +9,16 @@ from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.models import User
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import FileResponse, Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render, resolve_url
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from chat import notifications, protocol, selectors, services
+from chat import files, notifications, protocol, selectors, services
 from chat import search as search_module
 from chat.forms import MemberForm, NotificationSettingsForm, NotifyLevelForm, RoomForm, SearchForm, SignupForm
-from chat.models import Membership, NotifyLevel, Room
+from chat.models import Attachment, Membership, NotifyLevel, Room
 
 
 def authenticated_user(request: HttpRequest) -> User:
@@ -325,6 +325,49 @@ def unsubscribe(request: HttpRequest, token: str) -> HttpResponse:
         notifications.unsubscribe(user)
         return render(request, "chat/unsubscribe.html", {"done": True, "person": user})
     return render(request, "chat/unsubscribe.html", {"person": user})
+
+
+@require_GET
+@login_required
+def attachment(request: HttpRequest, key: str, name: str) -> FileResponse:
+    """A file of a message, for people who can read its room; 404 for anyone else, as for a missing file.
+
+    Raster images are shown inline; everything else (SVG and HTML too) only
+    downloads. Every file is sandboxed: no script of its own can run here.
+    """
+    found = _readable_attachment(request, key)
+    inline = found.content_type in files.RASTER
+    response = FileResponse(
+        found.file.open("rb"), content_type=found.content_type, as_attachment=not inline, filename=found.name
+    )
+    return _file_headers(response)
+
+
+@require_GET
+@login_required
+def attachment_thumbnail(request: HttpRequest, key: str) -> FileResponse:
+    found = _readable_attachment(request, key)
+    if not found.thumbnail:
+        raise Http404("No thumbnail.")
+    thumbnail = found.thumbnail.open("rb")
+    is_png = thumbnail.read(8).startswith(b"\x89PNG")
+    thumbnail.seek(0)
+    response = FileResponse(thumbnail, content_type="image/png" if is_png else "image/jpeg")
+    return _file_headers(response)
+
+
+def _readable_attachment(request: HttpRequest, key: str) -> Attachment:
+    found = Attachment.objects.select_related("room").filter(key=key).first()
+    if found is None or not files.readable(found, authenticated_user(request)):
+        raise Http404("No such file.")
+    return found
+
+
+def _file_headers(response: FileResponse) -> FileResponse:
+    response.headers["Content-Security-Policy"] = "sandbox"
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Cache-Control"] = "private, max-age=3600"  # never a shared cache: access is per person
+    return response
 
 
 @require_http_methods(["GET", "POST"])

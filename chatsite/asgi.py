@@ -20,11 +20,12 @@ from chat.fanout import DirectSend  # noqa: E402
 from chat.longpoll import SharedSyncThread  # noqa: E402
 from chat.routing import websocket_urlpatterns  # noqa: E402
 from chatsite import collector  # noqa: E402
-from chatsite.middleware import DatabaseUnavailableHandshake  # noqa: E402
+from chatsite.middleware import DatabaseUnavailableHandshake, RequestBodyLimit  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
-        "http": SharedSyncThread(django_asgi_app),
+        # The largest body: an upload and its multipart envelope.
+        "http": RequestBodyLimit(SharedSyncThread(django_asgi_app), settings.CHAT_REQUEST_MAX_BYTES),
         "websocket": DirectSend(
             AllowedHostsOriginValidator(
                 DatabaseUnavailableHandshake(AuthMiddlewareStack(URLRouter(websocket_urlpatterns)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 
@@ -259,3 +260,57 @@ class DatabaseUnavailableHandshake:
                 await send({"type": "websocket.close", "code": protocol.CLOSE_SERVICE_RESTART})
             except Exception:
                 await send({"type": "websocket.close"})  # daphne refuses 1012 (see RoomConsumer.close)
+
+
+class RequestBodyLimit:
+    """ASGI middleware: refuse an HTTP request whose body would pass `max_bytes`, before Django reads it.
+
+    Django's ASGI handler reads a whole body into a temporary file before any
+    view or middleware sees the request, whatever its size; an upload's own
+    limit (CHAT_UPLOAD_MAX_BYTES) is checked only after that. Here a declared
+    Content-Length over the cap is answered 413 at once, and a body that keeps
+    coming past it (chunked, or lying) is cut off with 413 too.
+    """
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                return await self._refuse(send)
+        received = 0
+
+        async def receive_counted():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _TooLarge
+            return message
+
+        try:
+            return await self.app(scope, receive_counted, send)
+        except _TooLarge:
+            return await self._refuse(send)
+
+    async def _refuse(self, send) -> None:
+        body = json.dumps(
+            {"error": {"code": "request_too_large", "detail": f"Requests can be at most {self.max_bytes} bytes."}}
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass

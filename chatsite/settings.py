@@ -164,6 +164,13 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
+# Uploaded files (docs/files.md): never served from here directly, only through chat.views.attachment,
+# which checks who may read the room. An S3-compatible bucket instead: see docs/files.md.
+MEDIA_ROOT = Path(os.environ.get("MEDIA_ROOT", VAR_DIR / "media"))
+STORAGES = {
+    "default": {"BACKEND": os.environ.get("FILE_STORAGE", "django.core.files.storage.FileSystemStorage")},
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+}
 # In development WhiteNoise serves straight from the apps' static folders,
 # so `collectstatic` is only needed with DEBUG off.
 WHITENOISE_USE_FINDERS = DEBUG
@@ -273,3 +280,9 @@ EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS")
 EMAIL_USE_SSL = env_bool("EMAIL_USE_SSL")
 EMAIL_TIMEOUT = int(os.environ.get("EMAIL_TIMEOUT", "10"))
 DEFAULT_FROM_EMAIL = os.environ.get("DEFAULT_FROM_EMAIL", "Chat <chat@localhost>")
+
+# Files in messages (docs/files.md): the largest file, and what one person may keep in all.
+CHAT_UPLOAD_MAX_BYTES = int(os.environ.get("CHAT_UPLOAD_MAX_BYTES", str(10 * 1024 * 1024)))
+CHAT_UPLOAD_QUOTA_BYTES = int(os.environ.get("CHAT_UPLOAD_QUOTA_BYTES", str(500 * 1024 * 1024)))
+# Any HTTP request's body, refused before Django reads it (chatsite.middleware.RequestBodyLimit).
+CHAT_REQUEST_MAX_BYTES = CHAT_UPLOAD_MAX_BYTES + 256 * 1024

@@ -108,6 +108,7 @@ async def test_message_frame_carries_the_shared_message_object(ws_connect, user,
         "pinned_at",
         "mentions",
         "mentions_room",
+        "attachments",
     }
     assert frame["message"]["system"] is False
 

@@ -99,5 +99,6 @@ async def test_schemathesis_finds_no_server_error_and_every_answer_matches_the_s
         "PATCH /api/rooms/{slug}/membership/",
         "GET /api/mentions/",
         "GET /api/search/",
+        "POST /api/rooms/{slug}/files/",
         "Stateful tests",
     }, output
