@@ -171,6 +171,11 @@ STORAGES = {
     "default": {"BACKEND": os.environ.get("FILE_STORAGE", "django.core.files.storage.FileSystemStorage")},
     "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
 }
+# django-storages' S3 backend (FILE_STORAGE=storages.backends.s3.S3Storage) reads these.
+for _name in ("AWS_STORAGE_BUCKET_NAME", "AWS_S3_ENDPOINT_URL", "AWS_S3_REGION_NAME", "AWS_ACCESS_KEY_ID",
+              "AWS_SECRET_ACCESS_KEY"):  # fmt: skip
+    if _name in os.environ:
+        globals()[_name] = os.environ[_name]
 # In development WhiteNoise serves straight from the apps' static folders,
 # so `collectstatic` is only needed with DEBUG off.
 WHITENOISE_USE_FINDERS = DEBUG
