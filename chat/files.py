@@ -88,13 +88,19 @@ def upload(*, room: Room, user: User, uploaded: UploadedFile) -> Attachment:
             f"Your files would take more than your {_human(settings.CHAT_UPLOAD_QUOTA_BYTES)}: "
             "delete some messages with files first.",
         )
+    return store(room=room, uploader=user, name=name, uploaded=uploaded)
+
+
+def store(*, room: Room, uploader: User, name: str, uploaded: UploadedFile | ContentFile) -> Attachment:
+    """Check a file's type (and an image's soundness), then keep it with its thumbnail; the Attachment saved."""
     uploaded.seek(0)
     content_type = sniff(uploaded.read(_SNIFF_BYTES))
     if content_type is None:
         raise ChatError(
             "file_type_not_allowed", "This type of file is not allowed: images, PDFs, text and zip files are."
         )
-    attachment = Attachment(room=room, uploader=user, name=name, size=size, content_type=content_type)
+    size = uploaded.size or 0
+    attachment = Attachment(room=room, uploader=uploader, name=_clean_name(name), size=size, content_type=content_type)
     thumbnail = None
     if content_type in RASTER:
         attachment.width, attachment.height, thumbnail = _image(uploaded)
@@ -110,7 +116,7 @@ def upload(*, room: Room, user: User, uploaded: UploadedFile) -> Attachment:
     return attachment
 
 
-def _image(uploaded: UploadedFile) -> tuple[int, int, ContentFile]:
+def _image(uploaded: UploadedFile | ContentFile) -> tuple[int, int, ContentFile]:
     """Width, height and a thumbnail of a raster image; a clear error for a broken or hostile one."""
     uploaded.seek(0)
     data = uploaded.read()
@@ -213,6 +219,12 @@ def forget(messages: Iterable[Message] | None = None, *, room: Room | None = Non
         return
     Attachment.objects.filter(pk__in=[a.pk for a in doomed]).delete()
     transaction.on_commit(lambda: _delete_stored(doomed), robust=True)
+
+
+def forget_stored(attachments: list[Attachment]) -> None:
+    """Delete files stored moments ago, and their rows, when what they came with fails (an import's line)."""
+    Attachment.objects.filter(pk__in=[a.pk for a in attachments]).delete()
+    _delete_stored(attachments)
 
 
 def _delete_stored(attachments: Iterable[Attachment]) -> None:

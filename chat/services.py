@@ -10,6 +10,7 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import User
+from django.core.files.base import ContentFile
 from django.db import IntegrityError, connection, transaction
 from django.db.models import F, OuterRef, Subquery, Value
 from django.db.models.functions import Least
@@ -23,6 +24,7 @@ from chat.models import (
     RESERVED_USERNAMES,
     SYSTEM_USERNAME,
     ApiToken,
+    Attachment,
     Membership,
     Message,
     Reaction,
@@ -689,7 +691,7 @@ def _import_batch(room: Room, batch: list[tuple[int, dict[str, Any]]], result: t
             return
         authors = _import_authors({row["author"] for _, row, _ in new}, result)
         first_seq = Room.objects.values_list("last_seq", flat=True).get(pk=room.pk) + 1
-        Message.objects.bulk_create(
+        created = Message.objects.bulk_create(
             Message(
                 room=room,
                 author=authors[row["author"]],
@@ -703,9 +705,36 @@ def _import_batch(room: Room, batch: list[tuple[int, dict[str, Any]]], result: t
             )
             for offset, (key, row, html) in enumerate(new)
         )
+        stored: list[Attachment] = []  # if a later line fails, the batch rolls back: these go too
+        try:
+            for message, (_, row, _) in zip(created, new, strict=True):
+                if row["attachments"] and not row["deleted_at"]:
+                    _import_files(message, row["attachments"], stored)
+        except Exception:
+            files.forget_stored(stored)
+            raise
         newest = max(row["created_at"] for _, row, _ in new)
         Room.objects.filter(pk=room.pk).update(last_seq=first_seq + len(new) - 1, last_message_at=newest)
         result.created += len(new)
+
+
+def _import_files(message: Message, contents: list[tuple[str, bytes]], stored: list[Attachment]) -> None:
+    """An imported message's files, checked as any upload is (the type from the content, images opened)."""
+    mine = []
+    for name, data in contents:
+        if not data or len(data) > settings.CHAT_UPLOAD_MAX_BYTES:
+            raise ChatError("invalid_line", f'The file "{name}" of message {message.seq} is empty or too large.')
+        try:
+            attachment = files.store(
+                room=message.room, uploader=message.author, name=name, uploaded=ContentFile(data, name=name)
+            )
+        except ChatError as error:
+            raise ChatError("invalid_line", f'The file "{name}" of message {message.seq}: {error.detail}') from None
+        stored.append(attachment)
+        mine.append(attachment)
+    files.attach(message, mine)
+    message.attachments = files.summary(mine)
+    message.save(update_fields=["attachments"])
 
 
 def _import_authors(usernames: set[str], result: transfer.ImportResult) -> dict[str, User]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -9,7 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from chat import validation
-from chat.models import Message, Room
+from chat.models import Attachment, Message, Room
 from chat.validation import ChatError
 
 FIELDS = ["room", "seq", "author", "body", "created_at", "edited_at", "deleted_at"]
@@ -20,11 +22,13 @@ def export_rows(*, room: Room, since: datetime | None = None, chunk_size: int = 
     messages = Message.objects.filter(room=room).order_by("seq")
     if since is not None:
         messages = messages.filter(created_at__gte=since)
-    columns = ("seq", "author__username", "body", "created_at", "edited_at", "deleted_at")
+    columns = ("pk", "seq", "author__username", "body", "created_at", "edited_at", "deleted_at", "attachments")
     last_seq = 0
     while chunk := list(messages.filter(seq__gt=last_seq).values_list(*columns)[:chunk_size]):
-        for seq, author, body, created_at, edited_at, deleted_at in chunk:
-            yield {
+        with_files = {message_id for message_id, *_, attachments in chunk if attachments}
+        stored = _attachments_of(with_files)
+        for message_id, seq, author, body, created_at, edited_at, deleted_at, _ in chunk:
+            row = {
                 "room": room.slug,
                 "seq": seq,
                 "author": author,
@@ -33,7 +37,21 @@ def export_rows(*, room: Room, since: datetime | None = None, chunk_size: int = 
                 "edited_at": edited_at.isoformat() if edited_at else None,
                 "deleted_at": deleted_at.isoformat() if deleted_at else None,
             }
-        last_seq = chunk[-1][0]
+            if message_id in stored:
+                row["attachments"] = stored[message_id]
+            yield row
+        last_seq = chunk[-1][1]
+
+
+def _attachments_of(message_ids: set[int]) -> dict[int, list[dict[str, str]]]:
+    """Each message's files, with their content in base64: an export carries them whole."""
+    found: dict[int, list[dict[str, str]]] = {}
+    for attachment in Attachment.objects.filter(message__in=message_ids).order_by("pk"):
+        with attachment.file.open("rb") as content:
+            data = base64.b64encode(content.read()).decode()
+        assert attachment.message_id is not None  # filtered on it
+        found.setdefault(attachment.message_id, []).append({"name": attachment.name, "data": data})
+    return found
 
 
 @dataclass
@@ -60,8 +78,18 @@ def checked_row(line_number: int, row: Any) -> dict[str, Any]:
         raise bad("created_at, edited_at and deleted_at must be ISO 8601 times or null.") from None
     if times["created_at"] is None:
         raise bad("created_at is missing.")
-    body = row["body"] if times["deleted_at"] else validation.message_body(row["body"])
-    return {**row, **times, "body": body}
+    attachments = row.get("attachments") or []
+    if not isinstance(attachments, list) or not all(
+        isinstance(item, dict) and isinstance(item.get("name"), str) and isinstance(item.get("data"), str)
+        for item in attachments
+    ):
+        raise bad('"attachments" must be a list of objects with a "name" and their "data" in base64.')
+    try:
+        contents = [(item["name"], base64.b64decode(item["data"], validate=True)) for item in attachments]
+    except (binascii.Error, ValueError):
+        raise bad("an attachment's data is not base64.") from None
+    body = row["body"] if times["deleted_at"] else validation.message_body(row["body"], allow_empty=bool(contents))
+    return {**row, **times, "body": body, "attachments": contents}
 
 
 def import_key(room: Room, row: dict[str, Any]) -> str:

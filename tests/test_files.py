@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 from pathlib import Path
@@ -293,3 +294,65 @@ def test_an_upload_that_is_not_proper_multipart_is_a_clear_400(user, room, conte
     assert response.status_code == 400
     assert response.json()["error"]["code"] in ("invalid_upload", "missing_file")
     assert Attachment.objects.count() == 0
+
+
+# --------------------------------------------------------------------------
+# Export and import carry files
+# --------------------------------------------------------------------------
+
+
+def test_export_and_import_carry_the_files_whole_and_check_them_again(user, room, tmp_path, media):
+    from django.core.management import call_command
+
+    alice = client_for(user)
+    image = upload(alice, png(), "cat.png").json()["id"]
+    text = upload(alice, b"minutes\n", "notes.txt").json()["id"]
+    post_json(alice, "/api/rooms/general/messages", {"body": "", "attachments": [image, text]})
+    path = tmp_path / "general.jsonl"
+    call_command("exportroom", "general", "--output", str(path), stdout=io.StringIO(), stderr=io.StringIO())
+    (row,) = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [a["name"] for a in row["attachments"]] == ["cat.png", "notes.txt"]
+    copy = services.room_create(slug="copy", name="Copy", created_by=user)
+    call_command("importroom", "copy", str(path), stdout=io.StringIO(), stderr=io.StringIO())
+    imported = Message.objects.get(room=copy)
+    assert [(a["name"], a["content_type"]) for a in imported.attachments] == [
+        ("cat.png", "image/png"),
+        ("notes.txt", "text/plain"),
+    ]
+    assert alice.get(imported.attachments[0]["thumbnail_url"]).status_code == 200
+    assert b"".join(alice.get(imported.attachments[1]["url"]).streaming_content) == b"minutes\n"
+    csv_path = tmp_path / "general.csv"
+    call_command(
+        "exportroom",
+        "general",
+        "--format",
+        "csv",
+        "--output",
+        str(csv_path),
+        stdout=io.StringIO(),
+        stderr=io.StringIO(),
+    )
+    assert "cat.png, notes.txt" in csv_path.read_text()
+
+
+def test_an_import_with_a_forbidden_or_broken_file_stores_none_of_the_batch(user, room, tmp_path, media):
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    copy = services.room_create(slug="copy", name="Copy", created_by=user)
+    good = {"name": "ok.txt", "data": base64.b64encode(b"fine").decode()}
+    bad = {"name": "tool.png", "data": base64.b64encode(b"\x7fELF\x02\x01\x01" + b"\x00" * 40).decode()}
+    rows = [
+        {"room": "general", "seq": n, "author": "alice", "body": "x", "created_at": "2026-11-30T10:00:00+00:00",
+         "edited_at": None, "deleted_at": None, "attachments": files_}
+        for n, files_ in ((1, [good]), (2, [bad]))
+    ]  # fmt: skip
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in rows))
+    with pytest.raises(CommandError, match="tool.png"):
+        call_command("importroom", "copy", str(path), stdout=io.StringIO(), stderr=io.StringIO())
+    assert Message.objects.filter(room=copy).count() == 0
+    assert Attachment.objects.count() == 0 and stored_files(media) == []
+    path.write_text(json.dumps({**rows[0], "attachments": [{"name": "x", "data": "not base64!"}]}))
+    with pytest.raises(CommandError, match="base64"):
+        call_command("importroom", "copy", str(path), stdout=io.StringIO(), stderr=io.StringIO())

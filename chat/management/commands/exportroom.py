@@ -33,12 +33,14 @@ class Command(BaseCommand):
         started = time.monotonic()
         count = 0
         try:
-            writer = csv.DictWriter(out, fieldnames=transfer.FIELDS) if format == "csv" else None
+            # CSV is for reading: a message's files by name (JSON lines carry them whole, for importroom).
+            writer = csv.DictWriter(out, fieldnames=[*transfer.FIELDS, "files"]) if format == "csv" else None
             if writer is not None:
                 writer.writeheader()
             for count, row in enumerate(rows, start=1):
                 if writer is not None:
-                    writer.writerow(row)
+                    names = ", ".join(attachment["name"] for attachment in row.pop("attachments", []))
+                    writer.writerow({**row, "files": names})
                 else:
                     out.write(json.dumps(row, ensure_ascii=False) + "\n")
                 if count % PROGRESS_EVERY == 0:
