@@ -356,3 +356,15 @@ def test_an_import_with_a_forbidden_or_broken_file_stores_none_of_the_batch(user
     path.write_text(json.dumps({**rows[0], "attachments": [{"name": "x", "data": "not base64!"}]}))
     with pytest.raises(CommandError, match="base64"):
         call_command("importroom", "copy", str(path), stdout=io.StringIO(), stderr=io.StringIO())
+
+
+def test_the_room_page_shows_files_with_hostile_names_as_text(client, user, room):
+    alice = client_for(user)
+    image = upload(alice, png(), '"><b onmouseover=alert(1)>x.png').json()
+    text = upload(alice, b"notes", "<img src=x onerror=alert(1)>.txt").json()
+    post_json(alice, "/api/rooms/general/messages", {"body": "files", "attachments": [image["id"], text["id"]]})
+    page = alice.get("/rooms/general/").content.decode()
+    assert page.count('class="attachment-image"') == 1 and page.count('class="attachment-file"') == 1
+    assert f'<img src="{image["thumbnail_url"]}" alt="&quot;&gt;&lt;b onmouseover=alert(1)&gt;x.png"' in page
+    assert '<span class="attachment-name">&lt;img src=x onerror=alert(1)&gt;.txt</span>' in page
+    assert "<b onmouseover" not in page and "<img src=x" not in page
