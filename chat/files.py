@@ -145,7 +145,9 @@ def _image(uploaded: UploadedFile | ContentFile) -> tuple[int, int, ContentFile]
 
 def _clean_name(name: str | None) -> str:
     """The name to show and download as: no path, no control characters, not empty, not too long."""
-    base = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
+    # Browsers send '"' in a file's name as %22, and line breaks as %0D and %0A (the HTML standard).
+    name = (name or "").replace("%22", '"').replace("%0D", "\r").replace("%0A", "\n")
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
     base = "".join(ch for ch in base if ch.isprintable()).strip() or "file"
     if not validation.storable(base):
         base = "file"

@@ -140,6 +140,13 @@ class Message(models.Model):
         return f"{self.room_id}#{self.seq}"
 
     @property
+    def text(self) -> str:
+        """What quotes, pins and notifications show of it: its body, or for files alone their names."""
+        if self.body or not self.attachments:
+            return self.body
+        return "📎 " + ", ".join(attachment["name"] for attachment in self.attachments)
+
+    @property
     def is_system(self) -> bool:
         """Posted by an operator (manage.py postmessage), not by a person."""
         return self.author.get_username() == SYSTEM_USERNAME

@@ -308,7 +308,7 @@ def _send_missed_email(user: User, messages: list[Message]) -> None:
                 "message": message,
                 "room_name": _room_name(message.room, user),
                 "url": settings.SITE_URL + reverse("room-detail", args=[message.room.slug]) + f"?at={message.seq}",
-                "excerpt": message.body[:EXCERPT_LENGTH] + ("…" if len(message.body) > EXCERPT_LENGTH else ""),
+                "excerpt": message.text[:EXCERPT_LENGTH] + ("…" if len(message.text) > EXCERPT_LENGTH else ""),
             }
             for message in messages
         ],

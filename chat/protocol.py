@@ -61,7 +61,7 @@ def _quote(message: Message) -> dict[str, Any] | None:
         "id": original.pk,
         "seq": original.seq,
         "author": original.author.get_username(),
-        "excerpt": original.body[:REPLY_EXCERPT_LENGTH],
+        "excerpt": original.text[:REPLY_EXCERPT_LENGTH],
     }
 
 
@@ -223,7 +223,7 @@ def notify_payload(message: Message, reason: str) -> dict[str, Any]:
         "id": message.pk,
         "seq": message.seq,
         "author": message.author.get_username(),
-        "excerpt": message.body[:NOTIFY_EXCERPT_LENGTH],
+        "excerpt": message.text[:NOTIFY_EXCERPT_LENGTH],
     }
 
 

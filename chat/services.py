@@ -317,6 +317,8 @@ def message_create(
     ):
         raise ChatError("forbidden", "You are not a member of this room.")
     original = None if reply_id is None else _reply_target(room=room, message_id=reply_id)
+    if attachment_ids and nonce is not None and (existing := _message_for_nonce(room=room, author=author, nonce=nonce)):
+        return existing, False  # a retry of a send with files: they are attached to it already
     html, mentions = notifications.render(room=room, author=author, body=body)
     # No look-up first: a retry is rare, and the unique (author, nonce)
     # constraint catches it below at no cost to every other send.

@@ -368,3 +368,26 @@ def test_the_room_page_shows_files_with_hostile_names_as_text(client, user, room
     assert f'<img src="{image["thumbnail_url"]}" alt="&quot;&gt;&lt;b onmouseover=alert(1)&gt;x.png"' in page
     assert '<span class="attachment-name">&lt;img src=x onerror=alert(1)&gt;.txt</span>' in page
     assert "<b onmouseover" not in page and "<img src=x" not in page
+
+
+def test_a_retried_send_with_files_answers_the_original(user, room):
+    alice = client_for(user)
+    uploaded = upload(alice, b"notes", "notes.txt").json()
+    data = {"body": "", "nonce": "n-1", "attachments": [uploaded["id"]]}
+    first = post_json(alice, "/api/rooms/general/messages", data)
+    again = post_json(alice, "/api/rooms/general/messages", data)  # its answer was lost: the client sends again
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert again.json() == first.json() and Message.objects.count() == 1
+
+
+def test_a_message_of_files_alone_is_quoted_and_excerpted_by_their_names(user, other_user, room):
+    alice = client_for(user)
+    uploaded = upload(alice, b"notes", "notes.txt").json()
+    original = post_json(alice, "/api/rooms/general/messages", {"body": "", "attachments": [uploaded["id"]]}).json()
+    reply = post_json(alice, "/api/rooms/general/messages", {"body": "see above", "reply_to": original["id"]}).json()
+    assert reply["reply_to"]["excerpt"] == "📎 notes.txt"
+    assert '<span class="reply-excerpt">📎 notes.txt</span>' in alice.get("/rooms/general/").content.decode()
+
+
+def test_names_as_browsers_encode_them_are_decoded(user, room):
+    assert files._clean_name("say %22hi%22%0D%0A.txt") == 'say "hi".txt'

@@ -45,10 +45,11 @@ export async function getJSON(url, options = {}) {
 }
 
 // Post a message through the API; the nonce makes a retry return the original.
-// replyTo: the id of the message it answers, or null.
-export async function postMessage(room, body, nonce, replyTo = null) {
+// replyTo: the id of the message it answers, or null; attachments: ids of the sender's uploads.
+export async function postMessage(room, body, nonce, replyTo = null, attachments = []) {
   const payload = { body: body, nonce: nonce };
   if (replyTo != null) payload.reply_to = replyTo;
+  if (attachments.length) payload.attachments = attachments;
   return getJSON(apiUrl(room, "messages"), {
     method: "POST",
     headers: { "Content-Type": "application/json", "X-CSRFToken": csrfToken() },

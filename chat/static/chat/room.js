@@ -8,6 +8,8 @@
 // - room/pins.js        the pinned messages under the header
 // - room/jump.js        going to a quoted or pinned message, loading it first if need be
 // - room/composer.js    the textarea, the reply being written, the sends not acknowledged yet
+// - room/uploads.js     the files for the next message: 📎, drop, paste, their upload chips
+// - room/lightbox.js    an image in a message, full size over the page
 // - room/autocomplete.js  the composer's "@name" suggestions
 // - room/members.js     who is online, who is typing
 // - room/reading.js     read marks and the unread count in the title
@@ -21,6 +23,7 @@ import { Composer } from "./room/composer.js";
 import { Connection } from "./room/connection.js";
 import { MessageControls } from "./room/controls.js";
 import { Jumper } from "./room/jump.js";
+import { openImagesInLightbox } from "./room/lightbox.js";
 import { forgetPresence, hideTyping, presenceUnknown, showPresence, showTyping } from "./room/members.js";
 import { MessageLog } from "./room/messages.js";
 import { BrowserNotifier, NotifyLevelControl } from "./room/notifier.js";
@@ -29,7 +32,7 @@ import { Reactions } from "./room/reactions.js";
 import { Reading } from "./room/reading.js";
 import { Receipts } from "./room/receipts.js";
 import {
-  decorate, excerpt, followScrolling, holdPlace, insertBefore, markDeleted, markFirstUnread, mentionsReader,
+  decorate, excerpt, followScrolling, holdPlace, insertBefore, markDeleted, markFirstUnread, mentionsReader, messageText,
   renderMessage, renderedMessages, scrollToBottom, setReactions, setReader, showHoles, updateMessage, updateQuotesOf,
 } from "./room/render.js";
 import { Sidebar } from "./room/sidebar.js";
@@ -102,7 +105,8 @@ for (const item of log.items()) controls.add(item);
 receipts.update();
 const firstUnread = reading.firstUnread();
 if (firstUnread) markFirstUnread(firstUnread);
-// A reply's quote goes to the original, on server-rendered and live messages alike.
+// A reply's quote goes to the original, on server-rendered and live messages alike; so does a thumbnail to its image.
+openImagesInLightbox(document.getElementById("messages"));
 document.getElementById("messages").addEventListener("click", (event) => {
   const quote = event.target.closest(".reply-quote");
   if (quote && quote.dataset.replySeq) jumper.to(Number(quote.dataset.replySeq));
@@ -241,7 +245,7 @@ function onUpdated(frame) {
   log.noteChange(frame.change);
   const message = frame.message;
   pins.update(message);
-  updateQuotesOf(message.seq, message.deleted_at ? "" : excerpt(message.body));
+  updateQuotesOf(message.seq, message.deleted_at ? "" : excerpt(messageText(message)));
   const item = log.get(message.seq);
   if (!item || item.classList.contains("deleted")) return;
   updateMessage(item, message);

@@ -2,11 +2,13 @@
 // and the sends not acknowledged yet. Each send carries a nonce; the server
 // stores each (author, nonce) once, so a send queued offline, sent again after
 // a reconnect or through the API, or retried after the server could not save
-// it, never makes a second message. A reply keeps its reply_to through all of that.
+// it, never makes a second message. A reply keeps its reply_to, and a message
+// its files (room/uploads.js), through all of that.
 import { newNonce, postMessage } from "../live.js";
 import { LIMITS } from "../protocol.js";
 import { MentionAutocomplete } from "./autocomplete.js";
 import { appendPending, isAtBottom, quoteText, renderMessage, scrollToBottom } from "./render.js";
+import { Uploads } from "./uploads.js";
 
 const TYPING_SEND_MS = 1500; // one "typing" frame at most this often
 // A send the server could not save (its database is away: docs/protocol.md) goes
@@ -28,7 +30,8 @@ export class Composer {
     this.username = username;
     this.connection = connection;
     this.onPosted = onPosted;
-    this.pending = new Map(); // nonce -> {body, replyTo, element, retries, retryTimer}
+    this.pending = new Map(); // nonce -> {body, replyTo, attachments, element, retries, retryTimer}
+    this.waitingForUploads = false; // Enter was pressed while files were still uploading
     this.replyTo = null; // {id, seq, author, excerpt}: what the next send answers
     this.lastTypingSent = 0;
     this.form = document.getElementById("composer");
@@ -38,6 +41,11 @@ export class Composer {
     this.replyBar = document.getElementById("reply-bar");
     this.replyText = document.getElementById("reply-bar-text");
     this.mentions = new MentionAutocomplete({ input: this.input, room, username, mayMentionRoom });
+    this.uploads = new Uploads({
+      room, form: this.form, input: this.input, dropZone: this.form.closest(".chat") || this.form,
+      onChange: () => this.uploadsChanged(),
+      say: (text) => { this.hint.textContent = text; },
+    });
     document.getElementById("reply-cancel").addEventListener("click", () => {
       this.cancelReply();
       this.input.focus();
@@ -57,16 +65,30 @@ export class Composer {
   }
 
   submit() {
-    const body = this.input.value;
-    if (!body.trim()) return;
+    // A message with files may have no text.
+    const body = this.input.value.trim() ? this.input.value : "";
+    if (!body && !this.uploads.unsent().length) return;
     if (body.length > LIMITS.messageMaxLength) {
       this.hint.textContent = `Messages can be at most ${LIMITS.messageMaxLength} characters.`;
       return;
     }
+    if (this.uploads.failed()) {
+      this.waitingForUploads = false;
+      this.hint.textContent = "A file could not be uploaded: retry it or remove it, then send.";
+      return;
+    }
+    if (this.uploads.busy()) {
+      this.waitingForUploads = true; // sent by uploadsChanged once they are done
+      this.update();
+      return;
+    }
+    this.waitingForUploads = false;
     const nonce = newNonce();
     const replyTo = this.replyTo;
+    const attachments = this.uploads.take(nonce);
     const element = renderMessage({
       seq: 0, id: "", author: this.username, body: body, created_at: new Date().toISOString(), reply_to: replyTo,
+      attachments: attachments,
     });
     element.classList.add("pending");
     delete element.dataset.seq;
@@ -74,7 +96,10 @@ export class Composer {
     status.className = "status";
     element.querySelector(".message-head").append(" ", status);
     appendPending(element);
-    const item = { body: body, replyTo: replyTo ? replyTo.id : null, element: element, retries: 0, retryTimer: null };
+    const item = {
+      body: body, replyTo: replyTo ? replyTo.id : null, attachments: attachments.map((file) => file.id),
+      element: element, retries: 0, retryTimer: null,
+    };
     this.pending.set(nonce, item);
     if (this.connection.fallbackLive) this.sendByApi(nonce, item);
     else this.mark(item, this.connection.send(sendFrame(nonce, item)) ? "Sending…" : "Waiting for connection…");
@@ -132,7 +157,7 @@ export class Composer {
     this.mark(item, "Sending…");
     let result;
     try {
-      result = await postMessage(this.room, item.body, nonce, item.replyTo);
+      result = await postMessage(this.room, item.body, nonce, item.replyTo, item.attachments);
     } catch (error) {
       this.mark(item, "Waiting for connection…"); // sent again, same nonce, when a transport is back
       return;
@@ -151,7 +176,18 @@ export class Composer {
       clearTimeout(item.retryTimer);
       item.element.remove();
       this.pending.delete(message.nonce);
+      this.uploads.sent(message.nonce);
     }
+  }
+
+  // An upload finished, failed or went: a send that waited for the uploads goes now.
+  uploadsChanged() {
+    if (this.waitingForUploads && !this.uploads.busy()) {
+      this.waitingForUploads = false;
+      this.submit(); // or says why it cannot (a failed upload)
+      return;
+    }
+    this.update();
   }
 
   // An "error" frame (or API error): a send it names was not saved (tried again) or
@@ -162,6 +198,7 @@ export class Composer {
       this.retryLater(frame.nonce, item);
     } else if (item) {
       this.pending.delete(frame.nonce);
+      this.uploads.returned(frame.nonce); // its files can go with the next send
       item.element.classList.add("failed");
       this.mark(item, `Not sent: ${frame.detail}`);
       item.element.addEventListener("click", () => item.element.remove(), { once: true });
@@ -192,6 +229,8 @@ export class Composer {
       this.hint.textContent = "Connected by long-poll: messages still arrive and send; editing waits for the live connection.";
     } else if (!live) {
       this.hint.textContent = "Offline: press Enter to queue a message; it is sent when the connection is back.";
+    } else if (this.waitingForUploads) {
+      this.hint.textContent = "Waiting for uploads…";
     } else if (remaining < 200) {
       this.hint.textContent = `${remaining} characters left`;
     } else {
@@ -226,12 +265,15 @@ export class Composer {
     this.mentions.close();
     this.input.disabled = true;
     this.form.querySelector("button[type=submit]").disabled = true;
+    this.waitingForUploads = false;
+    this.uploads.disable();
   }
 }
 
-// A "send" frame; reply_to only when it answers a message.
+// A "send" frame; reply_to only when it answers a message, attachments only when it carries files.
 function sendFrame(nonce, item) {
   const frame = { type: "send", body: item.body, nonce: nonce };
   if (item.replyTo != null) frame.reply_to = item.replyTo;
+  if (item.attachments.length) frame.attachments = item.attachments;
   return frame;
 }

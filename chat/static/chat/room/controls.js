@@ -3,7 +3,7 @@
 // staff. React, edit, delete and pin go as frames on the live socket; a reply
 // waits in the composer, which may send it later (queued offline).
 import { LIMITS } from "../protocol.js";
-import { excerpt } from "./render.js";
+import { excerpt, itemText } from "./render.js";
 
 export class MessageControls {
   //   username, canModerate   who is reading, from the page's config
@@ -28,7 +28,7 @@ export class MessageControls {
     controls.className = "controls";
     controls.append(
       button("Reply", `Reply to ${author}`, () => this.onReply({
-        id: Number(item.dataset.id), seq: Number(item.dataset.seq), author: author, excerpt: excerpt(item.dataset.body || ""),
+        id: Number(item.dataset.id), seq: Number(item.dataset.seq), author: author, excerpt: excerpt(itemText(item)),
       })),
     );
     const react = button("React", `React to ${author}'s message`, () => this.onReact(item, react));

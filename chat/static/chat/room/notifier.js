@@ -6,7 +6,7 @@
 // level, in the sidebar, is "nothing". Permission is asked for only when the
 // reader presses "Enable notifications", never on load.
 import { apiUrl, csrfToken, getJSON } from "../live.js";
-import { excerpt } from "./render.js";
+import { excerpt, messageText } from "./render.js";
 
 const STATUS_MS = 4000; // "Saved: …" goes after this long; an error stays until the next change
 
@@ -120,7 +120,7 @@ export class BrowserNotifier {
     const direct = document.getElementById("messages").dataset.direct !== undefined;
     this.show({
       title: direct ? `${message.author} (direct message)` : `${message.author} in ${this.roomName()}`,
-      body: excerpt(message.body),
+      body: excerpt(messageText(message)),
       id: message.id,
       onClick: () => this.onJump(message.seq),
     });

@@ -2,7 +2,7 @@
 // newest pin first. The server renders the list with the page; it is kept live
 // from message_updated frames, which carry pins and unpins (pinned_at set or
 // null), and from deletions. Each entry goes to its message (room/jump.js).
-import { truncate } from "./render.js";
+import { messageText, truncate } from "./render.js";
 
 export class PinnedList {
   //   onJump(seq)   the reader chose a pinned message
@@ -44,7 +44,7 @@ export class PinnedList {
     entry.dataset.seq = String(message.seq);
     entry.dataset.pinnedAt = message.pinned_at;
     entry.querySelector(".pinned-author").textContent = message.author;
-    entry.querySelector(".pinned-excerpt").textContent = truncate(message.body);
+    entry.querySelector(".pinned-excerpt").textContent = truncate(messageText(message));
     this.place(entry);
     this.refresh();
   }

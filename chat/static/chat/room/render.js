@@ -1,5 +1,5 @@
 // The room page's message list in the DOM: one message's element (its reply
-// quote, body, reactions and pin marker), the day separators and author
+// quote, body, attachments, reactions and pin marker), the day separators and author
 // groups, holes left by a jump, and the pane's scrolling. Text people wrote
 // goes in with textContent; the one exception is a message's `html`, which the
 // server rendered from Markdown and sanitized (chat/markdown.py). A `body` is
@@ -56,6 +56,24 @@ export function excerpt(body) {
   return characters.length > EXCERPT_LENGTH ? characters.slice(0, EXCERPT_LENGTH).join("") : body;
 }
 
+// What a message says in a quote, a pin or a notification: its text, or, for
+// one that is only files, their names (as the server's reply_to.excerpt).
+export function messageText(message) {
+  if (message.body) return message.body;
+  return filesText((message.attachments || []).map((file) => file.name));
+}
+
+// The same, from a message's element.
+export function itemText(item) {
+  if (item.dataset.body) return item.dataset.body;
+  return filesText([...item.querySelectorAll(".attachments > a")].map((link) =>
+    link.dataset.name || (link.querySelector(".attachment-name") || link).textContent));
+}
+
+function filesText(names) {
+  return names.length ? `📎 ${names.join(", ")}` : "";
+}
+
 // A body as a pinned message shows it: cut with "…" as the template's truncatechars:140 does.
 export function truncate(text) {
   const characters = Array.from(text);
@@ -93,6 +111,7 @@ export function renderMessage(message) {
   setBody(body, message);
   item.classList.toggle("mentions-me", mentionsReader(message));
   setReplyQuote(item, message.reply_to);
+  setAttachments(item, message.attachments || []);
   setReactions(item, message.reactions || []);
   setPinned(item, message.pinned_at);
   if (message.edited_at) markEdited(item);
@@ -111,6 +130,7 @@ export function updateMessage(item, message) {
   }
   item.classList.toggle("mentions-me", mentionsReader(message)); // an edit may add or drop a mention
   setReplyQuote(item, message.reply_to);
+  if (message.attachments) setAttachments(item, message.attachments); // a frame without the key says nothing of them
   setReactions(item, message.reactions || []);
   setPinned(item, message.pinned_at);
   if (message.edited_at) markEdited(item);
@@ -210,6 +230,67 @@ export function updateQuotesOf(seq, text) {
   for (const quote of list.querySelectorAll(`.reply-quote[data-reply-seq="${Number(seq)}"]`)) setQuoteExcerpt(quote, text);
 }
 
+// A message's files, after its body, as _message.html renders them: an image
+// (it has a thumbnail) as its thumbnail, which links to the full image (room/lightbox.js
+// opens it over the page); any other file as a download link with its name and size.
+// Names are whatever the uploader's computer called the file: text and attributes only.
+export function setAttachments(item, attachments) {
+  let box = item.querySelector(".attachments");
+  if (!attachments.length) {
+    if (box) box.remove();
+    return;
+  }
+  const urls = attachments.map((file) => file.url).join("\n");
+  if (box && [...box.children].map((link) => link.getAttribute("href")).join("\n") === urls) return; // unchanged: no reload
+  if (!box) {
+    box = document.createElement("div");
+    box.className = "attachments";
+    item.querySelector(".body").after(box);
+  }
+  box.replaceChildren(...attachments.map(attachmentElement));
+}
+
+// The server's own file URLs (/files/…, or a bucket's https: one); anything else would be no link at all.
+const FILE_URL = /^(\/(?!\/)|https?:)/i;
+export function attachmentElement(file) {
+  const link = document.createElement("a");
+  if (FILE_URL.test(file.url || "")) link.href = file.url;
+  if (file.thumbnail_url) {
+    link.className = "attachment-image";
+    link.dataset.name = file.name;
+    const image = document.createElement("img");
+    if (FILE_URL.test(file.thumbnail_url)) image.src = file.thumbnail_url;
+    image.alt = file.name;
+    image.loading = "lazy";
+    link.append(image);
+  } else {
+    link.className = "attachment-file";
+    link.download = ""; // the server names it (Content-Disposition)
+    const name = document.createElement("span");
+    name.className = "attachment-name";
+    name.textContent = file.name;
+    const size = document.createElement("span");
+    size.className = "attachment-size";
+    size.textContent = humanSize(file.size);
+    link.append(name, " ", size);
+  }
+  return link;
+}
+
+// A size as people read it, exactly as the server's template writes it (Django's
+// filesizeformat): "18 bytes", "12.1 KB", "3.4 MB", its space one that does not
+// break, its tenths rounded as Python's round() does (half to even), in whole numbers.
+const SIZE_UNITS = [[1024 ** 3, "GB"], [1024 ** 2, "MB"], [1024, "KB"]];
+export function humanSize(bytes) {
+  const unit = SIZE_UNITS.find(([size]) => bytes >= size);
+  if (!unit) return `${bytes}\u00a0${bytes === 1 ? "byte" : "bytes"}`;
+  const [size, name] = unit;
+  let tenths = Math.floor((bytes * 10) / size);
+  const rest = (bytes * 10) % size;
+  if (rest * 2 > size || (rest * 2 === size && tenths % 2 === 1)) tenths += 1;
+  return `${Math.floor(tenths / 10)}.${tenths % 10}\u00a0${name}`;
+}
+
 // The reaction chips: "👍 2", pressed when the reader is among those who reacted.
 export function setReactions(item, reactions) {
   let row = item.querySelector(".reactions");
@@ -218,7 +299,7 @@ export function setReactions(item, reactions) {
     row.className = "reactions";
     row.setAttribute("role", "group");
     row.setAttribute("aria-label", "Reactions");
-    item.querySelector(".body").after(row);
+    (item.querySelector(".attachments") || item.querySelector(".body")).after(row);
   }
   row.replaceChildren(...reactions.map(reactionChip));
   row.hidden = reactions.length === 0;
@@ -281,7 +362,7 @@ export function markDeleted(item) {
   item.classList.remove("pinned", "mentions-me");
   delete item.dataset.body;
   delete item.dataset.pinnedAt;
-  for (const extra of item.querySelectorAll(".edited, .controls, .edit-form, .reply-quote, .reactions, .emoji-picker, .pin-marker")) {
+  for (const extra of item.querySelectorAll(".edited, .controls, .edit-form, .reply-quote, .attachments, .reactions, .emoji-picker, .pin-marker")) {
     extra.remove();
   }
   const body = item.querySelector(".body");
@@ -403,7 +484,18 @@ export function isAtBottom() {
   return pane.scrollHeight - pane.scrollTop - pane.clientHeight < 40;
 }
 
+// A thumbnail makes its message taller only once it has loaded, which scrolls
+// nothing: a reader who was at the newest message (as of their last scroll)
+// stays there. Growing content fires no scroll event, so `atBottom` still says
+// where they were before it grew.
+let atBottom = true;
+pane.addEventListener("scroll", () => { atBottom = isAtBottom(); }, { passive: true });
+list.addEventListener("load", (event) => {
+  if (event.target.tagName === "IMG" && atBottom) scrollToBottom();
+}, true); // load does not bubble
+
 export function scrollToBottom() {
+  if (revealing()) return;
   pane.scrollTop = pane.scrollHeight;
 }
 
@@ -411,7 +503,15 @@ export function scrollToBottom() {
 // scrolls back to the reader's place.
 export function holdPlace() {
   const fromBottom = pane.scrollHeight - pane.scrollTop;
-  return () => { pane.scrollTop = pane.scrollHeight - fromBottom; };
+  return () => { if (!revealing()) pane.scrollTop = pane.scrollHeight - fromBottom; };
+}
+
+// While the pane scrolls (smoothly) to a message the reader asked for, nothing else moves it:
+// setting scrollTop would stop that scroll short, with the message still out of view.
+const REVEAL_MS = 1000;
+let revealUntil = 0;
+function revealing() {
+  return performance.now() < revealUntil;
 }
 
 // Show a message the reader asked to go to: in the middle of the pane,
@@ -420,6 +520,7 @@ const HIGHLIGHT_MS = 2500;
 const highlights = new WeakMap(); // item -> the timer that ends its highlight
 const reducedMotion = window.matchMedia && matchMedia("(prefers-reduced-motion: reduce)").matches;
 export function revealMessage(item) {
+  revealUntil = performance.now() + REVEAL_MS;
   item.scrollIntoView({ block: "center", behavior: reducedMotion ? "auto" : "smooth" });
   item.classList.remove("highlight");
   void item.offsetWidth; // restarts the highlight's fade when it is asked for again
