@@ -158,3 +158,52 @@ async def test_hostile_markdown_is_inert_for_the_sender_live_and_server_rendered
     await item.get_by_role("button", name="Edit this message").click()
     await expect(item.locator(".edit-form textarea")).to_have_value(MARKDOWN_ATTACKS["raw img"][0])
     assert dialogs["alice"] == [] and await pages["alice"].locator("#messages img").count() == 0
+
+
+UPLOAD_AND_SEND = """async ([name, content, type]) => {
+  const csrf = document.querySelector("input[name=csrfmiddlewaretoken]").value;
+  const form = new FormData();
+  form.append("file", new File([content], name, { type }));
+  const uploaded = await (await fetch("/api/rooms/general/files/", {
+    method: "POST", body: form, headers: { "X-CSRFToken": csrf } })).json();
+  await fetch("/api/rooms/general/messages", {
+    method: "POST", headers: { "X-CSRFToken": csrf, "Content-Type": "application/json" },
+    body: JSON.stringify({ body: "", attachments: [uploaded.id] }) });
+  return uploaded;
+}"""
+
+
+async def test_an_svg_with_script_and_html_named_png_only_download_and_never_run(
+    server, browsers, user, other_user, room
+):
+    dialogs: list[str] = []
+    alice = await browsers.new_page(user)
+    bob = await browsers.new_page(other_user)
+    for page in (alice, bob):
+        page.on("dialog", lambda dialog: dialogs.append(dialog.message))
+    await open_room(alice, server, room.slug)
+    await open_room(bob, server, room.slug)
+    svg = await alice.evaluate(
+        UPLOAD_AND_SEND,
+        ["pic.svg", '<svg xmlns="http://www.w3.org/2000/svg" onload="alert(1)"><script>alert(2)</script></svg>',
+         "image/svg+xml"],
+    )  # fmt: skip
+    html = await alice.evaluate(
+        UPLOAD_AND_SEND, ["cat.png", "<html><body><script>alert(3)</script></body></html>", "image/png"]
+    )
+    assert (svg["content_type"], svg["thumbnail_url"]) == ("image/svg+xml", None)
+    assert (html["content_type"], html["thumbnail_url"]) == ("text/html", None)
+    # Shown as download links, not images, to the sender and the reader alike.
+    for page in (alice, bob):
+        await expect(page.locator("#messages .attachment-file")).to_have_count(2)
+        await expect(page.locator("#messages .attachments img")).to_have_count(0)
+    for uploaded in (svg, html):
+        async with bob.expect_download() as downloading:
+            await bob.locator(f'#messages a.attachment-file[href="{uploaded["url"]}"]').click()
+        assert (await downloading.value).suggested_filename == uploaded["name"]
+        served = await bob.request.get(f"{server.origin}{uploaded['url']}")
+        assert served.headers["content-disposition"].startswith("attachment")
+        assert served.headers["content-security-policy"] == "sandbox"
+        assert served.headers["x-content-type-options"] == "nosniff"
+    await expect(bob.locator("#messages .attachment-file").first).to_be_visible()
+    assert dialogs == []
