@@ -13,6 +13,10 @@ export class Sidebar {
     this.room = room;
     this.nav = document.querySelector("nav.sidebar");
     this.refreshing = null; // notify frames counted while a refresh is on its way, to count again after it
+    // What the counts include already, so that no message counts twice: each room's last seq as of
+    // the last refresh (the page's render at first), and the messages counted from frames since.
+    this.countedThrough = new Map();
+    this.countedSeqs = new Set();
   }
 
   link(slug) {
@@ -46,6 +50,10 @@ export class Sidebar {
   add(frame) {
     const link = this.link(frame.room);
     if (!link) return; // not listed yet (a conversation just started): the next page load lists it
+    // A refresh that answered after the message was saved counted it already (its frame may come later).
+    const key = `${frame.room}:${frame.seq}`;
+    if (frame.seq <= (this.countedThrough.get(frame.room) || 0) || this.countedSeqs.has(key)) return;
+    this.countedSeqs.add(key);
     setBadges(link, {
       unread: count(link, ".unread-badge") + 1,
       mentions: count(link, ".mention-badge") + (frame.reason === "mention" ? 1 : 0),
@@ -60,8 +68,10 @@ export class Sidebar {
       const { response, data } = await getJSON(ROOMS_URL);
       if (!response.ok || !data) return;
       const lastSeqs = new Map();
+      this.countedSeqs.clear();
       for (const room of data.rooms) {
         lastSeqs.set(room.slug, room.last_seq);
+        this.countedThrough.set(room.slug, room.last_seq);
         const link = this.link(room.slug);
         if (!link) continue;
         link.dataset.notify = room.notify;
