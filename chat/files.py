@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from datetime import timedelta
 from collections.abc import Iterable
 from typing import Any
 
@@ -22,6 +23,7 @@ from django.core.files.uploadedfile import UploadedFile
 from django.db import transaction
 from django.db.models import Sum
 from django.urls import reverse
+from django.utils import timezone
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from chat import validation
@@ -81,6 +83,7 @@ def upload(*, room: Room, user: User, uploaded: UploadedFile) -> Attachment:
         raise ChatError("empty_file", "The file is empty.")
     if size > settings.CHAT_UPLOAD_MAX_BYTES:
         raise ChatError("file_too_large", f"A file can be at most {_human(settings.CHAT_UPLOAD_MAX_BYTES)}.")
+    forget_abandoned(user)
     used = Attachment.objects.filter(uploader=user).aggregate(total=Sum("size"))["total"] or 0
     if used + size > settings.CHAT_UPLOAD_QUOTA_BYTES:
         raise ChatError(
@@ -89,6 +92,21 @@ def upload(*, room: Room, user: User, uploaded: UploadedFile) -> Attachment:
             "delete some messages with files first.",
         )
     return store(room=room, uploader=user, name=name, uploaded=uploaded)
+
+
+# An upload not attached by then was left behind (its chip removed, its page closed): it goes at the
+# uploader's next upload, and stops counting against their quota.
+ABANDONED_AFTER = timedelta(days=1)
+
+
+def forget_abandoned(user: User) -> int:
+    """Delete the user's uploads never attached within ABANDONED_AFTER; return how many."""
+    abandoned = list(
+        Attachment.objects.filter(uploader=user, message__isnull=True, created_at__lt=timezone.now() - ABANDONED_AFTER)
+    )
+    if abandoned:
+        forget_stored(abandoned)
+    return len(abandoned)
 
 
 def store(*, room: Room, uploader: User, name: str, uploaded: UploadedFile | ContentFile) -> Attachment:

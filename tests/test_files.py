@@ -391,3 +391,17 @@ def test_a_message_of_files_alone_is_quoted_and_excerpted_by_their_names(user, o
 
 def test_names_as_browsers_encode_them_are_decoded(user, room):
     assert files._clean_name("say %22hi%22%0D%0A.txt") == 'say "hi".txt'
+
+
+def test_uploads_left_unattached_for_a_day_go_at_the_next_upload_and_free_the_quota(user, room, settings, media):
+    from django.utils import timezone
+
+    settings.CHAT_UPLOAD_QUOTA_BYTES = 1500
+    alice = client_for(user)
+    left = upload(alice, b"a" * 900, "left.txt").json()
+    kept = upload(alice, b"b" * 100, "kept.txt").json()
+    post_json(alice, "/api/rooms/general/messages", {"body": "kept", "attachments": [kept["id"]]})
+    Attachment.objects.update(created_at=timezone.now() - files.ABANDONED_AFTER - timezone.timedelta(minutes=1))
+    assert upload(alice, b"c" * 900, "new.txt").status_code == 201  # the quota counts the abandoned one no more
+    assert sorted(Attachment.objects.values_list("name", flat=True)) == ["kept.txt", "new.txt"]
+    assert alice.get(left["url"]).status_code == 404 and len(stored_files(media)) == 2
