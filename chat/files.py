@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import io
 import warnings
-from datetime import timedelta
 from collections.abc import Iterable
+from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
