@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 from channels.db import database_sync_to_async
 from django.conf import settings
-from playwright.async_api import BrowserContext, Page, expect
+from playwright.async_api import BrowserContext, Page, WebSocketRoute, expect
 
 from bench.serverprocess import ServerProcess
 from tests.helpers import session_cookie
@@ -87,3 +90,26 @@ KEEP_SOCKETS = """
   };
 })();
 """
+
+
+def losing_sends(
+    sends: list[dict], ready: asyncio.Event, closing: list[asyncio.Future]
+) -> Callable[[WebSocketRoute], None]:
+    """A WebSocket route that keeps every `send` frame in `sends` and, until `ready` is set, loses it
+    on the way and drops the socket (its close in `closing`): a send the page must try again."""
+
+    def route(page_side: WebSocketRoute) -> None:
+        server_side = page_side.connect_to_server()
+
+        def from_page(frame_text: str | bytes) -> None:
+            frame = json.loads(frame_text)
+            if frame["type"] == "send":
+                sends.append(frame)
+                if not ready.is_set():
+                    closing.append(asyncio.ensure_future(page_side.close()))
+                    return
+            server_side.send(frame_text)
+
+        page_side.on_message(from_page)
+
+    return route

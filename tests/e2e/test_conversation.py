@@ -11,7 +11,7 @@ from channels.db import database_sync_to_async
 from playwright.async_api import Page, WebSocketRoute, expect
 
 from chat import services
-from tests.e2e.helpers import TIMEOUT_MS, expect_live, open_room, send, shown_messages
+from tests.e2e.helpers import TIMEOUT_MS, expect_live, losing_sends, open_room, send, shown_messages
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio(loop_scope="session"), pytest.mark.slow]
 
@@ -322,22 +322,7 @@ async def test_a_reply_waiting_offline_keeps_its_reply_to_when_it_is_sent(server
     sends: list[dict] = []
     ready = asyncio.Event()
     closing: list[asyncio.Future] = []
-
-    def route(page_side: WebSocketRoute) -> None:
-        server_side = page_side.connect_to_server()
-
-        def from_page(frame_text: str | bytes) -> None:
-            frame = json.loads(frame_text)
-            if frame["type"] == "send":
-                sends.append(frame)
-                if not ready.is_set():  # the first try is lost on the way, and the socket drops
-                    closing.append(asyncio.ensure_future(page_side.close()))
-                    return
-            server_side.send(frame_text)
-
-        page_side.on_message(from_page)
-
-    await alice.route_web_socket(re.compile(r"/ws/rooms/"), route)
+    await alice.route_web_socket(re.compile(r"/ws/rooms/"), losing_sends(sends, ready, closing))
     await open_room(alice, server, room.slug)
     original = message(alice, 1)
     await original.hover()

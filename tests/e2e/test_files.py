@@ -8,9 +8,9 @@ import json
 import re
 
 import pytest
-from playwright.async_api import JSHandle, Page, WebSocketRoute, expect
+from playwright.async_api import JSHandle, Page, expect
 
-from tests.e2e.helpers import expect_live, open_room
+from tests.e2e.helpers import expect_live, losing_sends, open_room
 from tests.e2e.test_conversation import eventually
 from tests.e2e.test_pages import serious_violations
 
@@ -350,22 +350,7 @@ async def test_a_send_with_files_lost_on_the_way_goes_again_with_them_after_the_
     sends: list[dict] = []
     ready = asyncio.Event()
     closing: list[asyncio.Future] = []
-
-    def route(page_side: WebSocketRoute) -> None:
-        server_side = page_side.connect_to_server()
-
-        def from_page(frame_text: str | bytes) -> None:
-            frame = json.loads(frame_text)
-            if frame["type"] == "send":
-                sends.append(frame)
-                if not ready.is_set():  # the first try is lost on the way, and the socket drops
-                    closing.append(asyncio.ensure_future(page_side.close()))
-                    return
-            server_side.send(frame_text)
-
-        page_side.on_message(from_page)
-
-    await alice.route_web_socket(re.compile(r"/ws/rooms/"), route)
+    await alice.route_web_socket(re.compile(r"/ws/rooms/"), losing_sends(sends, ready, closing))
     await open_room(alice, server, room.slug)
     bob = await browsers.new_page(other_user)
     await open_room(bob, server, room.slug)
