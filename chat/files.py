@@ -26,7 +26,7 @@ from django.urls import reverse
 from django.utils import timezone
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from chat import validation
+from chat import selectors, validation
 from chat.models import Attachment, Message, Room
 from chat.validation import ChatError
 
@@ -75,7 +75,7 @@ def upload(*, room: Room, user: User, uploaded: UploadedFile) -> Attachment:
     """Check and store an upload into `room`; it waits, unattached, for its uploader's next send there."""
     if room.is_archived:
         raise ChatError("room_archived", "This room is archived and read-only.")
-    if room.is_private and not room.memberships.filter(user=user).exists():
+    if room.is_private and selectors.membership_get(room=room, user=user) is None:
         raise ChatError("forbidden", "You are not a member of this room.")
     name = _clean_name(uploaded.name)
     size = uploaded.size or 0
@@ -259,7 +259,7 @@ def readable(attachment: Attachment, user: User) -> bool:
     if attachment.message_id is None:
         return attachment.uploader_id == user.pk
     room = attachment.room
-    return not room.is_private or room.memberships.filter(user=user).exists()
+    return not room.is_private or selectors.membership_get(room=room, user=user) is not None
 
 
 def _human(size: int) -> str:
