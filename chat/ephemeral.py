@@ -16,6 +16,8 @@ from typing import TypeVar
 
 import redis
 import redis.asyncio as aioredis
+import redis.asyncio.sentinel
+import redis.sentinel
 from django.conf import settings
 
 logger = logging.getLogger(__name__)
@@ -40,16 +42,28 @@ def _client() -> aioredis.Redis:
         # (within bounded()'s timeout) instead of failing at once. redis-py's
         # default pool raises MaxConnectionsError, and in a reconnect storm
         # (5,000 handshakes at once) that read as Redis being away.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            settings.REDIS_URL,
-            max_connections=REDIS_POOL_SIZE,
-            timeout=5,
-            socket_timeout=5,
-            socket_connect_timeout=5,
-            health_check_interval=15,
-        )
+        options = {"max_connections": REDIS_POOL_SIZE, "timeout": 5, "socket_timeout": 5,
+                   "socket_connect_timeout": 5, "health_check_interval": 15}  # fmt: skip
+        if settings.REDIS_SENTINELS:
+            pool: aioredis.ConnectionPool = _BlockingSentinelPool(
+                settings.REDIS_SENTINEL_MASTER, aioredis.sentinel.Sentinel(**_sentinel_options()), **options
+            )
+        else:
+            pool = aioredis.BlockingConnectionPool.from_url(settings.REDIS_URL, **options)
         client = _clients[loop] = aioredis.Redis(connection_pool=pool)
     return client
+
+
+class _BlockingSentinelPool(aioredis.sentinel.SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """Sentinel's pool (connect to whichever server is the primary now), waiting for a free connection."""
+
+
+def _sentinel_options() -> dict:
+    timeout = settings.REDIS_SENTINEL_TIMEOUT
+    return {
+        "sentinels": settings.REDIS_SENTINELS,
+        "sentinel_kwargs": {"socket_timeout": timeout, "socket_connect_timeout": timeout},
+    }
 
 
 _sync_client: redis.Redis | None = None
@@ -59,14 +73,15 @@ def _client_sync() -> redis.Redis:
     """The client for sync code (views, commands); its connection pool is thread-safe."""
     global _sync_client
     if _sync_client is None:
-        _sync_client = redis.Redis.from_url(
-            # Short: every caller fails open or reports, and a frozen Redis must not stall the
-            # thread that all consumers' database work shares.
-            settings.REDIS_URL,
-            socket_timeout=settings.CHAT_REDIS_TIMEOUT,
-            socket_connect_timeout=settings.CHAT_REDIS_TIMEOUT,
-            health_check_interval=15,
-        )
+        # Short: every caller fails open or reports, and a frozen Redis must not stall the
+        # thread that all consumers' database work shares.
+        options = {"socket_timeout": settings.CHAT_REDIS_TIMEOUT, "socket_connect_timeout": settings.CHAT_REDIS_TIMEOUT,
+                   "health_check_interval": 15}  # fmt: skip
+        if settings.REDIS_SENTINELS:
+            sentinel = redis.sentinel.Sentinel(**_sentinel_options())
+            _sync_client = sentinel.master_for(settings.REDIS_SENTINEL_MASTER, **options)
+        else:
+            _sync_client = redis.Redis.from_url(settings.REDIS_URL, **options)
     return _sync_client
 
 

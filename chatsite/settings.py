@@ -188,28 +188,45 @@ CHANNEL_LAYER = os.environ.get("CHANNEL_LAYER", "redis")
 # Redis are kept apart by this prefix on every channel and group name.
 CHANNEL_LAYER_PREFIX = os.environ.get("CHANNEL_LAYER_PREFIX", "chat")
 
+# Redis behind Sentinel (docs/scaling.md): REDIS_SENTINELS="host:port,host:port,..." and the
+# monitored primary's name. Every Redis client of the site (the channel layer, presence, rate
+# limits, the health check) then asks the Sentinels where the primary is, and follows a failover.
+REDIS_SENTINELS = [
+    (host, int(port)) for host, _, port in (item.rpartition(":") for item in env_list("REDIS_SENTINELS", ""))
+]
+REDIS_SENTINEL_MASTER = os.environ.get("REDIS_SENTINEL_MASTER", "chat")
+# Seconds a question to one Sentinel may take before the next is asked.
+REDIS_SENTINEL_TIMEOUT = float(os.environ.get("REDIS_SENTINEL_TIMEOUT", "0.5"))
+
 if CHANNEL_LAYER == "redis":
+    # redis-py 8 caps the async pool at 100 connections. The timeout bounds a
+    # read from a Redis that stopped answering (pub/sub reads poll every 0.1 s,
+    # and the hub's probes keep a quiet room's connection busy, so idleness never meets it).
+    _layer_connection = {
+        "socket_timeout": 30,
+        "socket_connect_timeout": 5,
+        "socket_keepalive": True,
+        "health_check_interval": 15,
+        "retry_on_timeout": True,
+        "max_connections": 1000,
+    }
+    _layer_host = (
+        {
+            "master_name": REDIS_SENTINEL_MASTER,
+            "sentinels": REDIS_SENTINELS,
+            "sentinel_kwargs": {
+                "socket_timeout": REDIS_SENTINEL_TIMEOUT,
+                "socket_connect_timeout": REDIS_SENTINEL_TIMEOUT,
+            },
+            **_layer_connection,
+        }
+        if REDIS_SENTINELS
+        else {"address": REDIS_URL, **_layer_connection}
+    )
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
-            "CONFIG": {
-                "hosts": [
-                    {
-                        "address": REDIS_URL,
-                        # redis-py 8 caps the async pool at 100 connections. The
-                        # timeout bounds a read from a Redis that stopped answering
-                        # (pub/sub reads poll every 0.1 s, and the hub's probes keep a
-                        # quiet room's connection busy, so idleness never meets it).
-                        "socket_timeout": 30,
-                        "socket_connect_timeout": 5,
-                        "socket_keepalive": True,
-                        "health_check_interval": 15,
-                        "retry_on_timeout": True,
-                        "max_connections": 1000,
-                    }
-                ],
-                "prefix": CHANNEL_LAYER_PREFIX,
-            },
+            "CONFIG": {"hosts": [_layer_host], "prefix": CHANNEL_LAYER_PREFIX},
         }
     }
 elif CHANNEL_LAYER == "memory":
