@@ -1126,12 +1126,18 @@ def json_errors_under_api(default_handler: Callable[..., HttpResponse], status: 
 
 
 def healthz(request: HttpRequest) -> JsonResponse:
-    """200 when the database and Redis both answer, else 503 naming the failing part."""
+    """200 when the database and Redis both answer, else 503 naming the failing part.
+
+    `?need=database` judges by the database alone: without Redis a host still
+    serves, delivering from the database, and a load balancer that finds every
+    host without Redis should keep sending people to them (docs/scaling.md).
+    """
     checks: dict[str, str] = {}
     parts = [("database", _database_ping), ("redis", ephemeral.redis_ping)]
     if settings.CHANNEL_LAYER != "redis":  # one process on the in-memory layer: no Redis to ask
         parts.pop()
         checks["redis"] = "not used"
+    needed = {"database"} if request.GET.get("need") == "database" else {"database", "redis"}
     for part, check in parts:
         try:
             check()
@@ -1139,7 +1145,7 @@ def healthz(request: HttpRequest) -> JsonResponse:
         except Exception as error:
             logger.warning("Health check: %s is down: %s", part, error)
             checks[part] = f"error: {type(error).__name__}"
-    healthy = all(state == "ok" for state in checks.values())
+    healthy = all(state in ("ok", "not used") for part, state in checks.items() if part in needed)
     return JsonResponse(checks, status=200 if healthy else 503)
 
 

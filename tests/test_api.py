@@ -322,6 +322,24 @@ def test_healthz_is_503_and_names_redis_when_redis_is_down(client, monkeypatch):
     assert response.json()["database"] == "ok" and response.json()["redis"].startswith("error")
 
 
+def test_healthz_needing_only_the_database_is_200_while_redis_is_down(client, monkeypatch):
+    """A load balancer's fallback check: without Redis a host still serves, from the database."""
+    nothing_there = redis.Redis(port=1, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
+    monkeypatch.setattr(ephemeral, "_sync_client", nothing_there)
+    response = client.get("/healthz?need=database")
+    assert response.status_code == 200
+    assert response.json()["database"] == "ok" and response.json()["redis"].startswith("error")
+
+
+def test_healthz_needing_only_the_database_is_503_when_the_database_fails(client, monkeypatch):
+    def broken() -> None:
+        raise OperationalError("connection refused")
+
+    monkeypatch.setattr(api, "_database_ping", broken)
+    response = client.get("/healthz?need=database")
+    assert (response.status_code, response.json()["database"]) == (503, "error: OperationalError")
+
+
 # --------------------------------------------------------------------------
 # Commands
 # --------------------------------------------------------------------------
