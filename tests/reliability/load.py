@@ -80,6 +80,7 @@ class ChatClient:
     delivered: set[tuple[int, int, str | None]] = field(default_factory=set)  # (seq, id, nonce) of every message seen
     received_at: dict[int, float] = field(default_factory=dict)  # seq -> when it first arrived
     out_of_order: list[tuple[int, int]] = field(default_factory=list)  # (seq, after seq) on one connection
+    delivery: list[tuple[float, str]] = field(default_factory=list)  # (when, "live" or "delayed") as told
 
     @property
     def url(self) -> str:
@@ -149,6 +150,8 @@ class ChatClient:
                     for item in list(self.unacked.values()):
                         await self.send(ws, item)
                     sender = asyncio.get_running_loop().create_task(self.send_steadily(ws))
+                elif kind == "delivery":
+                    self.delivery.append((time.monotonic(), frame["mode"]))
                 elif kind == "error":
                     self.errors[frame["code"]] += 1
                     item = self.unacked.get(frame.get("nonce"))
@@ -284,6 +287,11 @@ class Load:
     @classmethod
     async def start(cls, servers: list[ServerProcess], count: int) -> Load:
         slug, cookies = await database_sync_to_async(make_room_and_users)(count)
+        return await cls.begin(slug, cookies, servers)
+
+    @classmethod
+    async def begin(cls, slug: str, cookies: list[tuple[str, str]], servers: list) -> Load:
+        """Start a client for each (name, session cookie), spread over `servers`; return once all are live."""
         clients = [
             ChatClient(name, cookie, slug, servers, index % len(servers))
             for index, (name, cookie) in enumerate(cookies)
@@ -384,7 +392,7 @@ class Load:
         closes = Counter(code for c in self.clients for _, code in c.closes)
         errors = sum((c.errors for c in self.clients), Counter())
         failed = sum((c.failed_connects for c in self.clients), Counter())
-        exits = {server.name: server.proc.poll() for server in self.clients[0].servers}
+        exits = {server.name: server.proc.poll() for server in self.clients[0].servers if server.proc is not None}
         return (
             f"exit codes {exits}, live {self.live()}/{len(self.clients)}, sends {sends}, acked {len(self.acked())}, "
             f"connects {sum(c.connects for c in self.clients)}, "
@@ -407,16 +415,20 @@ def stored(slug: str) -> list[dict]:
     return list(rows)
 
 
-async def check_nothing_lost(load: Load, last_seq: int, *, holes_allowed: bool = False) -> dict:
+async def check_nothing_lost(
+    load: Load, last_seq: int, *, holes_allowed: bool = False, rows: list[dict] | None = None
+) -> dict:
     """Every acknowledged send stored exactly once; no client ever shown a message the database does not
     hold; every client holds exactly the room's messages.
 
     Unless `holes_allowed` (a message may have been stored and never
     published: its server process was killed, or the database went away
     between its commit and the answer), no client had to ask for a hole: live
-    delivery and resuming on reconnect gave it everything.
+    delivery and resuming on reconnect gave it everything. `rows` (seq, id,
+    body, nonce) are the room's stored messages, read from the test database unless given.
     """
-    rows = await stored(load.clients[0].slug)
+    if rows is None:
+        rows = await stored(load.clients[0].slug)
     seqs = [row["seq"] for row in rows]
     assert seqs == list(range(1, len(rows) + 1)), "the room's seqs are not 1..N"
     assert last_seq == len(rows)
