@@ -46,6 +46,9 @@ BASE_DIR = Path(__file__).resolve().parents[2]
 CLIENTS = 30
 FOLLOW_LIMIT = 10.0  # seconds from the Redis primary's death until every app host is live on the new one
 MOVE_LIMIT = 15.0  # seconds for every client to be chatting again after its host or the balancer went away
+# Seconds from a message's acknowledgement to its arrival at every client while Redis is away from a host
+# (it delivers from the database) and every socket stays open.
+DELIVERY_LIMIT = 3.0
 SIGNUP_THREADS = 6
 
 
@@ -174,6 +177,8 @@ class Phase:
     fault: str
     started: float
     recovered_after: float | None = None  # seconds from the fault to recovery, as the phase measures it
+    healed: float | None = None  # when the healing began
+    sockets_stay: bool = False  # no socket is closed by this fault: every message must arrive live
     figures: dict = field(default_factory=dict)
 
 
@@ -185,7 +190,7 @@ class Scenario:
         self.phases: list[Phase] = []
 
     async def run(self) -> dict:
-        from tests.reliability.load import Load, check_nothing_lost
+        from tests.reliability.load import Load, check_nothing_lost, delivery_delays
 
         run_id = uuid.uuid4().hex[:6]
         slug = f"cluster-{run_id}"
@@ -209,6 +214,16 @@ class Scenario:
         rows = await asyncio.to_thread(self.cluster.rows, slug)
         # An app host killed between a commit and its publish leaves a message its clients get by asking.
         counts = await check_nothing_lost(load, last_seq, holes_allowed=True, rows=rows)
+        for phase in self.phases:
+            if phase.sockets_stay:
+                # Sent while the fault lasted: delivered to every client, live or from the database, in time.
+                delays = delivery_delays(load, phase.started, phase.healed)
+                phase.figures["max_delivery_s"] = round(max(delays), 2)
+                phase.figures["closed"] = sum(
+                    phase.started <= at <= phase.healed for client in load.clients for at, _ in client.closes
+                )
+                assert phase.figures["closed"] == 0, (phase.fault, phase.figures)
+                assert phase.figures["max_delivery_s"] <= DELIVERY_LIMIT, (phase.fault, phase.figures)
         return {
             **counts,
             "clients": CLIENTS,
@@ -229,12 +244,13 @@ class Scenario:
         """The fault (or its healing) goes on until the phase's time is up: the scenario's pace."""
         await asyncio.sleep(max(0.0, phase.started + self.phase_seconds - time.monotonic()))
 
-    async def heal(self) -> None:
+    async def heal(self, phase: Phase) -> None:
+        phase.healed = time.monotonic()
         await asyncio.to_thread(self.cluster.run, "heal")
         await self.wait(lambda: self.cluster.healthy_hosts() == 3, 30, "every app host healthy after healing")
 
-    def begin(self, fault: str) -> Phase:
-        phase = Phase(fault, time.monotonic())
+    def begin(self, fault: str, *, sockets_stay: bool = False) -> Phase:
+        phase = Phase(fault, time.monotonic(), sockets_stay=sockets_stay)
         self.phases.append(phase)
         self.say(f"- {fault}")
         return phase
@@ -252,10 +268,10 @@ class Scenario:
         )
         phase.figures["moved"] = sum(client.connects > before[id(client)] for client in load.clients)
         await self.chat_on(phase)
-        await self.heal()
+        await self.heal(phase)
 
     async def redis_primary_killed(self, load) -> None:
-        phase = self.begin("Redis primary killed")
+        phase = self.begin("Redis primary killed", sockets_stay=True)
         old = await asyncio.to_thread(self.cluster.which, "redis-primary")
         await asyncio.to_thread(self.cluster.run, "kill", "redis-primary")
         new = "redis2" if old == "redis1" else "redis1"
@@ -273,10 +289,10 @@ class Scenario:
         )
         phase.figures["told_delayed"] = sum(any(m == "delayed" for _, m in c.delivery) for c in load.clients)
         await self.chat_on(phase)
-        await self.heal()
+        await self.heal(phase)
 
     async def app_host_cut_from_redis(self, load) -> None:
-        phase = self.begin("app host cut off from Redis")
+        phase = self.begin("app host cut off from Redis", sockets_stay=True)
         await asyncio.to_thread(self.cluster.run, "cut", "app1")
         # HAProxy's check sees it (/healthz names Redis), so newcomers go to the two others.
         phase.recovered_after = await self.wait(
@@ -287,7 +303,7 @@ class Scenario:
         )
         await self.chat_on(phase)
         phase.figures["live_while_cut"] = load.live()
-        await self.heal()
+        await self.heal(phase)
 
     async def balancer_restarted(self, load) -> None:
         phase = self.begin("HAProxy restarted")

@@ -401,6 +401,20 @@ class Load:
         )
 
 
+def delivery_delays(load: Load, since: float, until: float) -> list[float]:
+    """For each message acknowledged in [since, until], and each client: seconds from the ack to its arrival.
+
+    A client that never got it counts as infinitely late.
+    """
+    delays = []
+    for item in load.acked().values():
+        if item.acked_at is not None and since <= item.acked_at <= until:
+            for client in load.clients:
+                arrived = client.received_at.get(item.seq)
+                delays.append(float("inf") if arrived is None else max(0.0, arrived - item.acked_at))
+    return delays
+
+
 def make_room_and_users(count: int) -> tuple[str, list[tuple[str, str]]]:
     User = get_user_model()
     users = [User.objects.create_user(f"load{index:02d}") for index in range(count)]  # no password: fast

@@ -39,6 +39,7 @@ from tests.reliability.load import (
     Load,
     assert_logged_once_per_server,
     check_nothing_lost,
+    delivery_delays,
     make_room_and_users,
     report,
 )
@@ -95,20 +96,6 @@ async def resume_seconds(client: ChatClient, server: ServerProcess) -> float:
         return time.monotonic() - started
     finally:
         await ws.close()
-
-
-def delivery_delays(load: Load, since: float, until: float) -> list[float]:
-    """For each message acknowledged in [since, until], and each client: seconds from the ack to its arrival.
-
-    A client that never got it counts as infinitely late.
-    """
-    delays = []
-    for item in load.acked().values():
-        if item.acked_at is not None and since <= item.acked_at <= until:
-            for client in load.clients:
-                arrived = client.received_at.get(item.seq)
-                delays.append(float("inf") if arrived is None else max(0.0, arrived - item.acked_at))
-    return delays
 
 
 @pytest.mark.slow
