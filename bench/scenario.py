@@ -62,7 +62,7 @@ from bench.client import (
     run_step,
     tally,
 )
-from bench.serverprocess import ServerFailed, ServerProcess
+from bench.serverprocess import ClusterHost, ServerFailed, ServerProcess
 
 MAIN_APP = "chatsite.asgi:application"
 BASELINE_APP = "bench.tutorial_asgi:application"
@@ -287,6 +287,8 @@ class Options:
     # Seconds with every socket open and no message sent: the servers' idle CPU (0: not measured).
     idle: float = 0.0
     baseline: bool = False
+    # Measure the app hosts of `bin/cluster up` (CLUSTER_NAME) through its HAProxy instead of starting servers.
+    cluster: str = ""
     user_prefix: str = "bench"
     json_path: str | None = None
     max_seconds: float = 600.0
@@ -308,6 +310,8 @@ class Options:
             raise BenchFailed(f"--rates must be comma-separated numbers, not {self.rates!r}.") from None
         if not rates or min(rates) <= 0:
             raise BenchFailed("--rates needs at least one positive rate.")
+        if self.cluster and self.baseline:
+            raise BenchFailed("--baseline starts servers of its own: it cannot be measured on --cluster.")
         if self.baseline and importlib.util.find_spec(BASELINE_APP.split(":")[0]) is None:
             raise BenchFailed(
                 f"--baseline needs the module {BASELINE_APP.split(':')[0]} (bench/tutorial_asgi.py), "
@@ -390,7 +394,7 @@ class ChatBench:
         load = f"find-max over {o.rates}" if o.find_max else f"{o.rate:g} msg/s per room"
         return (
             f"chatbench {self.run_id}: {o.sockets} sockets, {o.rooms} room(s), "
-            f"{o.server} x{o.processes}, {load}, "
+            f"{f'cluster {o.cluster}' if o.cluster else f'{o.server} x{o.processes}'}, {load}, "
             f"{o.duration:g} s per measurement; logs in {self.log_dir}\n"
             f"machine: {os.cpu_count()} CPUs; a {report.LOOP_STEPS:,}-step Python loop takes {self.loop_ms:g} ms "
             "(slower machines give proportionally worse figures)"
@@ -405,6 +409,7 @@ class ChatBench:
         return {
             "server": o.server,
             "processes": o.processes,
+            "cluster": o.cluster or None,
             "sockets": o.sockets,
             "rooms": o.rooms,
             "senders_per_room": o.senders,
@@ -435,10 +440,18 @@ class ChatBench:
 
     def run(self) -> None:
         o = self.options
-        self.migrate_database()
-
         started = time.monotonic()
-        main_servers = self.start_servers("main", MAIN_APP, o.processes)
+        if o.cluster:
+            try:
+                main_servers: list[ServerProcess] = list(ClusterHost.of_cluster(o.cluster))
+            except ServerFailed as error:
+                raise BenchFailed(str(error)) from None
+            self.say(f"cluster {o.cluster}: app hosts {', '.join(s.name for s in main_servers)} "
+                     f"through HAProxy on 127.0.0.1:{main_servers[0].port}")  # fmt: skip
+        else:
+            self.migrate_database()
+            started = time.monotonic()
+            main_servers = self.start_servers("main", MAIN_APP, o.processes)
         self.report["setup"]["servers_up_s"] = round(time.monotonic() - started, 1)
         self.sessions = self.sign_in_users(main_servers)
         self.reader = main_servers[0]  # serves `history` reads for both phases

@@ -6,6 +6,7 @@ Shared by the benchmarks (`manage.py chatbench`) and the live-server tests.
 from __future__ import annotations
 
 import http.client
+import os
 import re
 import socket
 import subprocess
@@ -162,3 +163,66 @@ class ServerProcess:
 
     def log_tail(self) -> str:
         return f"--- {self.name} log ({self.log_path}), tail ---\n{self.log_text()[-LOG_TAIL_CHARS:]}"
+
+
+class ClusterHost(ServerProcess):
+    """An app host of `bin/cluster`'s, measured but not started here: its sockets go through HAProxy.
+
+    `port` is HAProxy's, on the loopback (it spreads the sockets over the
+    hosts, least connections first); the CPU and memory are the host's
+    uvicorn process's. The cluster is the operator's: stopping the bench
+    leaves it running.
+    """
+
+    def __init__(self, name: str, port: int, pid: int, log_path: Path) -> None:
+        super().__init__(name, "uvicorn", "chatsite.asgi:application", {}, log_path)
+        self.port = port
+        self.proc = _Running(pid)  # type: ignore[assignment]
+
+    @classmethod
+    def of_cluster(cls, name: str) -> list[ClusterHost]:
+        """The app hosts of the cluster `bin/cluster up` started with CLUSTER_NAME=name."""
+        directory = Path(os.environ.get("CLUSTER_DIR", f"/tmp/{name}-cluster"))
+        try:
+            port = int((directory / "port").read_text())
+        except OSError:
+            raise ServerFailed(f"No cluster named {name!r} is up ({directory}/port): run bin/cluster up.") from None
+        hosts = []
+        for host in ("app1", "app2", "app3"):
+            listed = subprocess.run(["ip", "netns", "pids", f"{name}-{host}"], capture_output=True, text=True)
+            pids = [int(pid) for pid in listed.stdout.split()]
+            uvicorn = [pid for pid in pids if b"uvicorn" in _cmdline(pid)]
+            if uvicorn:
+                hosts.append(cls(host, port, uvicorn[0], directory / "logs" / f"{host}.log"))
+        if not hosts:
+            raise ServerFailed(f"The cluster {name!r} runs no app host: bin/cluster status says why.")
+        return hosts
+
+    def spawn(self) -> None:
+        raise ServerFailed("A cluster's hosts are started by bin/cluster.")
+
+    def wait_ready(self, timeout: float) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def kill(self) -> None:
+        pass
+
+
+class _Running:
+    """The little of subprocess.Popen that measuring a process not started here needs."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def poll(self) -> int | None:
+        return None if Path(f"/proc/{self.pid}").exists() else 0
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""

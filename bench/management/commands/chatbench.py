@@ -105,6 +105,14 @@ class Command(BenchCommand):
         parser.add_argument(
             "--baseline", action="store_true", help=f"measure {BASELINE_APP} the same way afterwards and compare"
         )
+        parser.add_argument(
+            "--cluster",
+            metavar="NAME",
+            default=d.cluster,
+            help="measure the app hosts of `bin/cluster up` with CLUSTER_NAME=NAME through its HAProxy, "
+            "instead of starting servers (start it with CHAT_MESSAGE_RATE_LIMIT=1000000 "
+            "CHAT_MAX_SOCKETS_PER_USER=100000, as the bench's own servers run)",
+        )
         self.add_run_arguments(parser, d)
 
     def handle(self, *args, **options) -> None:
