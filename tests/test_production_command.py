@@ -42,3 +42,13 @@ def test_bin_serve_runs_the_readmes_production_command():
     for flag, value in options(readme_command()).items():
         if flag not in PLACE_DEPENDENT:
             assert served.get(flag) == value, flag
+
+
+def test_bin_cluster_app_hosts_run_the_readmes_production_command():
+    cluster = (Path(settings.BASE_DIR) / "bin" / "cluster").read_text()
+    line = re.search(r"\.venv/bin/uvicorn (chatsite\.asgi:application .*?)\n(?!    )", cluster, re.S | re.M)
+    assert line
+    served = options(shlex.split(line.group(1).replace("\\\n", " ")))
+    for flag, value in options(readme_command()).items():
+        if flag not in PLACE_DEPENDENT:
+            assert served.get(flag) == value, flag

@@ -1,19 +1,24 @@
 """bin/cluster on this machine: real HAProxy, three app hosts, Redis with Sentinel and PostgreSQL in network
-namespaces, failing in turn under thirty chatting clients (tests/cluster/scenario.py), and leaving nothing behind.
+namespaces. Two people chat through it in Chromium across a Redis failover; thirty clients lose nothing while
+its parts fail in turn (tests/cluster/scenario.py); and it leaves nothing behind.
 
 bin/cluster needs root (it makes namespaces), as CI runs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from playwright.async_api import expect
 
 from bench.serverprocess import free_port
 from tests.cluster.scenario import FOLLOW_LIMIT, Cluster, Scenario
+from tests.e2e.helpers import expect_live, send
 
 pytestmark = pytest.mark.slow
 
@@ -77,6 +82,45 @@ def test_the_cluster_is_reachable_only_through_haproxy_on_the_loopback(cluster, 
         assert unreachable.returncode != 0 and "unreachable" in unreachable.stderr.lower()
     # The one way in: HAProxy on 127.0.0.1, whose health checks find all three app hosts healthy.
     assert cluster.healthy_hosts() == 3
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_two_people_chat_in_browsers_through_haproxy_and_see_a_redis_failover_as_delayed(cluster, browser):
+    origin = f"http://127.0.0.1:{cluster.port}"
+    tag = uuid.uuid4().hex[:6]
+    contexts = [await browser.new_context() for _ in range(2)]
+    try:
+        pages = [await context.new_page() for context in contexts]
+        for page, name in zip(pages, (f"ann{tag}", f"ben{tag}"), strict=True):
+            await page.goto(f"{origin}/accounts/signup/")
+            await page.fill("#id_username", name)
+            await page.fill("#id_password1", f"pw-{tag}-long-enough")
+            await page.fill("#id_password2", f"pw-{tag}-long-enough")
+            await page.get_by_role("button", name="Sign up").click()
+            await expect(page.locator(".whoami")).to_contain_text(name)
+            await page.goto(f"{origin}/rooms/lobby/")
+            await expect_live(page)
+        ann, ben = pages
+        await send(ann, f"hello through HAProxy {tag}")
+        await expect(ben.locator("#messages")).to_contain_text(f"hello through HAProxy {tag}")
+        await send(ben, f"hi back {tag}")
+        await expect(ann.locator("#messages")).to_contain_text(f"hi back {tag}")
+
+        # The Redis primary dies: the pages say delivery is delayed, a message still goes through
+        # (from the database), and once Sentinel has promoted the replica they are live again.
+        await asyncio.to_thread(cluster.run, "kill", "redis-primary")
+        for page in pages:
+            await expect(page.locator("#connection-state")).to_have_attribute("data-state", "delayed", timeout=10_000)
+        await send(ann, f"sent during the failover {tag}")
+        await expect(ben.locator("#messages")).to_contain_text(f"sent during the failover {tag}", timeout=10_000)
+        for page in pages:
+            await expect_live(page, timeout=15_000)
+        await send(ben, f"after the failover {tag}")
+        await expect(ann.locator("#messages")).to_contain_text(f"after the failover {tag}")
+    finally:
+        for context in contexts:
+            await context.close()
+        await asyncio.to_thread(cluster.run, "heal")
 
 
 async def test_thirty_clients_lose_nothing_while_a_host_redis_primary_link_and_balancer_fail_in_turn(cluster):
