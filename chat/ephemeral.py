@@ -33,7 +33,8 @@ _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis] =
 _local_expiry: dict[str, float] = {}
 
 
-def _client() -> aioredis.Redis:
+def client() -> aioredis.Redis:
+    """This event loop's client (presence, rate limits, the health check)."""
     # redis-py's asyncio clients belong to the loop that made them, like the channel layer.
     loop = asyncio.get_running_loop()
     client = _clients.get(loop)
@@ -174,7 +175,7 @@ async def rate_limit_async(key: str, limit: int, window_s: int = 60) -> int:
     if redis_away():
         return 0  # fail open, as below, and without failing again (which would keep Redis away)
     try:
-        answer = await bounded(lambda: _client().eval(_RATE_LIMIT, 1, *_rate_limit_args(key, now, limit, window_s)))
+        answer = await bounded(lambda: client().eval(_RATE_LIMIT, 1, *_rate_limit_args(key, now, limit, window_s)))
     except REDIS_ERRORS as error:
         _rate_limit_unchecked(error)
         return 0
@@ -220,7 +221,7 @@ async def claim(key: str, ttl_ms: int) -> bool:
             return False
         _local_expiry[key] = now + ttl_ms / 1000
         return True
-    return bool(await bounded(lambda: _client().set(key, b"1", nx=True, px=ttl_ms)))
+    return bool(await bounded(lambda: client().set(key, b"1", nx=True, px=ttl_ms)))
 
 
 async def typing_allowed(*, room_id: int, username: str) -> bool:
@@ -270,7 +271,7 @@ async def presence_update(
     # The whole set outlives its members by a margin, so an empty room leaves nothing behind.
     ttl = int(settings.CHAT_PRESENCE_TTL * 2) + 1
     changed, users = await bounded(
-        lambda: _client().eval(_PRESENCE_UPDATE, 1, key, now, expires, ttl, remove or "", *added)
+        lambda: client().eval(_PRESENCE_UPDATE, 1, key, now, expires, ttl, remove or "", *added)
     )
     return bool(changed), [user.decode() for user in users]
 
@@ -361,7 +362,7 @@ async def socket_open(*, user_id: int, socket_id: str, cap: int) -> bool:
         return True
     ttl = int(settings.CHAT_PRESENCE_TTL * 2) + 1
     try:
-        return bool(await bounded(lambda: _client().eval(_SOCKET_OPEN, 1, key, now, cap, expires, socket_id, ttl)))
+        return bool(await bounded(lambda: client().eval(_SOCKET_OPEN, 1, key, now, cap, expires, socket_id, ttl)))
     except REDIS_ERRORS as error:
         # Fail open: a cap is not worth refusing every socket while Redis is away.
         _warn_once(f"The per-user socket cap is not checked while Redis is unreachable: {error!r}")
@@ -380,7 +381,7 @@ async def sockets_refresh(sockets: list[tuple[int, str]]) -> None:
     by_user: dict[int, dict[str, float]] = {}
     for user_id, socket_id in sockets:
         by_user.setdefault(user_id, {})[socket_id] = expires
-    pipe = _client().pipeline(transaction=False)
+    pipe = client().pipeline(transaction=False)
     for user_id, user_sockets in by_user.items():  # a command per user, not per socket
         pipe.zadd(_sockets_key(user_id), user_sockets, xx=True)
     try:
@@ -393,7 +394,7 @@ async def socket_close(*, user_id: int, socket_id: str) -> None:
     if settings.CHANNEL_LAYER != "redis":
         _local_sockets.get(_sockets_key(user_id), {}).pop(socket_id, None)
         return
-    await bounded(lambda: _client().zrem(_sockets_key(user_id), socket_id))
+    await bounded(lambda: client().zrem(_sockets_key(user_id), socket_id))
 
 
 def presence_member(username: str, socket_id: str) -> str:

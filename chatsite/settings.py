@@ -195,8 +195,9 @@ REDIS_SENTINELS = [
     (host, int(port)) for host, _, port in (item.rpartition(":") for item in env_list("REDIS_SENTINELS", ""))
 ]
 REDIS_SENTINEL_MASTER = os.environ.get("REDIS_SENTINEL_MASTER", "chat")
-# Seconds a question to one Sentinel may take before the next is asked.
-REDIS_SENTINEL_TIMEOUT = float(os.environ.get("REDIS_SENTINEL_TIMEOUT", "0.5"))
+# Seconds a question to one Sentinel may take before the next is asked: short, as a
+# sync caller that finds no Sentinel waits this long for each.
+REDIS_SENTINEL_TIMEOUT = float(os.environ.get("REDIS_SENTINEL_TIMEOUT", "0.2"))
 
 if CHANNEL_LAYER == "redis":
     # redis-py 8 caps the async pool at 100 connections. The timeout bounds a
@@ -261,7 +262,10 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
     # Its reader logs a traceback a second while Redis is away; the site logs the outage itself.
-    "loggers": {"channels_redis.pubsub": {"filters": ["once_a_minute"]}},
+    "loggers": {
+        "channels_redis.pubsub": {"filters": ["once_a_minute"]},
+        "chat.health": {"filters": ["once_a_minute"]},  # a load balancer's check every second
+    },
 }
 
 # JSON API (docs/api.md). Requests per user per minute, shared by all processes

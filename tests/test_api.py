@@ -314,9 +314,15 @@ def test_healthz_is_200_when_database_and_redis_answer(client):
     assert (response.status_code, response.json()) == (200, {"database": "ok", "redis": "ok"})
 
 
+def redis_nowhere(monkeypatch) -> None:
+    """The site's Redis client (the health check asks it from the event loop) points at nothing."""
+    monkeypatch.setattr(
+        ephemeral, "client", lambda: redis.asyncio.Redis(port=1, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
+    )
+
+
 def test_healthz_is_503_and_names_redis_when_redis_is_down(client, monkeypatch):
-    nothing_there = redis.Redis(port=1, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
-    monkeypatch.setattr(ephemeral, "_sync_client", nothing_there)
+    redis_nowhere(monkeypatch)
     response = client.get("/healthz")
     assert response.status_code == 503
     assert response.json()["database"] == "ok" and response.json()["redis"].startswith("error")
@@ -324,11 +330,25 @@ def test_healthz_is_503_and_names_redis_when_redis_is_down(client, monkeypatch):
 
 def test_healthz_needing_only_the_database_is_200_while_redis_is_down(client, monkeypatch):
     """A load balancer's fallback check: without Redis a host still serves, from the database."""
-    nothing_there = redis.Redis(port=1, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
-    monkeypatch.setattr(ephemeral, "_sync_client", nothing_there)
+    redis_nowhere(monkeypatch)
     response = client.get("/healthz?need=database")
     assert response.status_code == 200
     assert response.json()["database"] == "ok" and response.json()["redis"].startswith("error")
+
+
+def test_healthz_does_not_wait_on_a_redis_that_does_not_answer(client, monkeypatch, settings):
+    """A blackholed Redis: the check answers within CHAT_REDIS_TIMEOUT, not the client's own timeouts."""
+    settings.CHAT_REDIS_TIMEOUT = 0.2
+
+    class Silent:
+        async def ping(self) -> None:
+            await asyncio.sleep(30)
+
+    monkeypatch.setattr(ephemeral, "client", lambda: Silent())
+    started = time.monotonic()
+    response = client.get("/healthz")
+    assert (response.status_code, response.json()["redis"]) == (503, "error: TimeoutError")
+    assert time.monotonic() - started < 1.0
 
 
 def test_healthz_needing_only_the_database_is_503_when_the_database_fails(client, monkeypatch):

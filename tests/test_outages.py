@@ -208,7 +208,7 @@ async def test_more_calls_at_once_than_redis_connections_wait_their_turn_and_red
     try:
         assert await asyncio.gather(*calls) == [True] * 50
         assert not ephemeral.redis_away()
-        pool = ephemeral._client().connection_pool
+        pool = ephemeral.client().connection_pool
         assert len(pool._available_connections) + len(pool._in_use_connections) <= 2
     finally:
         for n in range(50):
