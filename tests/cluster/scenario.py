@@ -51,6 +51,7 @@ MOVE_LIMIT = 15.0  # seconds for every client to be chatting again after its hos
 # (it delivers from the database) and every socket stays open.
 DELIVERY_LIMIT = 3.0
 SIGNUP_THREADS = 6
+APP_ADDRESSES = {"app1": "10.77.0.11", "app2": "10.77.0.12", "app3": "10.77.0.13"}  # bin/cluster's
 
 
 @dataclass
@@ -120,6 +121,15 @@ class Cluster:
     def healthy_hosts(self) -> int:
         """App hosts whose database and Redis both answer (HAProxy's main backend)."""
         return sum(state == "UP" for key, state in self.haproxy_servers().items() if key.startswith("app/"))
+
+    def answers_healthy(self, host: str) -> bool:
+        """The host's own /healthz is 200 (its database and Redis answer), asked from inside the cluster."""
+        done = subprocess.run(
+            ["ip", "netns", "exec", f"{self.name}-lb", "curl", "-fsS", "-o", "/dev/null", "-m", "2",
+             "-H", "Host: 127.0.0.1", f"http://{APP_ADDRESSES[host]}:8000/healthz"],
+            capture_output=True,
+        )  # fmt: skip
+        return done.returncode == 0
 
     def sentinels_name(self) -> set[str]:
         """The primary each Sentinel names now."""
@@ -291,10 +301,15 @@ class Scenario:
         def followed() -> bool:
             # Every host answers /healthz with Redis (through Sentinel) and no socket is left "delayed".
             told = [client.delivery[-1][1] for client in load.clients if client.delivery]
-            return self.cluster.healthy_hosts() == 3 and all(mode == "live" for mode in told)
+            hosts = ("app1", "app2", "app3")
+            return all(mode == "live" for mode in told) and all(map(self.cluster.answers_healthy, hosts))
 
         phase.recovered_after = await self.wait(
             followed, FOLLOW_LIMIT, "every app host following the new primary", since=phase.started
+        )
+        # HAProxy's checks see it next (two passing checks a second apart).
+        phase.figures["balancer_s"] = await self.wait(
+            lambda: self.cluster.healthy_hosts() == 3, MOVE_LIMIT, "HAProxy finding every host healthy", phase.started
         )
         phase.figures["told_delayed"] = sum(any(m == "delayed" for _, m in c.delivery) for c in load.clients)
         await self.chat_on(phase)
