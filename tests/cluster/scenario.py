@@ -29,11 +29,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import http.client
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -51,20 +49,26 @@ MOVE_LIMIT = 15.0  # seconds for every client to be chatting again after its hos
 # (it delivers from the database) and every socket stays open.
 DELIVERY_LIMIT = 3.0
 SIGNUP_THREADS = 6
-APP_ADDRESSES = {"app1": "10.77.0.11", "app2": "10.77.0.12", "app3": "10.77.0.13"}  # bin/cluster's
+SIGNUP_TIMEOUT = 30.0  # seconds for one sign-up's requests
 
 
 @dataclass
 class Balancer:
-    """HAProxy's listener on the loopback: the only server the clients know (ChatClient's `servers`)."""
+    """HAProxy's listener on the loopback: the only server the clients know (ChatClient's `servers`, and
+    bench.scenario.sign_in's)."""
 
     port: int
+    directory: Path  # the cluster's
     name: str = "haproxy"
     proc: None = None
 
     @property
     def origin(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def log_tail(self) -> str:
+        log = self.directory / "logs" / "haproxy.log"
+        return f"--- {log}, tail ---\n{log.read_text(errors='replace')[-4000:] if log.exists() else ''}"
 
 
 @dataclass
@@ -79,8 +83,8 @@ class Cluster:
     def env(self) -> dict[str, str]:
         return {**os.environ, "CLUSTER_NAME": self.name, "PORT": str(self.port), "CLUSTER_DIR": str(self.directory)}
 
-    def run(self, *args: str, timeout: float = 300, env: dict[str, str] | None = None) -> str:
-        done = subprocess.run(
+    def call(self, *args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(
             [str(BASE_DIR / "bin" / "cluster"), *args],
             env={**self.env, **(env or {})},
             capture_output=True,
@@ -88,6 +92,9 @@ class Cluster:
             timeout=timeout,
             cwd=BASE_DIR,
         )
+
+    def run(self, *args: str, timeout: float = 300, env: dict[str, str] | None = None) -> str:
+        done = self.call(*args, timeout=timeout, env=env)
         if done.returncode != 0:
             raise RuntimeError(f"bin/cluster {' '.join(args)} exited {done.returncode}:\n{done.stdout}{done.stderr}")
         return done.stdout
@@ -105,18 +112,8 @@ class Cluster:
 
     def haproxy_servers(self) -> dict[str, str]:
         """{"app/app1": "UP", ...}: what HAProxy's health checks make of each app host."""
-        with socket.socket(socket.AF_UNIX) as conn:
-            conn.connect(str(self.directory / "haproxy.sock"))
-            conn.sendall(b"show stat\n")
-            answer = b""
-            while chunk := conn.recv(65536):
-                answer += chunk
-        states = {}
-        for line in answer.decode().splitlines():
-            cells = line.split(",")
-            if len(cells) > 17 and cells[0].startswith("app") and cells[1].startswith("app"):
-                states[f"{cells[0]}/{cells[1]}"] = cells[17].split()[0]
-        return states
+        lines = self.run("servers").splitlines()
+        return {key: state.split()[0] for key, _, state in (line.partition("=") for line in lines)}
 
     def healthy_hosts(self) -> int:
         """App hosts whose database and Redis both answer (HAProxy's main backend)."""
@@ -124,12 +121,7 @@ class Cluster:
 
     def answers_healthy(self, host: str) -> bool:
         """The host's own /healthz is 200 (its database and Redis answer), asked from inside the cluster."""
-        done = subprocess.run(
-            ["ip", "netns", "exec", f"{self.name}-lb", "curl", "-fsS", "-o", "/dev/null", "-m", "2",
-             "-H", "Host: 127.0.0.1", f"http://{APP_ADDRESSES[host]}:8000/healthz"],
-            capture_output=True,
-        )  # fmt: skip
-        return done.returncode == 0
+        return self.call("health", host).returncode == 0
 
     def sentinels_name(self) -> set[str]:
         """The primary each Sentinel names now."""
@@ -156,35 +148,6 @@ class Cluster:
         return "\n".join(parts)
 
 
-def sign_up(port: int, username: str, password: str) -> str:
-    """Sign up through the site's form, as a person does; return the session cookie."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        conn.request("GET", "/accounts/signup/")
-        response = conn.getresponse()
-        page = response.read().decode()
-        csrf_cookie = re.search(r"csrftoken=([^;]+)", response.getheader("Set-Cookie") or "").group(1)
-        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page).group(1)
-        form = f"csrfmiddlewaretoken={token}&username={username}&password1={password}&password2={password}"
-        conn.request(
-            "POST",
-            "/accounts/signup/",
-            body=form,
-            headers={
-                "Content-Type": "application/x-www-form-urlencoded",
-                "Cookie": f"csrftoken={csrf_cookie}",
-                "Origin": f"http://127.0.0.1:{port}",
-                "Referer": f"http://127.0.0.1:{port}/accounts/signup/",
-            },
-        )
-        response = conn.getresponse()
-        response.read()
-        assert response.status == 302, f"signing up {username} answered {response.status}"
-        return re.search(r"sessionid=([^;]+)", response.getheader("Set-Cookie") or "").group(1)
-    finally:
-        conn.close()
-
-
 @dataclass
 class Phase:
     fault: str
@@ -203,6 +166,7 @@ class Scenario:
         self.phases: list[Phase] = []
 
     async def run(self) -> dict:
+        from bench.scenario import sign_in
         from tests.reliability.load import Load, check_nothing_lost, delivery_delays
 
         run_id = uuid.uuid4().hex[:6]
@@ -212,8 +176,10 @@ class Scenario:
         password = uuid.uuid4().hex
         self.say(f"signing up {CLIENTS} people through HAProxy ...")
         with ThreadPoolExecutor(SIGNUP_THREADS) as pool:
-            cookies = list(pool.map(lambda name: sign_up(self.cluster.port, name, password), names))
-        load = await Load.begin(slug, list(zip(names, cookies, strict=True)), [Balancer(self.cluster.port)])
+            balancer = Balancer(self.cluster.port, self.cluster.directory)
+            sessions = pool.map(lambda name: sign_in(balancer, name, password, SIGNUP_TIMEOUT)[0].session_id, names)
+            cookies = list(sessions)
+        load = await Load.begin(slug, list(zip(names, cookies, strict=True)), [balancer])
         self.say(f"{CLIENTS} clients live through HAProxy; each fault in turn, {self.phase_seconds:.0f} s each")
         try:
             await self.app_host_killed(load)
