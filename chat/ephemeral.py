@@ -207,11 +207,6 @@ def _rate_limit_unchecked(error: BaseException) -> None:
     _warn_once(f"Rate limits are not checked while Redis is unreachable: {error!r}")
 
 
-def redis_ping() -> None:
-    """Raise if Redis does not answer (the health check)."""
-    _client_sync().ping()
-
-
 async def claim(key: str, ttl_ms: int) -> bool:
     """Return True for the first claim of `key` in every `ttl_ms` window, across all processes."""
     key = f"{settings.CHANNEL_LAYER_PREFIX}:{key}"

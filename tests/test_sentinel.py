@@ -180,7 +180,7 @@ async def test_the_sites_clients_find_the_primary_through_the_sentinels(
     redis_sentinels: SentinelSetup, site_on_sentinels: dict[str, Any]
 ) -> None:
     """With only Sentinel addresses configured, the health check, rate limits and claims reach the primary."""
-    ephemeral.redis_ping()
+    ephemeral._client_sync().ping()
     tag = uuid.uuid4().hex
     # The rate limits fail open (0 when Redis is away), so the keys on the primary are the proof.
     assert ephemeral.rate_limit(f"sync-{tag}", limit=5) == 0
@@ -198,7 +198,7 @@ async def test_the_sites_clients_follow_a_failover_to_the_promoted_replica(
 ) -> None:
     """SIGKILL the primary: within 10 s the health check answers and writes land on the former replica."""
     # Both clients hold connections to the primary when it dies, as a running site's do.
-    ephemeral.redis_ping()
+    ephemeral._client_sync().ping()
     assert await ephemeral.claim(f"before-{uuid.uuid4().hex}", 60_000) is True
 
     redis_sentinels.primary.kill()
@@ -211,7 +211,7 @@ async def test_the_sites_clients_follow_a_failover_to_the_promoted_replica(
         if not ephemeral.redis_away():
             key = f"after-{uuid.uuid4().hex}"  # fresh each try: a timed-out try may still have been stored
             try:
-                ephemeral.redis_ping()
+                ephemeral._client_sync().ping()
                 if await ephemeral.claim(key, 60_000):
                     written = key
                     break
