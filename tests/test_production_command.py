@@ -34,21 +34,20 @@ def test_the_servers_under_test_run_the_readmes_production_command(tmp_path):
             assert tested.get(flag) == value, flag
 
 
-def test_bin_serve_runs_the_readmes_production_command():
-    serve = (Path(settings.BASE_DIR) / "bin" / "serve").read_text()
-    line = re.search(r"^exec uvicorn chatsite\.asgi:application (.*?)\n(?!  )", serve, re.S | re.M)
-    assert line
+def assert_runs_the_readmes_command(script: str, command: str) -> None:
+    """bin/`script`'s uvicorn command (the regular expression `command`, whose group is its arguments,
+    continuation lines included) has the README's flags, but for where it listens."""
+    line = re.search(command, (Path(settings.BASE_DIR) / "bin" / script).read_text(), re.S | re.M)
+    assert line, f"bin/{script} runs no uvicorn command"
     served = options(shlex.split(line.group(1).replace("\\\n", " ")))
     for flag, value in options(readme_command()).items():
         if flag not in PLACE_DEPENDENT:
             assert served.get(flag) == value, flag
+
+
+def test_bin_serve_runs_the_readmes_production_command():
+    assert_runs_the_readmes_command("serve", r"^exec uvicorn chatsite\.asgi:application (.*?)\n(?!  )")
 
 
 def test_bin_cluster_app_hosts_run_the_readmes_production_command():
-    cluster = (Path(settings.BASE_DIR) / "bin" / "cluster").read_text()
-    line = re.search(r"\.venv/bin/uvicorn (chatsite\.asgi:application .*?)\n(?!    )", cluster, re.S | re.M)
-    assert line
-    served = options(shlex.split(line.group(1).replace("\\\n", " ")))
-    for flag, value in options(readme_command()).items():
-        if flag not in PLACE_DEPENDENT:
-            assert served.get(flag) == value, flag
+    assert_runs_the_readmes_command("cluster", r"\.venv/bin/uvicorn (chatsite\.asgi:application .*?)\n(?!    )")
